@@ -1,0 +1,1 @@
+"""Config files (ml_collections); installed as emor3_jax.configs."""

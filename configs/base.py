@@ -1,0 +1,204 @@
+"""The released EMO-R3 recipe: the one source of truth for labels, prompts, token ids and defaults.
+
+Library code imports the constants from here (`from emor3_jax.configs import base`); config
+files start from `get_config()` and override fields. Every deviation from the released recipe
+is a named field, never an edit of a constant.
+"""
+import ml_collections
+
+# --------------------------------------------------------------------------------------------
+# Qwen2.5-VL special tokens (ids of the Qwen2 tokenizer shipped with Qwen2.5-VL).
+SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+PAD_TOKEN = "<|endoftext|>"
+IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+# Tokens the policy must never sample inside a response.
+FORBIDDEN_IN_RESPONSE = (VISION_START, VISION_END, "<|vision_pad|>", IMAGE_PAD, VIDEO_PAD)
+# Any of these ends a response.
+EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# The user-turn marker for "the image goes here" in prompt strings (EasyR1 convention).
+IMAGE_MARKER = "<image>"
+
+# --------------------------------------------------------------------------------------------
+# Image processing (Qwen2-VL smart_resize; one LLM token per 28x28 pixels).
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+MIN_PIXELS = 262_144
+MAX_PIXELS = 4_194_304
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# --------------------------------------------------------------------------------------------
+# Label sets, one per data set (order = ClassLabel index order).
+MIKELS_LABELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear",
+                 "sadness")
+LABELS = {
+    "emoset2k": MIKELS_LABELS,
+    "emotion6": ("anger", "disgust", "fear", "joy", "sadness", "surprise"),
+    "webemo": ("anger", "disgust", "fear", "joy", "love", "sadness", "surprise"),
+    "emo_synth": MIKELS_LABELS,
+}
+
+# Valence (+/-) and arousal (high/low) of each Mikels label, for the valence/arousal reward.
+VALENCE_AROUSAL = {
+    "amusement": ("positive", "high"),
+    "anger": ("negative", "high"),
+    "awe": ("positive", "low"),
+    "contentment": ("positive", "low"),
+    "disgust": ("negative", "high"),
+    "excitement": ("positive", "high"),
+    "fear": ("negative", "high"),
+    "sadness": ("negative", "low"),
+}
+
+
+def question_text(labels):
+    """The data set's question: its label list in the EmoSet sentence ("a, b, or c.")."""
+    listed = ", ".join(labels[:-1]) + ", or " + labels[-1]
+    return ("Which emotion best describes the image? Answer the question using one emotional "
+            f"category: {listed}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts (exact strings of the released code).
+SET_INSTRUCTION = (
+    "You First think the emotional meaning step by step, and then provide the final answer.\n"
+    "\n"
+    "The reasoning process MUST follow the structure below:\n"
+    "<step1>Identify what in the scene could trigger emotion (action, face, environment).</step1>\n"
+    "<step2>Describe how a human would feel about it.</step2>\n"
+    "<step3>Conclude if the emotion is positive or negative, and if it's high or low arousal.</step3>\n"
+    "\n"
+    "The final answer MUST BE put in \\boxed{}."
+)
+GRPO_THINK_INSTRUCTION = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the "
+    "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
+    "answer MUST BE put in \\boxed{}."
+)
+# Prompt formats by name: the instruction appended after the question and a blank line.
+PROMPT_FORMATS = {"set": SET_INSTRUCTION, "grpo_think": GRPO_THINK_INSTRUCTION, "plain": None}
+
+COHERENCE_TEMPLATE = ("{text}\nWhich emotion best describes the text above?\n"
+                      "Answer the question using one emotional category (one word only): {labels}.")
+CONSISTENCY_TEMPLATE = (IMAGE_MARKER + "\nCan the following text describe the image?"
+                        "Please answer with yes or no.{text}")
+JUDGE_NONE_TEXT_PROMPT = "Answer 'None'"
+JUDGE_NONE_IMAGE_PROMPT = IMAGE_MARKER + "\nAnswer 'None'"
+
+
+# --------------------------------------------------------------------------------------------
+def get_config():
+    """Released EMO-R3 recipe (Qwen2.5-VL-3B-Instruct, EmoSet-2k, G=8)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "train"  # train | sft | eval | export
+    c.seed = 1
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_dir = ""            # Hugging Face directory (config.json + safetensors)
+    c.model.tiny = ""              # name of a built-in tiny config instead of hf_dir ("" = none)
+    c.model.dtype = "bfloat16"     # activation dtype
+    c.model.param_dtype = "bfloat16"
+    c.model.remat = "none"         # none | block | full
+    c.model.attention = "xla"      # xla | cudnn (jax.nn.dot_product_attention implementation)
+    c.model.tokenizer = ""         # tokenizer directory; "" = the one in hf_dir
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "emoset2k"
+    c.data.eval = ("emoset2k", "emotion6", "webemo")
+    c.data.in_domain = ("emoset2k",)
+    c.data.data_dir = ""           # TFDS data_dir ("" = TFDS default)
+    c.data.manual_dir = ""         # where the user's files are
+    c.data.prompt_format = "set"   # key of PROMPT_FORMATS
+    c.data.min_pixels = MIN_PIXELS
+    c.data.max_pixels = MAX_PIXELS
+    c.data.max_prompt_len = 2048
+    c.data.prompt_buckets = (256, 512, 1024, 2048)
+    c.data.num_workers = 0
+    c.data.shuffle = True
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.batch_size = 512     # prompts per rollout
+    c.rollout.group_size = 8       # G
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.max_new_tokens = 2048
+    c.rollout.response_buckets = (256, 512, 1024, 2048)
+    c.rollout.dynamic_sampling = False  # DAPO: drop zero-spread groups and resample
+    c.rollout.max_resample_tries = 20
+
+    c.reward = ml_collections.ConfigDict()
+    c.reward.preset = "emor3"      # emor3 | emor3_paper | set_only | coherence_mult | valence_arousal | grpo_think
+    c.reward.judge_source = "policy"   # policy | checkpoint
+    c.reward.judge_dir = ""        # HF directory of the frozen judge (judge_source=checkpoint)
+    c.reward.judge_mode = "generate"   # generate | score
+    c.reward.judge_temperature = 0.6
+    c.reward.judge_top_p = 0.95
+    c.reward.judge_max_new_tokens = 2048
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.adv_eps = 1e-6
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.3
+    c.rl.dual_clip = 3.0
+    c.rl.kl_coef = 0.01
+    c.rl.loss_agg = "token_mean"   # token_mean | microbatch_token_mean (released)
+    c.rl.mini_batch_size = 256     # prompts per update
+    c.rl.micro_batch_size = 4      # responses per device per accumulation step
+    c.rl.logprob_micro_batch_size = 16
+    c.rl.ppo_epochs = 1
+    c.rl.logprob_chunk = 512       # sequence chunk for per-token log-probs
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-6
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.warmup_steps = 0
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 0                # Cold-Start-Emo SFT steps before RL (0 = none)
+    c.sft.lr = 1e-5
+    c.sft.batch_size = 32
+    c.sft.random_labels = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 20
+    c.train.max_steps = 0          # 0 = from epochs
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 10
+    c.train.keep_checkpoints = 3
+    c.train.log_every = 1
+    c.train.max_nonfinite_in_a_row = 3
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.greedy = False
+    c.eval.temperature = 0.6
+    c.eval.top_p = 0.95
+    c.eval.max_new_tokens = 2048
+    c.eval.batch_size = 64
+    c.eval.max_examples = 0        # 0 = all
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1               # -1 = all remaining devices
+    c.mesh.tensor = 1
+
+    c.profile = ml_collections.ConfigDict()
+    c.profile.steps = ()           # training steps to trace with jax.profiler
+    return c

@@ -1,0 +1,1 @@
+"""Flax models (Qwen2.5-VL policy / judge)."""

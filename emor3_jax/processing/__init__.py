@@ -1,0 +1,1 @@
+"""Host-side numpy preprocessing: images, chat prompts, token ids, mRoPE positions."""

@@ -1,0 +1,1 @@
+"""EMO-R3 rewards: rule-based scores and the reflective judge."""

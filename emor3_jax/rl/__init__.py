@@ -1,0 +1,1 @@
+"""GRPO pieces: advantages, losses, log-probs, the update step."""

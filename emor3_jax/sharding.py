@@ -1,0 +1,104 @@
+"""Device mesh and the one table that maps logical axis names to mesh axes.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); which mesh axis a
+logical name lands on is decided here only, as in MaxText. The same code runs on 1 CPU device,
+8 virtual CPU devices, a GPU or a TPU pod.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes, or None = replicated).
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),        # flattened query heads x head_dim
+    ("kv_heads", "tensor"),     # flattened key/value heads x head_dim
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("patch", None),            # flattened patch (channels x time x 14 x 14)
+    ("norm", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None
+              ) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if known <= 0 or len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices cannot be split as data={data} "
+                             f"fsdp={fsdp} tensor={tensor}; make the fixed sizes divide the device count")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are "
+                         f"visible; set config.mesh so the product equals the device count")
+    # Auto axes: XLA propagates shardings from the explicit in/out shardings we give jit.
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_from_config(mesh_config) -> Mesh:
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor)
+
+
+def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+    return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. 2 KV heads on tensor=4)."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if axes is None:
+            out.append(None)
+            continue
+        axes_t = axes if isinstance(axes, tuple) else (axes,)
+        kept = []
+        for a in axes_t:
+            size = mesh.shape[a] * math.prod(mesh.shape[k] for k in kept)
+            if dim % size == 0:
+                kept.append(a)
+        out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    return P(*out)
+
+
+def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` parameters."""
+    def one(x):
+        if isinstance(x, nn.LogicallyPartitioned):
+            spec = logical_to_spec(x.names, rules)
+            return NamedSharding(mesh, _fit_spec(spec, x.value.shape, mesh))
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> NamedSharding:
+    """Shard the leading (batch) dimension over data x fsdp, everything else replicated."""
+    spec = P(("data", "fsdp"), *([None] * (ndim - 1)))
+    if batch_size is not None:
+        spec = _fit_spec(spec, (batch_size,) + (1,) * (ndim - 1), mesh)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))

