@@ -1,0 +1,429 @@
+"""Host input pipeline: TFDS data source -> grain -> padded, bucketed numpy batches.
+
+Stages: source (`builder.as_data_source(split)`, images left encoded) -> this host's shard
+(process index / count) -> shuffle and repeat (training; a fresh shuffle every epoch) ->
+per-example preprocessing (decode, Qwen2-VL smart_resize within the configured pixel bounds,
+the SET / GRPO-think / plain prompt through the Qwen2.5-VL chat template, token ids) in
+`num_workers` grain processes -> batching in the main process (left padding to the smallest
+prompt bucket, pixel rows padded to a patch bucket, mRoPE position ids).
+
+Nothing is lost silently. An example whose image cannot be decoded or processed, or whose
+prompt is longer than `max_prompt_len` (prompts are never truncated, so an image span is never
+cut), is skipped, logged and counted: `batch["num_skipped"]` for the batch and
+`iterator.skip_counts()` in total (part of the saved state). Because skips travel through grain
+as markers (no filtering inside grain), the batches are the same for any `num_workers`.
+
+Batch format (numpy dict; shapes are static per bucket; B = `batch_size` on this host):
+    input_ids        [B, L] int32   left-padded with the tokenizer's pad id; L a prompt bucket
+    attention_mask   [B, L] int32   1 on prompt tokens
+    position_ids     [3, B, L] int32  mRoPE positions (processing.rope_index.get_rope_index)
+    rope_deltas      [B] int32      per-row decode delta (HF semantics)
+    pixel_values     [P, 1176] float32  every row's image patches concatenated in row order,
+                                    then zero rows up to P (a patch bucket)
+    image_grid_thw   [B, 3] int32   (t, h, w) of each row's single image
+    num_patches      int            true number of patch rows (sum of t*h*w)
+    label            [B] int32      ClassLabel index; -1 on padding rows
+    label_text       [B] object     label name ("" on padding rows)
+    labels_of_dataset tuple[str]    the data set's label names (index order)
+    problem          [B] object     the question text as stored in the data set
+    example_id       [B] object     `id` feature (file / row / generated key)
+    epoch            [B] int32      epoch the example was drawn in (-1 on padding rows)
+    valid            [B] bool       False on padding rows
+    num_skipped      int            examples skipped while filling this batch
+Padding rows (only in the last batch of a finite pass, or to give every host the same number of
+eval batches) hold a well-formed filler example (a grey image with the data set's question),
+so every row has an image and real tokens; `valid` marks them and consumers must mask them.
+
+Determinism and resumption: the order depends only on (seed, shard, epoch); the iterator's
+`get_state()` is a JSON-serializable dict (grain's orbax `CheckpointHandler` works with it, as
+do `state_to_bytes` / `state_from_bytes`), and a restored iterator continues with exactly the
+batches the original would have produced.
+
+Sharding: eval shards are disjoint (`range(process_index, N, process_count)`) and every host
+yields ceil(ceil(N / count) / B) batches. Training shards all have ceil(N / count) examples:
+when count does not divide N, a shard wraps around to the start of the split, so at most
+count - 1 examples appear twice per epoch and none is left out. Skips can still differ between
+hosts, so a multi-host trainer should count steps (num_epochs=None) rather than wait for the
+end of a finite pass.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import threading
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from emor3_jax.configs import base
+from emor3_jax.data import images
+from emor3_jax.processing import chat
+from emor3_jax.processing import image as image_processing
+from emor3_jax.processing.rope_index import get_rope_index
+from emor3_jax.processing.tokenizer import token_ids
+from emor3_jax.processing.vision import round_up
+
+log = logging.getLogger(__name__)
+
+# A skip is logged for the first few examples of each reason, then only counted.
+_LOGGED_SKIPS_PER_REASON = 20
+_FILLER_SIZE = 28  # filler image side (smart_resize grows it to min_pixels)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What the pipeline does; `from_config` fills it from the run config."""
+    batch_size: int                       # examples per batch on this host
+    prompt_format: str = "set"            # key of configs/base.py PROMPT_FORMATS
+    min_pixels: int = base.MIN_PIXELS
+    max_pixels: int = base.MAX_PIXELS
+    max_prompt_len: int = 2048            # longer prompts are skipped (counted), never cut
+    prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
+    # Pixel-row padding: a list of sizes (smallest that fits), an int (round up to a multiple),
+    # or None for powers of two and 1.5x powers of two (at most 1/3 padding).
+    patch_buckets: tuple[int, ...] | int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1            # None = repeat forever
+    eval_mode: bool = False               # no shuffle, one pass, equal batch count per host
+    num_workers: int = 0                  # grain worker processes for preprocessing
+    read_threads: int = 2                 # threads per process reading and preprocessing
+    prefetch: int = 16                    # examples each process prepares ahead
+    process_index: int | None = None      # None = jax.process_index()
+    process_count: int | None = None      # None = jax.process_count()
+    system_prompt: str = base.DEFAULT_SYSTEM_PROMPT
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.prompt_format not in base.PROMPT_FORMATS:
+            raise ValueError(f"prompt_format {self.prompt_format!r} is not one of "
+                             f"{sorted(base.PROMPT_FORMATS)}")
+        if self.max_prompt_len > max(self.prompt_buckets):
+            raise ValueError(f"max_prompt_len {self.max_prompt_len} exceeds the largest prompt "
+                             f"bucket {max(self.prompt_buckets)}; add a bucket or lower it")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
+
+
+def from_config(config, *, eval_mode: bool = False, process_count: int | None = None
+                ) -> PipelineConfig:
+    """PipelineConfig from the run config (configs/base.py fields); batch sizes are global.
+
+    Training streams repeat forever (the trainer stops by step count); eval is one pass.
+    """
+    import jax
+    count = jax.process_count() if process_count is None else process_count
+    global_batch = config.eval.batch_size if eval_mode else config.rollout.batch_size
+    if global_batch % count:
+        raise ValueError(f"global batch size {global_batch} is not divisible by the "
+                         f"{count} hosts; change it so every host gets the same share")
+    d = config.data
+    return PipelineConfig(
+        batch_size=global_batch // count, prompt_format=d.prompt_format,
+        min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_prompt_len=d.max_prompt_len,
+        prompt_buckets=tuple(d.prompt_buckets), patch_buckets=d.get("patch_buckets", None),
+        seed=config.seed, shuffle=d.shuffle and not eval_mode,
+        num_epochs=1 if eval_mode else None, eval_mode=eval_mode, num_workers=d.num_workers,
+        process_count=count)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example preprocessing (runs in grain worker processes).
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class Preprocess:
+    """(index in the shard stream, source record) -> example dict, or a skip marker."""
+
+    def __init__(self, tokenizer, labels: Sequence[str], cfg: PipelineConfig, shard_len: int):
+        self.tokenizer = tokenizer
+        self.labels = tuple(labels)
+        self.cfg = cfg
+        self.shard_len = shard_len
+        # grain runs this in `read_threads` threads; an HF fast tokenizer may reconfigure its
+        # Rust backend inside encode ("Already borrowed" under concurrency), so calls take turns.
+        self._tokenizer_lock = threading.Lock()
+
+    def __getstate__(self):  # pickled into grain worker processes; locks do not pickle
+        state = dict(self.__dict__)
+        del state["_tokenizer_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tokenizer_lock = threading.Lock()
+
+    def __call__(self, index: int, record: dict) -> dict:
+        example_id = _text(record["id"])
+        epoch = index // self.shard_len
+        try:
+            rgb = images.decode_rgb(record["image"], example_id)
+            return self.example(rgb, _text(record["problem"]), int(record["label"]),
+                                example_id, epoch)
+        except images.BadImage as e:
+            return _skip(e.reason, str(e), example_id)
+        except ValueError as e:  # smart_resize (aspect ratio), prompt building
+            return _skip("unprocessable", f"{example_id}: {e}", example_id)
+
+    def example(self, rgb: np.ndarray, problem: str, label: int, example_id: str,
+                epoch: int) -> dict:
+        cfg = self.cfg
+        grid = image_processing.grid_thw_for_size(*rgb.shape[:2], min_pixels=cfg.min_pixels,
+                                                  max_pixels=cfg.max_pixels)
+        text = chat.task_prompt(problem, cfg.prompt_format)
+        with self._tokenizer_lock:
+            ids = chat.encode_prompt(self.tokenizer, text, [grid], system_prompt=cfg.system_prompt)
+        if len(ids) > cfg.max_prompt_len:  # checked before the costly resize
+            return _skip("too_long", f"{example_id}: prompt of {len(ids)} tokens (image grid "
+                         f"{grid}) exceeds max_prompt_len {cfg.max_prompt_len}", example_id)
+        pixel_values, grid = image_processing.process_image(
+            rgb, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        return {"input_ids": ids, "pixel_values": pixel_values,
+                "grid_thw": np.asarray(grid, np.int32), "label": label,
+                "label_text": self.labels[label] if label >= 0 else "", "problem": problem,
+                "example_id": example_id, "epoch": epoch}
+
+    def filler(self) -> dict:
+        """A well-formed padding row: a grey image with the data set's own question."""
+        grey = np.full((_FILLER_SIZE, _FILLER_SIZE, 3), 128, np.uint8)
+        out = self.example(grey, base.question_text(self.labels), -1, "", -1)
+        if "skip" in out:
+            raise ValueError(f"max_prompt_len {self.cfg.max_prompt_len} is too small for even "
+                             f"the smallest image prompt: {out['message']}")
+        return out
+
+
+def _skip(reason: str, message: str, example_id: str) -> dict:
+    return {"skip": reason, "message": message, "example_id": example_id}
+
+
+# --------------------------------------------------------------------------------------------
+# Batching (main process).
+
+def patch_bucket(n: int, buckets: Sequence[int] | int | None, minimum: int = 64) -> int:
+    """Padded pixel-row count for n rows (see PipelineConfig.patch_buckets)."""
+    if buckets is not None:
+        return round_up(n, buckets)
+    size = minimum
+    while size < n:
+        size = size * 3 // 2 if (size & (size - 1)) == 0 else size * 4 // 3
+    return size
+
+
+def collate(rows: Sequence[dict], valid: Sequence[bool], *, labels: Sequence[str],
+            cfg: PipelineConfig, ids) -> dict[str, Any]:
+    """Examples (real rows first, then filler rows) -> one padded batch (module docstring)."""
+    b = len(rows)
+    lengths = [len(r["input_ids"]) for r in rows]
+    length = round_up(max(lengths), cfg.prompt_buckets)
+    input_ids = np.full((b, length), ids.pad, np.int32)
+    attention_mask = np.zeros((b, length), np.int32)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        input_ids[i, length - n:] = r["input_ids"]
+        attention_mask[i, length - n:] = 1
+    grid_thw = np.stack([r["grid_thw"] for r in rows]).astype(np.int32)
+    position_ids, rope_deltas = get_rope_index(
+        input_ids, grid_thw, attention_mask, image_token_id=ids.image_pad,
+        vision_start_token_id=ids.vision_start, spatial_merge_size=base.MERGE_SIZE)
+    num_patches = int(sum(r["pixel_values"].shape[0] for r in rows))
+    pixel_values = np.zeros((patch_bucket(num_patches, cfg.patch_buckets),
+                             rows[0]["pixel_values"].shape[1]), np.float32)
+    np.concatenate([r["pixel_values"] for r in rows], axis=0, out=pixel_values[:num_patches])
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "position_ids": position_ids, "rope_deltas": rope_deltas,
+        "pixel_values": pixel_values, "image_grid_thw": grid_thw, "num_patches": num_patches,
+        "label": np.asarray([r["label"] for r in rows], np.int32),
+        "label_text": np.asarray([r["label_text"] for r in rows], dtype=object),
+        "labels_of_dataset": tuple(labels),
+        "problem": np.asarray([r["problem"] for r in rows], dtype=object),
+        "example_id": np.asarray([r["example_id"] for r in rows], dtype=object),
+        "epoch": np.asarray([r["epoch"] for r in rows], np.int32),
+        "valid": np.asarray(valid, bool),
+    }
+
+
+class BatchIterator(grain.DatasetIterator):
+    """Pulls preprocessed examples, counts skips, emits padded batches; checkpointable."""
+
+    def __init__(self, parent, *, collate_fn, filler_fn, batch_size: int,
+                 num_batches: int | None):
+        super().__init__(parent)
+        self._collate = collate_fn
+        self._filler_fn = filler_fn
+        self._filler = None
+        self._batch_size = batch_size
+        self._num_batches = num_batches
+        self._batches = 0
+        self._skips: collections.Counter = collections.Counter()
+
+    def __next__(self) -> dict[str, Any]:
+        self._assert_not_closed()
+        if self._num_batches is not None and self._batches >= self._num_batches:
+            raise StopIteration
+        rows, skipped = [], 0
+        while len(rows) < self._batch_size:
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                break
+            if "skip" in example:
+                skipped += 1
+                self._count_skip(example)
+                continue
+            rows.append(example)
+        if not rows and self._num_batches is None:
+            raise StopIteration
+        valid = [True] * len(rows) + [False] * (self._batch_size - len(rows))
+        if len(rows) < self._batch_size:
+            if self._filler is None:
+                self._filler = self._filler_fn()
+            rows += [self._filler] * (self._batch_size - len(rows))
+        batch = self._collate(rows, valid)
+        batch["num_skipped"] = skipped
+        self._batches += 1
+        return batch
+
+    def _count_skip(self, marker: dict) -> None:
+        reason = marker["skip"]
+        self._skips[reason] += 1
+        if self._skips[reason] <= _LOGGED_SKIPS_PER_REASON:
+            log.warning("data pipeline skipped %s (%s): %s", marker["example_id"], reason,
+                        marker["message"])
+        elif self._skips[reason] == _LOGGED_SKIPS_PER_REASON + 1:
+            log.warning("data pipeline: more '%s' skips; only counting them now", reason)
+
+    def skip_counts(self) -> dict[str, int]:
+        """Examples skipped so far, by reason (continues across checkpoint restores)."""
+        return dict(sorted(self._skips.items()))
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "batches": self._batches,
+                "skips": dict(self._skips)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._batches = int(state["batches"])
+        self._skips = collections.Counter({k: int(v) for k, v in state["skips"].items()})
+
+
+def state_to_bytes(iterator: BatchIterator) -> bytes:
+    return json.dumps(iterator.get_state()).encode("utf-8")
+
+
+def state_from_bytes(iterator: BatchIterator, data: bytes) -> None:
+    iterator.set_state(json.loads(data.decode("utf-8")))
+
+
+# --------------------------------------------------------------------------------------------
+class _Shard:
+    """Random-access view of some indices of a data source (grain pickles it to workers)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source = source
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+
+def shard_indices(n: int, process_index: int, process_count: int, *, wrap: bool) -> np.ndarray:
+    """This host's example indices: strided; `wrap` pads every shard to ceil(n / count)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if not wrap:
+        return np.arange(process_index, n, process_count)
+    per_host = math.ceil(n / process_count)
+    return (process_index + process_count * np.arange(per_host)) % n
+
+
+class Pipeline:
+    """An iterable of batches over one split; `iter()` gives a checkpointable BatchIterator."""
+
+    def __init__(self, source, tokenizer, labels: Sequence[str], cfg: PipelineConfig):
+        if len(source) == 0:
+            raise ValueError("the data source is empty: prepare the split first (its skip "
+                             "report says why examples were left out)")
+        if cfg.process_index is None or cfg.process_count is None:
+            import jax
+            cfg = dataclasses.replace(
+                cfg, process_index=jax.process_index() if cfg.process_index is None
+                else cfg.process_index,
+                process_count=jax.process_count() if cfg.process_count is None
+                else cfg.process_count)
+        self.cfg = cfg
+        self.labels = tuple(labels)
+        self.token_ids = token_ids(tokenizer)
+        indices = shard_indices(len(source), cfg.process_index, cfg.process_count,
+                                wrap=not cfg.eval_mode)
+        self.shard_len = len(indices)
+        self.num_examples = len(source)
+        self._preprocess = Preprocess(tokenizer, self.labels, cfg, max(self.shard_len, 1))
+        ds = grain.MapDataset.source(_Shard(source, indices))
+        if not cfg.eval_mode:
+            if cfg.shuffle:
+                ds = ds.shuffle(seed=cfg.seed)
+            ds = ds.repeat(cfg.num_epochs)
+        self._dataset = ds.map_with_index(self._preprocess)
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches one pass yields on every host (eval), else None (training, or infinite)."""
+        if not self.cfg.eval_mode:
+            return None
+        per_host = math.ceil(self.num_examples / self.cfg.process_count)
+        return max(1, math.ceil(per_host / self.cfg.batch_size))
+
+    def __iter__(self) -> BatchIterator:
+        cfg = self.cfg
+        examples = self._dataset.to_iter_dataset(grain.ReadOptions(
+            num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
+        if cfg.num_workers > 0:
+            examples = examples.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch // 4)))
+        return BatchIterator(
+            iter(examples),
+            collate_fn=lambda rows, valid: collate(rows, valid, labels=self.labels, cfg=cfg,
+                                                   ids=self.token_ids),
+            filler_fn=self._preprocess.filler, batch_size=cfg.batch_size,
+            num_batches=self.num_batches)
+
+
+def open_source(name: str, split: str, *, data_dir: str | None = None,
+                manual_dir: str | None = None, config=None, prepare: bool = True):
+    """(builder, data source with images left encoded) for a registered data set split.
+
+    Prepares the data set first when `prepare` and it is not prepared yet (users' files come
+    from `manual_dir`; emo_synth needs none). In a multi-host run let one host prepare.
+    """
+    import tensorflow_datasets as tfds  # the builders are registered: this is emor3_jax.data
+
+    kwargs = {"data_dir": data_dir or None}
+    if config is not None:
+        kwargs["config"] = config
+    builder = tfds.builder(name, **kwargs)
+    if prepare and not builder.is_prepared():
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir or None))
+    if split not in builder.info.splits:
+        raise ValueError(f"{name} has no split {split!r}; the prepared splits are "
+                         f"{sorted(builder.info.splits)} (see {builder.data_dir})")
+    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    return builder, source
+
+
+def make_pipeline(name: str, split: str, tokenizer, cfg: PipelineConfig, **source_kwargs
+                  ) -> Pipeline:
+    """The usual entry point: a registered data set's split as a batch pipeline."""
+    builder, source = open_source(name, split, **source_kwargs)
+    return Pipeline(source, tokenizer, builder.info.features["label"].names, cfg)
