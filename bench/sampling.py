@@ -1,0 +1,181 @@
+"""Rollout throughput: our grouped sampler vs transformers `generate` (PyTorch, CPU).
+
+Same config and weights (ours loaded from the HF model's save_pretrained), the same 8 prompts,
+each with a photo crop of its own size and its own text length (left-padded), G = 8 samples
+per prompt, exactly 64 new tokens (no EOS: HF gets min_new_tokens = max_new_tokens, we get no
+EOS ids), temperature 1, no top-k/top-p, fp32. torch uses 2 threads. Warm-up (compilation)
+excluded; median of --repeats runs; generated tokens only. Also reported: compile time of the
+first call, and the number of programs compiled over a run of batches with varied prompt
+lengths and image sizes.
+
+    python bench/sampling.py [--configs small,medium] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import skimage.data  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen2_5_VLConfig as HFConfig  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import CONFIGS  # noqa: E402  (small ~5M and medium ~58M, shared with bench/forward.py)
+
+from emor3_jax.models import qwen2_5_vl  # noqa: E402
+from emor3_jax.sampling import Sampler  # noqa: E402
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _on_duration(event, duration, **_):
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+CROPS = [(224, 280), (280, 224), (196, 308), (252, 252), (168, 336), (308, 196), (224, 224),
+         (252, 280)]
+
+
+def make_prompts(cfg, n: int, seed: int, text_lens=None, crops=None):
+    """n prompts: chat-like text, one photo crop (own size), more text; left-padded."""
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    crops = crops or CROPS
+    proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=336 * 336)
+    ims = [photos[i % 3][:crops[i % len(crops)][0], :crops[i % len(crops)][1]] for i in range(n)]
+    out = proc(images=ims, return_tensors="np")
+    pv, grid = out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+    rng = np.random.default_rng(seed)
+    text_lens = text_lens or [20 + 7 * i for i in range(n)]
+    rows = []
+    for (t, h, w), m in zip(grid, text_lens):
+        k = int(t * h * w) // 4
+        rows.append(rng.integers(0, cfg.text.vocab_size - 8, 12).tolist()
+                    + [cfg.vision_start_token_id] + [cfg.image_token_id] * k
+                    + [cfg.vision_end_token_id]
+                    + rng.integers(0, cfg.text.vocab_size - 8, m).tolist())
+    length = max(map(len, rows))
+    ids = np.full((n, length), cfg.text.pad_token_id, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask, pv, grid
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_one(name: str, prompts: int, group: int, new_tokens: int, repeats: int):
+    cfg = CONFIGS[name]()
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(HFConfig(**cfg.to_hf_dict())).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, params = qwen2_5_vl.load_hf(d)
+    ids, mask, pv, grid = make_prompts(cfg, prompts, seed=0)
+    n_tokens = prompts * group * new_tokens
+
+    # --- ours ---
+    sampler = Sampler(model)
+    kw = dict(max_new_tokens=new_tokens, num_samples=group, temperature=1.0, top_p=1.0,
+              eos_token_ids=())
+    calls = [0]
+
+    def ours():
+        calls[0] += 1
+        res = sampler.generate(params, ids, mask, pv, grid, rng=jax.random.key(calls[0]), **kw)
+        assert res.tokens.shape == (prompts * group, new_tokens)
+        assert (res.lengths == new_tokens).all()
+
+    _compile_seconds[0] = 0.0
+    t0 = time.perf_counter()
+    ours()
+    first_call = time.perf_counter() - t0
+    compile_s = _compile_seconds[0]
+    ours_s = median_time(ours, repeats)
+
+    # --- transformers ---
+    t_kw = dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                pixel_values=torch.tensor(pv), image_grid_thw=torch.tensor(grid),
+                mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)))
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(**t_kw, do_sample=True, num_return_sequences=group,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              temperature=1.0, top_p=1.0, top_k=0,
+                              pad_token_id=cfg.text.pad_token_id)
+        assert out.shape == (prompts * group, ids.shape[1] + new_tokens)
+
+    theirs()  # warm-up
+    hf_s = median_time(theirs, repeats)
+
+    # --- programs compiled over a run with varied prompt lengths and image sizes ---
+    before = sampler.num_programs
+    rng = np.random.default_rng(1)
+    lengths_seen = []
+    for batch in range(6):
+        text_lens = rng.integers(10, 160, prompts).tolist()
+        crops = [CROPS[j] for j in rng.permutation(len(CROPS))]
+        b = make_prompts(cfg, prompts, seed=10 + batch, text_lens=text_lens, crops=crops)
+        lengths_seen.append(int(b[1].sum(1).max()))
+        sampler.generate(params, *b, rng=jax.random.key(100 + batch), **kw)
+    varied_programs = sampler.num_programs - before
+    return dict(name=name, params=qwen2_5_vl.count_params(params), prompt_len=ids.shape[1],
+                patches=pv.shape[0], tokens=n_tokens, ours_s=ours_s, hf_s=hf_s,
+                first_call=first_call, compile_s=compile_s, programs=sampler.num_programs,
+                varied_programs=varied_programs, lengths_seen=lengths_seen)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="small,medium")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), fp32, "
+          f"{args.prompts} prompts x G={args.group}, {args.new_tokens} new tokens")
+    head = (f"{'config':8} {'params':>7} {'prompt':>6} {'patches':>7} | {'ours s':>7} "
+            f"{'tok/s':>7} | {'HF s':>7} {'tok/s':>7} | {'speed-up':>8} | {'1st call s':>10} "
+            f"{'compile s':>9} | programs (varied run)")
+    print(head)
+    print("-" * len(head))
+    for name in args.configs.split(","):
+        r = bench_one(name, args.prompts, args.group, args.new_tokens, args.repeats)
+        print(f"{r['name']:8} {r['params'] / 1e6:6.1f}M {r['prompt_len']:6d} {r['patches']:7d} | "
+              f"{r['ours_s']:7.2f} {r['tokens'] / r['ours_s']:7.0f} | {r['hf_s']:7.2f} "
+              f"{r['tokens'] / r['hf_s']:7.0f} | {r['hf_s'] / r['ours_s']:7.1f}x | "
+              f"{r['first_call']:10.1f} {r['compile_s']:9.1f} | {r['programs']} total, "
+              f"{r['varied_programs']} new over 6 batches with max prompt lengths "
+              f"{r['lengths_seen']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The reflective judge of EMO-R3 (RER): answers the coherence and consistency prompts.
+
+    judge = Judge(model, tokenizer, mode="generate", source="policy")
+    out = judge.rewards(responses, labels, dataset_labels, "emor3", images, rng,
+                        policy_params=params)
+    scores = emotion.score_responses(responses, labels, "emor3", **out.score_kwargs())
+
+Prompts (rewards/emotion.py, EMO-R3.md "Rewards") go through the Qwen2.5-VL chat template with
+the default system prompt and WITHOUT the SET instruction (`chat.encode_prompt`); coherence
+prompts are text only, consistency prompts carry the rollout's image at their `<image>` marker.
+
+Sources: "policy" (released: the weights that produced the rollout; the caller passes them per
+call) or "checkpoint" (a frozen separate model, e.g. `qwen2_5_vl.load_hf(dir, mesh=mesh)`,
+sharded with its own shardings, possibly larger; it must use the same tokenizer ids).
+
+Modes:
+  * "generate" (released): one sample per prompt at temperature 0.6 / top-p 0.95, up to
+    `max_new_tokens`; the decoded answer goes to emotion.coherence_score / consistency_score.
+  * "score": one prefill per prompt, then the judge's log-likelihood of every candidate answer
+    (coherence: the data set's labels and "None"; consistency: "yes", "no", "None"), each
+    in its lower-case and capitalised spelling followed by the end-of-turn token, in one
+    multi-token call over the grouped cache (`Sampler.score`); the best candidate (spellings
+    pooled with logsumexp) goes to the same scoring functions.
+No gradient reaches the judge: its programs are separate jits that stop gradients at the params,
+and its answers are host strings.
+
+Decoded responses may contain special-token strings (`<|im_end|>`, `<|image_pad|>`...) or extra
+`<image>` markers, which would re-tokenize as real special tokens and break the prompt (or its
+image count). They are removed before encoding and counted in `judge.stats`.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from emor3_jax.configs import base
+from emor3_jax.processing import chat
+from emor3_jax.processing import image as image_lib
+from emor3_jax.processing import tokenizer as tokenizer_lib
+from emor3_jax.rewards import emotion
+from emor3_jax.sampling import SamplerBuckets, get_sampler
+
+log = logging.getLogger(__name__)
+
+MODES = ("generate", "score")
+SOURCES = ("policy", "checkpoint")
+NONE_ANSWER = "None"
+CONSISTENCY_CANDIDATES = ("yes", "no", NONE_ANSWER)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedImage:
+    """An image already through the Qwen2-VL processor (e.g. rows of a data-pipeline batch)."""
+    pixel_values: np.ndarray    # [t*h*w, patch_dim] float32
+    grid_thw: tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeRewards:
+    """Judge prompts, answers and scores per response (None where the preset needs no judge)."""
+    coherence_prompts: list[str] | None
+    consistency_prompts: list[str] | None
+    coherence_answers: list[str] | None
+    consistency_answers: list[str] | None
+    coherence: np.ndarray | None
+    consistency: np.ndarray | None
+
+    def score_kwargs(self) -> dict[str, list[str] | None]:
+        """The answers as `emotion.score_responses(...)` keyword arguments."""
+        return {"coherence_answers": self.coherence_answers,
+                "consistency_answers": self.consistency_answers}
+
+
+def coherence_candidates(dataset_labels: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dataset_labels) + (NONE_ANSWER,)
+
+
+class Judge:
+    """Answers judge prompts in batches with the grouped sampler (see the module docstring).
+
+    model: the judge's Linen model (the policy's own for source="policy"); params: the frozen
+    checkpoint's parameters (source="checkpoint" only). temperature/top_p/max_new_tokens: the
+    generate mode's sampling (released 0.6 / 0.95 / 2048). mesh, chunk_size, buckets,
+    memory_limit_bytes: as for `sampling.Sampler` (prompts are sorted by length before
+    chunking, so a chunk pads only to its own length bucket). min_pixels/max_pixels: processing of raw
+    images (ProcessedImage inputs are used as they are).
+    """
+
+    def __init__(self, model, tokenizer, *, mode: str = "generate", source: str = "policy",
+                 params=None, temperature: float = 0.6, top_p: float = 0.95,
+                 max_new_tokens: int = 2048, mesh=None, chunk_size: int | None = 64,
+                 buckets: SamplerBuckets | None = None, memory_limit_bytes: int | None = None,
+                 min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS):
+        if mode not in MODES:
+            raise ValueError(f"judge mode {mode!r} (config.reward.judge_mode) must be one of "
+                             f"{MODES}")
+        if source not in SOURCES:
+            raise ValueError(f"judge source {source!r} (config.reward.judge_source) must be one "
+                             f"of {SOURCES}")
+        if source == "checkpoint" and params is None:
+            raise ValueError("judge source 'checkpoint' needs params: load them with "
+                             "qwen2_5_vl.load_hf(config.reward.judge_dir, mesh=mesh)")
+        if source == "policy" and params is not None:
+            raise ValueError("judge source 'policy' takes the policy params per call "
+                             "(policy_params=...), not params= at construction")
+        if max_new_tokens < 1:
+            raise ValueError(f"judge max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.mode, self.source, self.params = mode, source, params
+        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.ids = tokenizer_lib.token_ids(tokenizer)
+        _check_same_ids(model.config, self.ids)
+        self._special_strings = _special_strings(tokenizer)
+        opts = {} if buckets is None else {"buckets": buckets}
+        # judges (and generate calls) of the same model share compiled programs
+        self.sampler = get_sampler(model, mesh, chunk_size=chunk_size,
+                                   memory_limit_bytes=memory_limit_bytes, **opts)
+        self.stats = collections.Counter()
+
+    @classmethod
+    def from_config(cls, reward_config, policy_model, tokenizer, *, mesh=None, dtype=None,
+                    **kwargs) -> "Judge":
+        """A judge from `config.reward` (judge_source/dir/mode/temperature/top_p/max tokens)."""
+        from emor3_jax.models import qwen2_5_vl
+        model, params = policy_model, None
+        if reward_config.judge_source == "checkpoint":
+            if not reward_config.judge_dir:
+                raise ValueError("config.reward.judge_source='checkpoint' needs "
+                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
+            model, params = qwen2_5_vl.load_hf(
+                reward_config.judge_dir, dtype=dtype or policy_model.config.compute_dtype,
+                mesh=mesh)
+        return cls(model, tokenizer, mode=reward_config.judge_mode,
+                   source=reward_config.judge_source, params=params,
+                   temperature=reward_config.judge_temperature,
+                   top_p=reward_config.judge_top_p,
+                   max_new_tokens=reward_config.judge_max_new_tokens, mesh=mesh, **kwargs)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def sanitize(self, prompt: str, num_images: int) -> str:
+        """Remove special-token strings, and `<image>` markers beyond the first `num_images`."""
+        clean = prompt
+        removed = 0
+        for token in self._special_strings:
+            removed += clean.count(token)
+            clean = clean.replace(token, "")
+        head, marker, rest = "", base.IMAGE_MARKER, clean
+        for _ in range(num_images):
+            before, found, rest = rest.partition(marker)
+            if not found:
+                raise ValueError(f"judge prompt has fewer {marker} markers than its "
+                                 f"{num_images} image(s): {prompt[:80]!r}")
+            head += before + marker
+        removed += rest.count(marker)
+        clean = head + rest.replace(marker, "")
+        if removed:
+            self.stats["sanitized_prompts"] += 1
+            self.stats["removed_special_strings"] += removed
+            log.debug("judge: removed %d special strings from a prompt", removed)
+        return clean
+
+    def _process(self, img) -> ProcessedImage:
+        if isinstance(img, ProcessedImage):
+            return img
+        pv, grid = image_lib.process_image(img, min_pixels=self.min_pixels,
+                                           max_pixels=self.max_pixels)
+        return ProcessedImage(pv, tuple(grid))
+
+    def encode(self, prompts: Sequence[str], images: Sequence[Any] | None = None):
+        """Prompts (+ one image or None each) -> (ids [N, L] and mask, left-padded; the
+        distinct images' pixel_values and grid_thw; row_images: each prompt's image index).
+
+        The G responses of a rollout share one image object: it is processed, copied and run
+        through the vision tower once, not once per prompt.
+        """
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"judge: {len(images)} images for {len(prompts)} prompts; give one "
+                             "image (or None) per prompt")
+        rows, row_images, distinct = [], [], {}
+        for i, (prompt, img) in enumerate(zip(prompts, images)):
+            if img is not None and base.IMAGE_MARKER not in prompt:
+                raise ValueError(f"judge prompt {i} has an image but no {base.IMAGE_MARKER} "
+                                 f"marker: {prompt[:80]!r}")
+            if img is None:
+                rows.append(chat.encode_prompt(self.tokenizer, self.sanitize(prompt, 0)))
+                row_images.append([])
+                continue
+            if id(img) not in distinct:
+                distinct[id(img)] = (len(distinct), self._process(img))
+            index, processed = distinct[id(img)]
+            rows.append(chat.encode_prompt(self.tokenizer, self.sanitize(prompt, 1),
+                                           [processed.grid_thw]))
+            row_images.append([index])
+        length = max(map(len, rows))
+        ids = np.full((len(rows), length), self.ids.pad, np.int32)
+        mask = np.zeros((len(rows), length), np.int32)
+        for i, row in enumerate(rows):
+            ids[i, length - len(row):] = row
+            mask[i, length - len(row):] = 1
+        if not distinct:
+            return ids, mask, None, None, row_images
+        processed = [p for _, p in sorted(distinct.values(), key=lambda x: x[0])]
+        return (ids, mask, np.concatenate([p.pixel_values for p in processed], 0),
+                np.asarray([p.grid_thw for p in processed], np.int64), row_images)
+
+    # -- answering -----------------------------------------------------------------------------
+    def _judge_params(self, policy_params):
+        if self.source == "checkpoint":
+            return self.params
+        if policy_params is None:
+            raise ValueError("judge source 'policy' needs policy_params (the weights that "
+                             "produced the rollout)")
+        return policy_params
+
+    def candidate_tokens(self, candidates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids of every spelling of every candidate + end-of-turn, and its candidate."""
+        conts, owner = [], []
+        for j, cand in enumerate(candidates):
+            for form in dict.fromkeys((cand.lower(), cand.capitalize())):
+                conts.append(list(self.tokenizer.encode(form, add_special_tokens=False))
+                             + [self.ids.im_end])
+                owner.append(j)
+        return conts, owner
+
+    def answer(self, prompts: Sequence[str], images: Sequence[Any] | None = None, rng=None,
+               policy_params=None, candidates: Sequence[str] | None = None) -> list[str]:
+        """The judge's answer to every prompt (generate: decoded text; score: the candidate
+        with the highest log-likelihood, `candidates` required)."""
+        if not prompts:
+            return []
+        params = self._judge_params(policy_params)
+        ids, mask, pv, grid, row_images = self.encode(prompts, images)
+        order = np.argsort(mask.sum(1), kind="stable")        # similar lengths share a chunk
+        ids, mask = ids[order], mask[order]
+        row_images = [row_images[i] for i in order]
+        self.stats["prompts"] += len(prompts)
+        if self.mode == "generate":
+            if self.temperature > 0 and rng is None:
+                raise ValueError("judge mode 'generate' with temperature > 0 needs rng")
+            res = self.sampler.generate(
+                params, ids, mask, pv, grid, max_new_tokens=self.max_new_tokens,
+                num_samples=1, temperature=self.temperature, top_p=self.top_p,
+                eos_token_ids=self.ids.eos, forbidden_token_ids=self.ids.forbidden,
+                pad_token_id=self.ids.pad, valid_vocab_size=self.ids.vocab_size, rng=rng,
+                row_images=row_images)
+            self.stats["generated_tokens"] += int(res.lengths.sum())
+            texts = [chat.decode_response(self.tokenizer, res.tokens[i], res.lengths[i])
+                     for i in range(len(prompts))]
+        else:
+            if not candidates:
+                raise ValueError("judge mode 'score' needs candidates (the answers to compare)")
+            conts, owner = self.candidate_tokens(candidates)
+            logp = self.sampler.score(params, ids, mask, pv, grid, continuations=conts,
+                                      pad_token_id=self.ids.pad, row_images=row_images)
+            pooled = np.full((len(prompts), len(candidates)), -np.inf)
+            for k, j in enumerate(owner):
+                pooled[:, j] = np.logaddexp(pooled[:, j], logp[:, k])
+            texts = [candidates[j] for j in pooled.argmax(1)]
+        out = [""] * len(prompts)
+        for pos, i in enumerate(order):
+            out[i] = texts[pos]
+        return out
+
+    def rewards(self, responses: Sequence[str], labels: Sequence[str],
+                dataset_labels: Sequence[str], preset, images: Sequence[Any], rng=None,
+                policy_params=None) -> JudgeRewards:
+        """Judge prompts for the preset, the judge's answers, and R_coh / R_cons per response.
+
+        labels: ground truth per response; images: the rollout image of each response (a raw
+        image or a ProcessedImage; the same object for the G responses of a prompt is
+        processed once).
+        """
+        if not (len(responses) == len(labels) == len(images)):
+            raise ValueError(f"judge.rewards: {len(responses)} responses, {len(labels)} labels, "
+                             f"{len(images)} images; give one label and image per response")
+        coh_prompts, cons_prompts = emotion.judge_prompts(responses, dataset_labels, preset)
+        coh_answers = cons_answers = None
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        if self.mode == "generate" and coh_prompts and cons_prompts:
+            # one batch: text-only and image prompts together (fewer compiled programs)
+            both = self.answer(coh_prompts + cons_prompts,
+                               [None] * len(coh_prompts) + list(images), rng, policy_params)
+            coh_answers, cons_answers = both[:len(coh_prompts)], both[len(coh_prompts):]
+        else:
+            if coh_prompts is not None:
+                coh_answers = self.answer(coh_prompts, None, rngs[0], policy_params,
+                                          candidates=coherence_candidates(dataset_labels))
+            if cons_prompts is not None:
+                cons_answers = self.answer(cons_prompts, images, rngs[1], policy_params,
+                                           candidates=CONSISTENCY_CANDIDATES)
+        coherence = None if coh_answers is None else np.array(
+            [emotion.coherence_score(a, l) for a, l in zip(coh_answers, labels)])
+        consistency = None if cons_answers is None else np.array(
+            [emotion.consistency_score(a) for a in cons_answers])
+        return JudgeRewards(coh_prompts, cons_prompts, coh_answers, cons_answers, coherence,
+                            consistency)
+
+
+# ----------------------------------------------------------------------------------------------
+def _special_strings(tokenizer) -> list[str]:
+    """Every special-token string of the tokenizer, longest first (so none hides another)."""
+    strings = set(getattr(tokenizer, "all_special_tokens", []))
+    strings.update(tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special)
+    strings.update(base.SPECIAL_TOKENS)
+    return sorted((s for s in strings if s), key=len, reverse=True)
+
+
+def _check_same_ids(config, ids: tokenizer_lib.TokenIds) -> None:
+    pairs = [("image_token_id", config.image_token_id, ids.image_pad),
+             ("video_token_id", config.video_token_id, ids.video_pad),
+             ("vision_start_token_id", config.vision_start_token_id, ids.vision_start),
+             ("vision_end_token_id", config.vision_end_token_id, ids.vision_end)]
+    bad = [f"{name}: model {model_id} vs tokenizer {tok_id}" for name, model_id, tok_id in pairs
+           if model_id != tok_id]
+    if ids.vocab_size > config.text.vocab_size:
+        bad.append(f"tokenizer has {ids.vocab_size} ids but the model vocabulary is "
+                   f"{config.text.vocab_size}")
+    if bad:
+        raise ValueError("the judge model and the tokenizer disagree (" + "; ".join(bad) + "); "
+                         "a checkpoint judge must use the policy's tokenizer and special ids")

@@ -1,0 +1,17 @@
+"""Grouped sampling with a KV cache (prefill once per prompt, G samples, decode inside jit).
+
+    from emor3_jax.sampling import generate
+    res = generate(model, params, input_ids, attention_mask, pixel_values, image_grid_thw,
+                   max_new_tokens=..., num_samples=G, temperature=..., top_p=..., top_k=...,
+                   eos_token_ids=(...), rng=key)
+    res.tokens [B*G, T], res.logprobs [B*G, T], res.lengths [B*G]   (rows b*G + g)
+
+`Sampler` keeps the compiled programs for repeated calls (the trainer, the judge);
+`sampler.py` documents the flow, `grouped_decode.py` the KV-cache layout, `rules.py` the
+next-token rules.
+"""
+from emor3_jax.sampling.grouped_decode import GroupedCache, grouped_cache_bytes  # noqa: F401
+from emor3_jax.sampling.rules import allowed_mask, next_tokens, processed_logits  # noqa: F401
+from emor3_jax.sampling.sampler import (SampleOutput, Sampler, SamplerBuckets,  # noqa: F401
+                                        SamplerMemoryError, generate, geometric_buckets,
+                                        get_sampler)

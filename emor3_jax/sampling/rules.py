@@ -1,0 +1,102 @@
+"""Next-token rules in fp32: greedy, temperature, top-k, top-p; log-probs of the chosen tokens.
+
+Order as in transformers / vLLM: disallowed ids (vision special tokens, ids beyond the
+tokenizer) are removed, logits are divided by the temperature, then top-k, then top-p on the
+renormalised remainder, then one categorical draw by inverse CDF (one uniform number per row
+instead of V Gumbel draws: the draw costs one cumsum over the vocabulary).
+`temperature == 0` means greedy (argmax of the allowed logits). Temperature and top-p are
+traced values (changing them never recompiles); top-k is static (it sets a `lax.top_k` shape).
+
+The returned log-prob is that of the chosen token under the policy's own distribution,
+`log_softmax(logits)` over the full vocabulary, before the mask, temperature and truncation:
+what GRPO's old log-probs must be (the trainer recomputes the same quantity).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -jnp.inf
+
+
+def allowed_mask(vocab_size: int, forbidden_ids=(), valid_vocab_size: int | None = None
+                 ) -> np.ndarray:
+    """[V] bool on the host: False for forbidden ids and for ids >= valid_vocab_size."""
+    allowed = np.ones((vocab_size,), bool)
+    bad = [int(i) for i in forbidden_ids]
+    out_of_range = [i for i in bad if not 0 <= i < vocab_size]
+    if out_of_range:
+        raise ValueError(f"forbidden_token_ids {out_of_range} are outside the model vocabulary "
+                         f"[0, {vocab_size})")
+    allowed[bad] = False
+    if valid_vocab_size is not None:
+        if not 0 < valid_vocab_size <= vocab_size:
+            raise ValueError(f"valid_vocab_size={valid_vocab_size} must be in (0, {vocab_size}]")
+        allowed[valid_vocab_size:] = False
+    if not allowed.any():
+        raise ValueError("every token id is forbidden; nothing can be sampled")
+    return allowed
+
+
+def top_k_filter(logits, top_k: int):
+    """Keep the top_k largest logits per row (ties with the k-th kept), -inf elsewhere."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p_filter(logits, top_p):
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (nucleus).
+
+    A token is kept iff the probability of the tokens strictly more likely than it is
+    < top_p (the most likely token is always kept); equal probabilities are kept together.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    desc = -jnp.sort(-probs, axis=-1)
+    before = jnp.cumsum(desc, axis=-1) - desc                  # mass strictly above each token
+    n_keep = jnp.maximum((before < top_p).sum(-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(desc, n_keep - 1, axis=-1)
+    return jnp.where(probs < threshold, NEG_INF, logits)
+
+
+def processed_logits(logits, allowed, temperature, top_p, top_k: int = 0):
+    """The logits a draw is taken from: masked, / temperature, top-k, then top-p (fp32)."""
+    x = jnp.where(allowed, logits.astype(jnp.float32), NEG_INF) / temperature
+    x = top_k_filter(x, top_k)
+    return jax.lax.cond(top_p < 1.0, top_p_filter, lambda x, _: x, x, top_p)
+
+
+def categorical_inverse_cdf(key_rows, logits):
+    """One draw per row from softmax(logits) ([N, V], -inf = excluded) with one uniform each."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(key_rows) * cdf[:, -1]
+    index = (cdf <= u[:, None]).sum(-1)
+    # u can round up to the total: fall back to the last token with non-zero probability
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    last = jnp.where(probs > 0, ids, 0).max(-1)
+    return jnp.minimum(index, last).astype(jnp.int32)
+
+
+def next_tokens(keys, logits, allowed, temperature, top_p, top_k: int = 0):
+    """Choose one token per row -> (tokens [N] int32, policy log-probs [N] fp32).
+
+    keys: [N] PRNG keys (one per row, so a row's draw does not depend on the batch it is in);
+    logits [N, V] (any float dtype; computed in fp32); allowed [V] bool.
+    """
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def greedy(_):
+        return jnp.argmax(jnp.where(allowed, logits, NEG_INF), axis=-1)
+
+    def sample(_):
+        x = processed_logits(logits, allowed, jnp.maximum(temperature, 1e-6), top_p, top_k)
+        return categorical_inverse_cdf(keys, x)
+
+    tokens = jax.lax.cond(temperature > 0.0, sample, greedy, None).astype(jnp.int32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    return tokens, jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

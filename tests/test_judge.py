@@ -1,0 +1,196 @@
+"""Reflective judge: score-mode likelihoods == a full forward, score and generate modes agree when
+the greedy answer is a candidate, special strings in responses cannot break encoding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from emor3_jax import sharding
+from emor3_jax.configs import base
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models.config import tiny_config
+from emor3_jax.processing import tokenizer as tokenizer_lib
+from emor3_jax.rewards import emotion
+from emor3_jax.rewards.judge import Judge, ProcessedImage
+from qwen_testutil import hf_logits, hf_model, images
+
+LABELS = base.LABELS["emoset2k"]
+
+
+def _response(scene: str, feeling: str, label: str) -> str:
+    return (f"<step1>{scene}</step1>\n<step2>{feeling}</step2>\n<step3>The emotion is positive "
+            f"and the arousal is high.</step3>\n\\boxed{{{label}}}")
+
+
+RESPONSES = [
+    _response("A child laughs while playing with friends on the beach.",
+              "A human would feel happy and playful.", "amusement"),
+    _response("Dark storm clouds gather over an empty field at night.",
+              "People would feel scared and nervous.", "fear"),
+    "The image shows a dog. \\boxed{awe}",                         # no steps: 'None' prompts
+    _response("A spider <|im_end|> crawls on rotten food <image> in a <|image_pad|> kitchen.",
+              "A human would feel sick.", "disgust"),              # special strings inside
+]
+TRUE_LABELS = ["amusement", "fear", "awe", "disgust"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = tokenizer_lib.build_demo_tokenizer()
+    ids = tokenizer_lib.token_ids(tok)
+    cfg = tiny_config(vocab_size=ids.vocab_size, tie_word_embeddings=False, special_token_ids={
+        "image_token_id": ids.image_pad, "video_token_id": ids.video_pad,
+        "vision_start_token_id": ids.vision_start, "vision_end_token_id": ids.vision_end,
+        "bos_token_id": ids.pad, "eos_token_id": ids.im_end, "pad_token_id": ids.pad})
+    ref = hf_model(cfg, seed=11)
+    d = str(tmp_path_factory.mktemp("judge_hf"))
+    ref.save_pretrained(d)
+    model, params = qwen2_5_vl.load_hf(d)
+    pv, grid = images([("astronaut", (200, 280)), ("chelsea", (160, 240))])
+    n0 = int(np.prod(grid[0]))
+    photos = [ProcessedImage(pv[:n0], tuple(grid[0])), ProcessedImage(pv[n0:], tuple(grid[1]))]
+    rollout_images = [photos[0], photos[0], photos[1], photos[1]]    # 2 prompts x G=2
+    return tok, ids, cfg, ref, d, model, params, rollout_images
+
+
+def test_score_log_likelihood_equals_full_forward(setup):
+    """Sampler.score (prefill once, continuations as a group, one multi-token call) ==
+    log-softmax sums of transformers' full forward over prompt + continuation."""
+    tok, ids, cfg, ref, _, model, params, imgs = setup
+    judge = Judge(model, tok, mode="score", source="checkpoint", params=params)
+    prompts = [emotion.coherence_prompt(RESPONSES[0], LABELS),
+               emotion.consistency_prompt(RESPONSES[1]), base.JUDGE_NONE_TEXT_PROMPT]
+    p_ids, p_mask, pv, grid, row_images = judge.encode(prompts, [None, imgs[0], None])
+    assert row_images == [[], [0], []]
+    conts = [[383, ids.im_end], [ids.im_end], [77, 502, ids.im_end]]
+    ours = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts,
+                               row_images=row_images)
+    assert ours.shape == (3, 3)
+    for b in range(3):
+        row = p_ids[b][p_mask[b] == 1]
+        kw = (dict(pixel_values=pv, grid=grid) if b == 1 else {})
+        for c, cont in enumerate(conts):
+            full = np.concatenate([row, cont])[None].astype(np.int32)
+            logits = hf_logits(ref, cfg, full, np.ones_like(full), **kw)[0]
+            logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
+            expected = sum(logp[len(row) - 1 + j, t] for j, t in enumerate(cont))
+            np.testing.assert_allclose(ours[b, c], expected, atol=1e-4)
+
+
+def _steer(model, params, judge, prompts, imgs, answer_token, eos_token, gain=40.0):
+    """Params whose greedy answer to these prompts is `answer_token` then `eos_token`: LM-head
+    columns set along the mean final hidden state after the prompt / after the answer token."""
+    p_ids, p_mask, pv, grid, row_images = judge.encode(prompts, imgs)
+    if grid is not None:          # the model's eager forward wants every occurrence (HF layout)
+        n = grid.prod(-1)
+        starts = np.concatenate([[0], np.cumsum(n)])
+        order = [i for r in row_images for i in r]
+        pv = np.concatenate([pv[starts[i]:starts[i + 1]] for i in order])
+        grid = grid[order]
+    ext_ids = np.concatenate([p_ids, np.full((len(prompts), 1), answer_token, np.int32)], 1)
+    ext_mask = np.concatenate([p_mask, np.ones((len(prompts), 1), np.int32)], 1)
+    hidden = model.apply({"params": params}, ext_ids, ext_mask, pv, grid,
+                         method=model.hidden_states)
+    unit = lambda h: h / jnp.linalg.norm(h, axis=-1, keepdims=True)
+    after_prompt = unit(unit(hidden[:, -2]).mean(0))
+    after_answer = unit(unit(hidden[:, -1]).mean(0))
+    kernel = params["lm_head"]["kernel"]
+    kernel = kernel.at[:, answer_token].set(gain * after_prompt)
+    kernel = kernel.at[:, eos_token].set(gain * after_answer)
+    return {**params, "lm_head": {"kernel": kernel}}
+
+
+def test_score_and_generate_modes_agree(setup):
+    """Greedy generate (T = 0) and score give the same answers and rewards when the greedy
+    answer is a candidate: 'excitement' (coherence) and 'Yes' (consistency)."""
+    tok, ids, cfg, _, _, model, params, imgs = setup
+    kw = dict(source="checkpoint", temperature=0.0, max_new_tokens=6)
+    probe = Judge(model, tok, mode="score", source="checkpoint", params=params)
+    coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
+    (excitement,) = tok.encode("excitement", add_special_tokens=False)
+    (yes,) = tok.encode("Yes", add_special_tokens=False)
+    results = {}
+    for name, prompts, prompt_imgs, token in [("coherence", coh, None, excitement),
+                                              ("consistency", cons, imgs, yes)]:
+        steered = _steer(model, params, probe, prompts, prompt_imgs, token, ids.im_end)
+        for mode in ("generate", "score"):
+            judge = Judge(model, tok, mode=mode, params=steered, **kw)
+            results[name, mode] = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
+    gen, sco = results["coherence", "generate"], results["coherence", "score"]
+    assert gen.coherence_answers == sco.coherence_answers == ["excitement"] * 4
+    np.testing.assert_array_equal(gen.coherence, sco.coherence)
+    np.testing.assert_array_equal(sco.coherence, [0.0, 0.0, 0.0, 0.0])
+    gen, sco = results["consistency", "generate"], results["consistency", "score"]
+    assert [a.lower() for a in gen.consistency_answers] == sco.consistency_answers == ["yes"] * 4
+    np.testing.assert_array_equal(gen.consistency, sco.consistency)
+    np.testing.assert_array_equal(sco.consistency, [1.0] * 4)
+    # the answers feed emotion.score_responses as they are
+    total = emotion.score_responses(RESPONSES, TRUE_LABELS, "emor3", **sco.score_kwargs())
+    assert total.components["consistency"].tolist() == [1.0] * 4
+
+
+def test_unsteered_score_mode_picks_a_candidate_and_scores(setup):
+    tok, _, _, _, _, model, params, imgs = setup
+    judge = Judge(model, tok, mode="score", source="policy")
+    out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs, policy_params=params)
+    assert set(out.coherence_answers) <= set(LABELS) | {"None"}
+    assert set(out.consistency_answers) <= {"yes", "no", "None"}
+    assert out.coherence.tolist() == [emotion.coherence_score(a, l)
+                                      for a, l in zip(out.coherence_answers, TRUE_LABELS)]
+    # 'Answer None' prompt for the response without steps; no judge on the set_only preset
+    assert out.coherence_prompts[2] == base.JUDGE_NONE_TEXT_PROMPT
+    none = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "set_only", imgs, policy_params=params)
+    assert none.coherence is None and none.consistency is None
+
+
+def test_special_strings_in_responses_are_removed_and_counted(setup):
+    tok, ids, _, _, _, model, params, imgs = setup
+    judge = Judge(model, tok, mode="generate", source="checkpoint", params=params,
+                  temperature=0.6, max_new_tokens=4)
+    coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
+    p_ids, p_mask, pv, grid, row_images = judge.encode(coh + cons, [None] * 4 + imgs)
+    assert judge.stats["sanitized_prompts"] == 2              # response 3, both prompts
+    assert judge.stats["removed_special_strings"] == 6         # 2 specials + 1 <image>, twice
+    assert row_images == [[]] * 4 + [[0], [0], [1], [1]]       # 2 distinct images, each once
+    assert pv.shape[0] == grid.prod(-1).sum()
+    n_image_tokens = (p_ids == ids.image_pad).sum(1)
+    expected = [0] * 4 + [int(np.prod(grid[r[0]])) // 4 for r in row_images[4:]]
+    np.testing.assert_array_equal(n_image_tokens, expected)
+    assert ((p_ids == ids.im_end).sum(1) == 2).all()           # system + user turn only
+    answers = judge.answer(coh, None, jax.random.key(0))
+    assert len(answers) == 4 and all(isinstance(a, str) for a in answers)
+    assert judge.stats["generated_tokens"] > 0
+
+
+def test_judge_argument_errors(setup):
+    tok, _, cfg, _, _, model, params, imgs = setup
+    with pytest.raises(ValueError, match="judge mode"):
+        Judge(model, tok, mode="vote")
+    with pytest.raises(ValueError, match="needs params"):
+        Judge(model, tok, source="checkpoint")
+    with pytest.raises(ValueError, match="needs policy_params"):
+        Judge(model, tok, mode="score").answer(["hi"], candidates=["yes"])
+    other = qwen2_5_vl.build_model(tiny_config(vocab_size=1024))   # default (other) special ids
+    with pytest.raises(ValueError, match="disagree"):
+        Judge(other, tok, source="checkpoint", params=params)
+    # from the recipe config: the released judge (policy, generate, T 0.6, top-p 0.95, 2048)
+    reward = base.get_config().reward
+    judge = Judge.from_config(reward, model, tok)
+    assert (judge.source, judge.mode, judge.temperature, judge.top_p, judge.max_new_tokens) == (
+        "policy", "generate", 0.6, 0.95, 2048)
+    reward.judge_source = "checkpoint"
+    with pytest.raises(ValueError, match="judge_dir"):
+        Judge.from_config(reward, model, tok)
+
+
+def test_checkpoint_judge_on_mesh_equals_single_device(setup, devices8):
+    tok, _, _, _, d, model, params, imgs = setup
+    single = Judge(model, tok, mode="score", source="checkpoint", params=params).rewards(
+        RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model_m, params_m = qwen2_5_vl.load_hf(d, mesh=mesh)
+    sharded = Judge(model_m, tok, mode="score", source="checkpoint", params=params_m,
+                    mesh=mesh).rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
+    assert sharded.coherence_answers == single.coherence_answers
+    assert sharded.consistency_answers == single.consistency_answers

@@ -1,0 +1,280 @@
+"""Grouped sampler == transformers generate (greedy), right sampling distribution, prefill once
+per prompt, same tokens on a mesh, few programs, memory check (tiny fp32 models)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from emor3_jax import sharding
+from emor3_jax.models import layers, qwen2_5_vl
+from emor3_jax.models.config import tiny_config
+from emor3_jax.models.text import TextModel
+from emor3_jax.models.vision import VisionTransformer
+from emor3_jax.processing import rope_index
+from emor3_jax.sampling import (Sampler, SamplerMemoryError, generate, grouped_decode, rules)
+from qwen_testutil import chat_row, hf_logits, hf_model, images, left_pad
+
+NEW_TOKENS = 24
+# Four prompts: one image; two images of other sizes; text only; image first (all left-padded).
+IMAGE_SPECS = [("astronaut", (200, 280)), ("chelsea", (240, 160)), ("coffee", (150, 220)),
+               ("chelsea", (100, 120))]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = tiny_config(tie_word_embeddings=False)
+    ref = hf_model(cfg, seed=3)
+    d = str(tmp_path_factory.mktemp("hf_sampling"))
+    ref.save_pretrained(d)
+    model, params = qwen2_5_vl.load_hf(d)
+    pv, grid = images(IMAGE_SPECS)
+    rng = np.random.default_rng(0)
+    rows = [chat_row(cfg, rng, [5, "img", 7], grid[0:1]),
+            chat_row(cfg, rng, [3, "img", 9, "img", 2], grid[1:3]),
+            chat_row(cfg, rng, [17], []),
+            chat_row(cfg, rng, ["img", 4], grid[3:4])]
+    ids, mask = left_pad(rows, cfg.text.pad_token_id)
+    return cfg, ref, d, model, params, (ids, mask, pv, grid)
+
+
+def _forbidden(cfg):
+    return [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+            cfg.vision_end_token_id]
+
+
+def _hf_greedy(cfg, ref, batch, eos):
+    ids, mask, pv, grid = batch
+    with torch.no_grad():
+        out = ref.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long), pixel_values=torch.tensor(pv),
+            image_grid_thw=torch.tensor(grid),
+            mm_token_type_ids=torch.tensor((ids == cfg.image_token_id).astype(np.int64)),
+            do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=list(eos),
+            pad_token_id=cfg.text.pad_token_id, bad_words_ids=[[i] for i in _forbidden(cfg)],
+            output_logits=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, ids.shape[1]:].numpy()
+    logits = torch.stack(out.logits, 1).float().numpy()           # raw logits per step
+    return tokens, logits
+
+
+def test_greedy_equals_transformers_generate(setup):
+    cfg, ref, _, model, params, batch = setup
+    pad = cfg.text.pad_token_id
+    # 1st pass with the config's EOS only; then make a token row 1 emits at step 5 a second
+    # EOS id, so rows end at different steps ("any of several EOS ids ends a row").
+    sampler = Sampler(model)
+    first = sampler.generate(params, *batch, max_new_tokens=NEW_TOKENS)
+    extra_eos = int(first.tokens[1, 5])
+    eos = (cfg.text.eos_token_id, extra_eos)
+    res = sampler.generate(params, *batch, max_new_tokens=NEW_TOKENS, eos_token_ids=eos)
+    hf_tokens, hf_step_logits = _hf_greedy(cfg, ref, batch, eos)
+
+    hf_lengths = np.array([
+        (np.flatnonzero(np.isin(r, eos))[0] + 1) if np.isin(r, eos).any() else NEW_TOKENS
+        for r in hf_tokens])
+    assert hf_lengths.min() < NEW_TOKENS == hf_lengths.max()     # some rows ended early
+    np.testing.assert_array_equal(res.lengths, hf_lengths)
+    for row, n in enumerate(hf_lengths):
+        np.testing.assert_array_equal(res.tokens[row, :n], hf_tokens[row, :n])
+        assert (res.tokens[row, n:] == pad).all() and (res.logprobs[row, n:] == 0).all()
+        # log-prob of each chosen token under the raw (unprocessed) policy distribution
+        ref_lp = torch.log_softmax(torch.tensor(hf_step_logits[row, :n]), -1).numpy()
+        np.testing.assert_allclose(res.logprobs[row, :n],
+                                   ref_lp[np.arange(n), hf_tokens[row, :n]], atol=2e-4)
+    assert res.tokens.dtype == np.int32 and res.tokens.shape == (4, NEW_TOKENS)
+    assert not np.isin(res.tokens, _forbidden(cfg)).any()
+    assert sampler.compiled == {"prefill": 1, "decode": 1}
+
+    # G samples per prompt, rows prompt-major, and chunking (2 chunks, one with a filler row)
+    # give the same greedy rows.
+    grouped = Sampler(model, chunk_size=3).generate(params, *batch, max_new_tokens=NEW_TOKENS,
+                                                    num_samples=2, eos_token_ids=eos)
+    np.testing.assert_array_equal(grouped.tokens, np.repeat(res.tokens, 2, 0))
+    np.testing.assert_array_equal(grouped.lengths, np.repeat(res.lengths, 2))
+    np.testing.assert_allclose(grouped.logprobs, np.repeat(res.logprobs, 2, 0), atol=1e-5)
+
+    # The data pipeline's precomputed mRoPE positions/deltas give the same result.
+    ids, mask, pv, grid = batch
+    pos, deltas = rope_index.get_rope_index(ids, grid, mask, image_token_id=cfg.image_token_id)
+    again = sampler.generate(params, *batch, max_new_tokens=NEW_TOKENS, eos_token_ids=eos,
+                             position_ids=pos, rope_deltas=deltas)
+    np.testing.assert_array_equal(again.tokens, res.tokens)
+    assert sampler.compiled == {"prefill": 1, "decode": 1}
+
+
+def _hf_rule_probs(logits, temperature, top_p, top_k, forbidden):
+    """transformers' warpers in numpy: mask, temperature, top-k, top-p (ascending cumsum)."""
+    x = logits.astype(np.float64).copy()
+    x[forbidden] = -np.inf
+    x = x / temperature
+    if top_k:
+        kth = np.sort(x)[-top_k]
+        x[x < kth] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(p, kind="stable")
+    cum = np.cumsum(p[order])
+    remove = cum <= 1 - top_p
+    remove[-1] = False
+    x[order[remove]] = -np.inf
+    p = np.exp(x - x.max())
+    return p / p.sum()
+
+
+def _chi2_pvalue(counts, probs):
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    if exp[-1] < 5:  # fold a tiny remainder into the last bin
+        obs, exp = np.append(obs[:-2], obs[-2:].sum()), np.append(exp[:-2], exp[-2:].sum())
+    assert (counts[probs == 0] == 0).all(), "a token outside the truncated support was drawn"
+    return scipy.stats.chisquare(obs, exp).pvalue
+
+
+def test_first_token_distribution_chi_square(setup):
+    """16384 draws of the first token of one prompt match softmax(logits/T) after top-k/top-p
+    (fixed seed; 4096 draws could not tell T from 1.15 T on this flat random model)."""
+    cfg, ref, _, model, params, (ids, mask, pv, grid) = setup
+    ids1, mask1 = ids[:1], mask[:1]
+    logits = hf_logits(ref, cfg, ids1, mask1, pv[:int(np.prod(grid[0]))], grid[:1])[0, -1]
+    top = np.argsort(logits)[::-1]
+    forbidden = _forbidden(cfg) + [int(top[0])]          # also forbid the most likely token
+    temperature, top_p, top_k, draws = 0.7, 0.9, 40, 16384
+    res = generate(model, params, ids1, mask1, pv[:int(np.prod(grid[0]))], grid[:1],
+                   max_new_tokens=1, num_samples=draws, temperature=temperature, top_p=top_p,
+                   top_k=top_k, forbidden_token_ids=forbidden, rng=jax.random.key(7))
+    first = res.tokens[:, 0]
+    counts = np.bincount(first, minlength=cfg.text.vocab_size)
+    probs = _hf_rule_probs(logits, temperature, top_p, top_k, forbidden)
+    support = int((probs > 0).sum())
+    assert 10 <= support <= top_k                           # a real truncation test
+    assert not np.isin(first, forbidden).any()
+    assert _chi2_pvalue(counts, probs) > 1e-3
+    # ...and the test can fail: the same draws are rejected against a 15% higher temperature.
+    wrong = _hf_rule_probs(logits, temperature * 1.15, top_p, top_k, forbidden)
+    assert _chi2_pvalue(counts, wrong) < 1e-4
+    # log-probs are those of the raw policy distribution (before temperature/truncation)
+    raw = torch.log_softmax(torch.tensor(logits), -1).numpy()
+    np.testing.assert_allclose(res.logprobs[:, 0], raw[first], atol=2e-4)
+    assert (res.lengths == 1).all()
+
+
+def test_rules_match_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+    logits = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32) * 2
+    for top_p in (0.3, 0.9):
+        ours = np.asarray(rules.top_p_filter(jnp.asarray(logits), top_p))
+        theirs = TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+    ours = np.asarray(rules.top_k_filter(jnp.asarray(logits), 7))
+    theirs = TopKLogitsWarper(7)(None, torch.tensor(logits)).numpy()
+    np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
+
+
+def test_grouped_attention_equals_repeated_cache_attention():
+    """The shared-prompt attention == plain attention over the G-fold repeated cache."""
+    rng = np.random.default_rng(1)
+    b, g, n, kh, d, lp, t = 3, 4, 6, 2, 8, 11, 5
+    f = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
+    s = 3                                                           # new tokens per row
+    q, pk, pv, gk, gv = f(b * g, s, n, d), f(b, kh, lp, d), f(b, kh, lp, d), \
+        f(b * g, kh, t, d), f(b * g, kh, t, d)
+    pmask = jnp.asarray(rng.random((b, lp)) > 0.3).at[:, -1].set(True)
+    valid = jnp.arange(t)[None, :] <= 1 + jnp.arange(s)[:, None]       # tokens at slots 1..3
+    ours = grouped_decode.grouped_attention(q, pk, pv, pmask, gk, gv, valid)
+    rep = lambda x: jnp.repeat(jnp.swapaxes(x, 1, 2), g, 0)            # [B*G, Lp, K, D]
+    k = jnp.concatenate([rep(pk), jnp.swapaxes(gk, 1, 2)], 1)
+    v = jnp.concatenate([rep(pv), jnp.swapaxes(gv, 1, 2)], 1)
+    mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(pmask, g, 0)[:, None], (b * g, s, lp)),
+                            jnp.broadcast_to(valid, (b * g, s, t))], -1)
+    ref = layers.attention(q, k, v, mask[:, None])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_prefill_runs_once_per_prompt(setup, monkeypatch):
+    """G = 8: at run time the vision tower executes once, on the 4 prompts' patches, and the
+    prompt prefill once, on 4 rows (spies record each execution via jax.debug.callback)."""
+    cfg, _, _, model, params, (ids, mask, pv, grid) = setup
+    runs = []
+    vision_call, text_call = VisionTransformer.__call__, TextModel.__call__
+
+    def vision_spy(self, pixel_values, vision_inputs):
+        rows = pixel_values.shape[0]
+        jax.debug.callback(lambda: runs.append(("vision", rows)))
+        return vision_call(self, pixel_values, vision_inputs)
+
+    def text_spy(self, inputs_embeds, *args, mode="forward", **kw):
+        shape = inputs_embeds.shape[:2]
+        jax.debug.callback(lambda: runs.append((mode, shape)))
+        return text_call(self, inputs_embeds, *args, mode=mode, **kw)
+
+    monkeypatch.setattr(VisionTransformer, "__call__", vision_spy)
+    monkeypatch.setattr(TextModel, "__call__", text_spy)
+    sampler = Sampler(model)
+    res = sampler.generate(params, ids, mask, pv, grid, max_new_tokens=6, num_samples=8,
+                           temperature=1.0, rng=jax.random.key(0), eos_token_ids=())
+    assert res.tokens.shape == (4 * 8, 6) and (res.lengths == 6).all()
+    assert sampler.compiled == {"prefill": 1, "decode": 1}
+    padded = min(p for p in sampler.buckets.vision.num_patches if p >= pv.shape[0])
+    assert padded < 2 * pv.shape[0]
+    bucket = min(n for n in sampler.buckets.prompt_len if n >= mask.sum(1).max())
+    # one execution each over the whole call (decode included), on B = 4 rows, not B*G = 32
+    assert runs == [("vision", padded), ("prefill", (4, bucket))]
+
+
+def test_mesh_greedy_equals_single_device(setup, devices8):
+    cfg, _, d, model, params, batch = setup
+    single = generate(model, params, *batch, max_new_tokens=8, num_samples=2)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model_m, params_m = qwen2_5_vl.load_hf(d, mesh=mesh)
+    sampler = Sampler(model_m, mesh=mesh)
+    sharded = sampler.generate(params_m, *batch, max_new_tokens=8, num_samples=2)
+    np.testing.assert_array_equal(sharded.tokens, single.tokens)
+    np.testing.assert_array_equal(sharded.lengths, single.lengths)
+    np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_few_programs_traced_knobs_and_memory_check(setup):
+    cfg, _, _, model, params, (ids, mask, pv, grid) = setup
+    sampler = Sampler(model)
+    text_ids, text_mask = ids[2:3], mask[2:3]                       # the text-only prompt
+    kw = dict(max_new_tokens=6, num_samples=2, rng=jax.random.key(1))
+    for temperature, top_p, new in [(1.0, 1.0, 6), (0.6, 0.95, 5), (0.0, 1.0, 3)]:
+        kw.update(temperature=temperature, top_p=top_p, max_new_tokens=new)
+        sampler.generate(params, text_ids, text_mask, **kw)
+    assert sampler.compiled == {"prefill": 1, "decode": 1}          # knobs are traced
+    # prompt lengths 17..24 share the bucket of the 17-token prompt above; 40 opens a new one.
+    rng = np.random.default_rng(5)
+    for n in (19, 22, 24):
+        sampler.generate(params, *left_pad([chat_row(cfg, rng, [n], [])], 0), **kw)
+    assert sampler.compiled == {"prefill": 1, "decode": 1}
+    sampler.generate(params, *left_pad([chat_row(cfg, rng, [40], [])], 0), **kw)
+    assert sampler.num_programs == 4
+
+    small = Sampler(model, memory_limit_bytes=1 << 20)
+    with pytest.raises(SamplerMemoryError, match=r"needs about .* GiB per device .* limit"):
+        small.generate(params, ids, mask, pv, grid, max_new_tokens=4)
+    assert small.num_programs == 0                                   # failed before compiling
+
+
+def test_prompts_sharing_an_image_equal_duplicated_images(setup):
+    """row_images (one copy of an image for several prompts, one vision run) == the HF layout
+    with the image repeated for every prompt."""
+    cfg, _, _, model, params, (ids, mask, pv, grid) = setup
+    n0 = int(np.prod(grid[0]))
+    sampler = Sampler(model)
+    rows = [0, 0, 2, 0]                                   # image prompt, twice, text, again
+    dup = sampler.generate(params, ids[rows], mask[rows], np.concatenate([pv[:n0]] * 3),
+                           np.repeat(grid[:1], 3, 0), max_new_tokens=5)
+    shared = sampler.generate(params, ids[rows], mask[rows], pv[:n0], grid[:1],
+                              max_new_tokens=5, row_images=[[0], [0], [], [0]])
+    np.testing.assert_array_equal(shared.tokens, dup.tokens)
+    np.testing.assert_allclose(shared.logprobs, dup.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="need"):
+        sampler.generate(params, ids[rows], mask[rows], pv[:n0], grid[:1], max_new_tokens=5,
+                         row_images=[[0], [], [], [0]])
