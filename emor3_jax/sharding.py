@@ -30,27 +30,32 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),            # flattened patch (channels x time x 14 x 14)
     ("norm", None),
     ("length", None),
+    ("layers", None),           # stacked (nn.scan) decoder / vision layers
+    ("cache_heads", "tensor"),  # KV-cache key/value heads (unflattened)
 )
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `num_devices`; one size may be -1 (the rest)."""
+    sizes = [data, fsdp, tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1 or known <= 0 or (-1 in sizes and num_devices % known) or (
+            -1 not in sizes and known != num_devices):
+        raise ValueError(f"mesh: data={data} fsdp={fsdp} tensor={tensor} does not fit the "
+                         f"{num_devices} devices; set config.mesh so data*fsdp*tensor = "
+                         f"{num_devices} (one of them may be -1 for the rest)")
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = num_devices // known
+    return tuple(sizes)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None
               ) -> Mesh:
     """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if known <= 0 or len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices cannot be split as data={data} "
-                             f"fsdp={fsdp} tensor={tensor}; make the fixed sizes divide the device count")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but {len(devices)} devices are "
-                         f"visible; set config.mesh so the product equals the device count")
+    sizes = mesh_shape(data, fsdp, tensor, len(devices))
     # Auto axes: XLA propagates shardings from the explicit in/out shardings we give jit.
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def mesh_from_config(mesh_config) -> Mesh:

@@ -1,0 +1,85 @@
+"""fsdp 2 x tensor 4 on 8 virtual CPU devices gives the same logits as one device."""
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from emor3_jax import sharding
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models.config import tiny_config
+from emor3_jax.processing import rope_index, vision
+from qwen_testutil import chat_row, hf_model, images, left_pad
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, devices8):
+    cfg = tiny_config(tie_word_embeddings=False)
+    d = str(tmp_path_factory.mktemp("hf_mesh"))
+    hf_model(cfg, seed=5).save_pretrained(d)
+    pv, grid = images([("astronaut", (200, 280)), ("chelsea", (240, 160))])
+    rng = np.random.default_rng(0)
+    ids, mask = left_pad([chat_row(cfg, rng, [3, "img", 4, "img", 2], grid),
+                          chat_row(cfg, rng, [12], [])], cfg.text.pad_token_id)
+    vin = vision.build_vision_inputs_for(cfg, grid)
+    pos, deltas = rope_index.get_rope_index(ids, grid, mask, image_token_id=cfg.image_token_id)
+    return d, (ids, mask, pv, vin, pos, deltas)
+
+
+def _forward_and_decode(model, params, inputs, batch_sharding=None, replicated=None):
+    ids, mask, pv, vin, pos, deltas = inputs
+    length = ids.shape[1]
+
+    def run(p, ids, mask, pv, vin, pos, deltas):
+        logits = model.apply({"params": p}, ids, mask, pv, vision_inputs=vin,
+                             position_ids=pos).logits
+        last, cache = model.apply({"params": p}, ids, mask, max_len=length + 1, pixel_values=pv,
+                                  vision_inputs=vin, position_ids=pos, method=model.prefill)
+        step_pos = rope_index.decode_position_ids(deltas, mask.sum(1))
+        nxt, _ = model.apply({"params": p}, ids[:, -1:], step_pos, cache, length,
+                             method=model.decode)
+        return logits, last, nxt
+
+    args = (ids, mask, pv, vin, pos, deltas)
+    if batch_sharding is not None:
+        args = (jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding),
+                jax.device_put(pv, replicated), jax.device_put(vin, replicated),
+                jax.device_put(pos, NamedSharding(batch_sharding.mesh, P(None, ("data", "fsdp")))),
+                jax.device_put(deltas, NamedSharding(batch_sharding.mesh, P(("data", "fsdp")))))
+    return [np.asarray(x) for x in jax.jit(run)(params, *args)]
+
+
+def test_fsdp2_tensor4_equals_single_device(setup):
+    d, inputs = setup
+    model, params = qwen2_5_vl.load_hf(d)
+    single = _forward_and_decode(model, params, inputs)
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model_m, params_m = qwen2_5_vl.load_hf(d, mesh=mesh)
+    q = params_m["model"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 4)
+    emb = params_m["model"]["language_model"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    cache_sh = qwen2_5_vl.cache_shardings(model.config, mesh, batch_size=2, max_len=64)
+    assert cache_sh.k.spec == P(None, ("data", "fsdp"), None, None, None)  # 2 KV heads, tensor 4
+    assert cache_sh.key_mask.spec == P(("data", "fsdp"), None)
+    # sharded loading reads the same numbers
+    jax.tree.map(np.testing.assert_array_equal, params, params_m)
+    sharded = _forward_and_decode(model_m, params_m, inputs,
+                                  sharding.batch_sharding(mesh, 2), sharding.replicated(mesh))
+    # fp32; sharded contractions only change the summation order
+    for a, b in zip(single, sharded):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+def test_init_params_on_mesh(devices8):
+    cfg = tiny_config()
+    model = qwen2_5_vl.build_model(cfg)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    params = qwen2_5_vl.init_params(model, jax.random.key(0), mesh=mesh)
+    shardings = qwen2_5_vl.param_shardings(model, mesh)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(str(s)),
+                 params, shardings)
+    up = params["model"]["visual"]["blocks"]["mlp"]["up_proj"]["kernel"]
+    assert up.shape == (cfg.vision.depth, cfg.vision.hidden_size, cfg.vision.intermediate_size)
+    assert up.sharding.spec == P(None, "fsdp", "tensor")
