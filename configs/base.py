@@ -101,20 +101,50 @@ JUDGE_NONE_IMAGE_PROMPT = IMAGE_MARKER + "\nAnswer 'None'"
 
 
 # --------------------------------------------------------------------------------------------
+METHODS = ("emor3", "grpo", "dapo", "sft", "cold_start")
+
+
+def apply_method(c, method: str):
+    """Turn the EMO-R3 recipe into one of the paper's baselines (`--config=file.py:grpo`).
+
+    emor3: SET prompt + reflective reward (released default). grpo: `<think>` prompt and
+    0.9 acc + 0.1 format. dapo: grpo + dynamic sampling (drop zero-spread groups, resample up to
+    20 tries). sft: supervised fine-tuning on the labels (the SFT baseline). cold_start: the
+    Cold-Start-Emo SFT followed by EMO-R3.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS} "
+                         "(e.g. --config=configs/tpu_v4.py:grpo)")
+    c.method = method
+    if method in ("grpo", "dapo"):
+        c.data.prompt_format = "grpo_think"
+        c.reward.preset = "grpo_think"
+    if method == "dapo":
+        c.rollout.dynamic_sampling = True
+    if method == "sft":
+        c.mode = "sft"
+        c.sft.steps = c.sft.steps or 500
+    if method == "cold_start":
+        c.sft.steps = c.sft.steps or 100
+    return c
+
+
 def get_config():
     """Released EMO-R3 recipe (Qwen2.5-VL-3B-Instruct, EmoSet-2k, G=8)."""
     c = ml_collections.ConfigDict()
     c.mode = "train"  # train | sft | eval | export
+    c.method = "emor3"  # see METHODS / apply_method
     c.seed = 1
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_dir = ""            # Hugging Face directory (config.json + safetensors)
     c.model.tiny = ""              # name of a built-in tiny config instead of hf_dir ("" = none)
+    c.model.arch = ""              # built-in architecture (qwen2.5-vl-3b|7b) for AOT without weights
     c.model.dtype = "bfloat16"     # activation dtype
     c.model.param_dtype = "bfloat16"
     c.model.remat = "none"         # none | block | full
-    c.model.attention = "xla"      # xla | cudnn (jax.nn.dot_product_attention implementation)
-    c.model.tokenizer = ""         # tokenizer directory; "" = the one in hf_dir
+    c.model.attention = "einsum"   # einsum | xla | cudnn (jax.nn.dot_product_attention)
+    c.model.tokenizer = ""         # tokenizer directory; "" = the one in hf_dir; "demo" = built-in
 
     c.data = ml_collections.ConfigDict()
     c.data.train = "emoset2k"
@@ -127,6 +157,7 @@ def get_config():
     c.data.max_pixels = MAX_PIXELS
     c.data.max_prompt_len = 2048
     c.data.prompt_buckets = (256, 512, 1024, 2048)
+    c.data.patch_buckets = ()      # () = powers of two and 1.5x powers of two
     c.data.num_workers = 0
     c.data.shuffle = True
 
@@ -138,6 +169,7 @@ def get_config():
     c.rollout.top_k = 0
     c.rollout.max_new_tokens = 2048
     c.rollout.response_buckets = (256, 512, 1024, 2048)
+    c.rollout.chunk_size = 0       # prompts per sampler call (0 = the whole rollout batch)
     c.rollout.dynamic_sampling = False  # DAPO: drop zero-spread groups and resample
     c.rollout.max_resample_tries = 20
 
@@ -149,6 +181,8 @@ def get_config():
     c.reward.judge_temperature = 0.6
     c.reward.judge_top_p = 0.95
     c.reward.judge_max_new_tokens = 2048
+    c.reward.judge_prompt_buckets = (128, 256, 512, 1024, 2048, 4096)
+    c.reward.judge_chunk_size = 0  # judge prompts per program call (0 = all at once)
 
     c.rl = ml_collections.ConfigDict()
     c.rl.adv_eps = 1e-6
@@ -161,6 +195,7 @@ def get_config():
     c.rl.micro_batch_size = 4      # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 16
     c.rl.ppo_epochs = 1
+    c.rl.recompute_old_logp = False  # True: old log-probs from a forward pass, not the sampler
     c.rl.logprob_chunk = 512       # sequence chunk for per-token log-probs
 
     c.optim = ml_collections.ConfigDict()
@@ -176,6 +211,9 @@ def get_config():
     c.sft.lr = 1e-5
     c.sft.batch_size = 32
     c.sft.random_labels = False
+    c.sft.target = "boxed"         # boxed | set_template (see emor3_jax/sft.py)
+    c.sft.max_len = 128            # target tokens
+    c.sft.data = ""                # data set for SFT ("" = data.train)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 20
@@ -198,6 +236,9 @@ def get_config():
     c.mesh.data = 1
     c.mesh.fsdp = -1               # -1 = all remaining devices
     c.mesh.tensor = 1
+
+    c.aot = ml_collections.ConfigDict()
+    c.aot.topology = ""            # e.g. v4:2x2x1 (v4-8); see emor3_jax/aot.py
 
     c.profile = ml_collections.ConfigDict()
     c.profile.steps = ()           # training steps to trace with jax.profiler

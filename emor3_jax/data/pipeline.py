@@ -126,7 +126,7 @@ def from_config(config, *, eval_mode: bool = False, process_count: int | None = 
     return PipelineConfig(
         batch_size=global_batch // count, prompt_format=d.prompt_format,
         min_pixels=d.min_pixels, max_pixels=d.max_pixels, max_prompt_len=d.max_prompt_len,
-        prompt_buckets=tuple(d.prompt_buckets), patch_buckets=d.get("patch_buckets", None),
+        prompt_buckets=tuple(d.prompt_buckets), patch_buckets=tuple(d.get("patch_buckets", ())) or None,
         seed=config.seed, shuffle=d.shuffle and not eval_mode,
         num_epochs=1 if eval_mode else None, eval_mode=eval_mode, num_workers=d.num_workers,
         process_count=count)

@@ -1,0 +1,35 @@
+"""Command line: `python -m emor3_jax.main --config=configs/tpu_v4.py --workdir=/path`.
+
+Modes (`--config.mode=`): train (EMO-R3 or a baseline, optionally after a Cold-Start SFT),
+sft (supervised baseline), eval (accuracy report of the configured model), export (Hugging Face
+directory of the latest checkpoint). Without `--config` the embedded CPU demo runs.
+Config files may name a method: `--config=configs/tpu_v4.py:grpo` (see configs/base.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+import emor3_jax.configs as _configs
+
+_DEMO = os.path.join(os.path.dirname(_configs.__file__), "demo_cpu.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "ml_collections config file "
+                                          "(default: the embedded CPU demo)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "where checkpoints, metrics and the "
+                               "report go (local path or gs://)")
+
+
+def main(argv):
+    del argv
+    logging.getLogger().setLevel(logging.INFO)
+    from emor3_jax import distributed
+    distributed.initialize()           # no-op on one host; TPU pods / SLURM from the environment
+    from emor3_jax import trainer
+    trainer.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

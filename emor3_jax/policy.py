@@ -1,0 +1,119 @@
+"""The policy a run trains: model, parameters and tokenizer, built from `config.model`.
+
+Three sources: a Hugging Face directory (`model.hf_dir`, weights streamed onto the mesh), a
+built-in tiny config with random weights and the package's demo tokenizer (`model.tiny`, the
+CPU demo), or a built-in architecture without weights (`model.arch`, shapes only, for AOT).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models.config import Qwen2_5_VLConfig
+from emor3_jax.processing import tokenizer as tok_lib
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b")
+
+
+@dataclasses.dataclass
+class Policy:
+    model: qwen2_5_vl.Qwen2_5_VLForConditionalGeneration
+    params: Any
+    tokenizer: Any
+    ids: tok_lib.TokenIds
+
+    @property
+    def config(self) -> Qwen2_5_VLConfig:
+        return self.model.config
+
+
+def runtime_fields(model_config) -> dict:
+    return dict(dtype=model_config.dtype, param_dtype=model_config.param_dtype,
+                remat=model_config.remat, attention_impl=model_config.attention)
+
+
+def _check_vocab(config: Qwen2_5_VLConfig, ids: tok_lib.TokenIds, where: str) -> None:
+    if ids.vocab_size > config.text.vocab_size:
+        raise ValueError(f"{where}: the tokenizer has {ids.vocab_size} ids but the model's vocab "
+                         f"is {config.text.vocab_size}; use the tokenizer of this checkpoint")
+    if ids.image_pad != config.image_token_id:
+        raise ValueError(f"{where}: tokenizer <|image_pad|> id {ids.image_pad} != model "
+                         f"image_token_id {config.image_token_id}; tokenizer and model disagree")
+
+
+def load_tokenizer(model_config):
+    """`model.tokenizer`: "demo" (built-in), a directory, or "" (the one in hf_dir)."""
+    name = model_config.tokenizer
+    if name == "demo" or (not name and model_config.tiny):
+        return tok_lib.build_demo_tokenizer()
+    path = name or model_config.hf_dir
+    if not path:
+        raise ValueError("config.model: set hf_dir (a Qwen2.5-VL directory) or tokenizer")
+    return tok_lib.load_tokenizer(path)
+
+
+def tiny_model_config(model_config, ids: tok_lib.TokenIds) -> Qwen2_5_VLConfig:
+    """A named tiny config whose special ids and vocab follow the tokenizer."""
+    special = {"image_token_id": ids.image_pad, "video_token_id": ids.video_pad,
+               "vision_start_token_id": ids.vision_start, "vision_end_token_id": ids.vision_end,
+               "bos_token_id": ids.pad, "eos_token_id": ids.im_end, "pad_token_id": ids.pad}
+    return qwen2_5_vl.get_tiny_config(model_config.tiny, vocab_size=ids.vocab_size,
+                                      special_token_ids=special, **runtime_fields(model_config))
+
+
+def arch_config(model_config) -> Qwen2_5_VLConfig:
+    """Built-in Qwen2.5-VL-3B / 7B shapes (for AOT compilation without a checkpoint)."""
+    from emor3_jax.models import config as cfg_lib
+    rt = runtime_fields(model_config)
+    if model_config.arch == "qwen2.5-vl-3b":
+        return cfg_lib.qwen2_5_vl_3b_config(**rt)
+    if model_config.arch == "qwen2.5-vl-7b":
+        return cfg_lib.qwen2_5_vl_7b_config(**rt)
+    raise ValueError(f"config.model.arch={model_config.arch!r}; choose one of {ARCHS}")
+
+
+def check_model_config(model_config) -> None:
+    """Fail before anything is compiled or loaded when the model source is unusable."""
+    if model_config.hf_dir:
+        if "://" not in model_config.hf_dir and not os.path.isfile(
+                os.path.join(model_config.hf_dir, "config.json")):
+            raise FileNotFoundError(
+                f"config.model.hf_dir={model_config.hf_dir!r} has no config.json; point it at a "
+                "Hugging Face Qwen2.5-VL directory (e.g. Qwen2.5-VL-3B-Instruct)")
+    elif not model_config.tiny:
+        raise ValueError("config.model: set hf_dir=<Qwen2.5-VL directory> (or tiny=demo for the "
+                         "CPU demo); the model has no weights otherwise")
+
+
+def build_policy(model_config, mesh, rng) -> Policy:
+    """Model + params (placed on `mesh`) + tokenizer from `config.model`."""
+    check_model_config(model_config)
+    tokenizer = load_tokenizer(model_config)
+    ids = tok_lib.token_ids(tokenizer)
+    if model_config.hf_dir:
+        model, params = qwen2_5_vl.load_hf(model_config.hf_dir, mesh=mesh,
+                                           dtype=jnp.dtype(model_config.dtype),
+                                           param_dtype=jnp.dtype(model_config.param_dtype),
+                                           remat=model_config.remat,
+                                           attention_impl=model_config.attention)
+        where = model_config.hf_dir
+    else:
+        model = qwen2_5_vl.build_model(tiny_model_config(model_config, ids))
+        params = qwen2_5_vl.init_params(model, rng, mesh)
+        where = f"model.tiny={model_config.tiny}"
+    _check_vocab(model.config, ids, where)
+    log.info("policy: %s, %.2fM parameters", where, qwen2_5_vl.count_params(params) / 1e6)
+    return Policy(model=model, params=params, tokenizer=tokenizer, ids=ids)
+
+
+def copy_params(params):
+    """A separate copy (e.g. the frozen reference) that donation of the train state cannot touch."""
+    return jax.tree.map(lambda x: x.copy(), params)

@@ -1,0 +1,179 @@
+"""One GRPO rollout on the host side: sample G responses per prompt, score them, advantages.
+
+Rows are prompt-major (row b*G + g answers prompt b) everywhere. Filler rows of a padded
+batch (`valid` False) are sampled like the others (static shapes) but get a zero response mask,
+so they never reach the loss or the metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from emor3_jax.processing import chat
+from emor3_jax.rewards import emotion
+from emor3_jax.rl import losses
+
+# Per-row fields of a pipeline batch (numpy dict, see emor3_jax/data/pipeline.py).
+_ROW_FIELDS = ("input_ids", "attention_mask", "rope_deltas", "image_grid_thw", "label",
+               "label_text", "problem", "example_id", "epoch", "valid")
+
+
+@dataclasses.dataclass
+class Rollout:
+    prompts: dict                   # the pipeline batch the responses answer (B prompts)
+    tokens: np.ndarray              # [N, T] int32, pad after the end
+    logprobs: np.ndarray            # [N, T] fp32 sampler log-probs (the rollout policy's)
+    lengths: np.ndarray             # [N] generated tokens, EOS included
+    texts: list[str]                # decoded responses (special tokens skipped)
+    group_size: int
+    rewards: np.ndarray | None = None       # [N]
+    components: dict | None = None          # name -> [N]
+    advantages: np.ndarray | None = None    # [N]
+    judge: dict | None = None               # judge answers / metrics
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.repeat(np.asarray(self.prompts["valid"], bool), self.group_size)
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(x) for x in np.repeat(np.asarray(self.prompts["label_text"], object),
+                                          self.group_size)]
+
+    def response_mask(self) -> np.ndarray:
+        t = self.tokens.shape[1]
+        mask = (np.arange(t)[None, :] < self.lengths[:, None]).astype(np.int32)
+        return mask * self.valid[:, None].astype(np.int32)
+
+
+def take_prompts(batch: Mapping[str, Any], index: Sequence[int]) -> dict:
+    """The sub-batch of prompts `index` (pixel rows, grids and positions follow their rows)."""
+    index = np.asarray(index, np.int64)
+    out = {k: v for k, v in batch.items() if k not in _ROW_FIELDS}
+    for k in _ROW_FIELDS:
+        if k in batch:
+            out[k] = np.asarray(batch[k])[index]
+    out["position_ids"] = np.asarray(batch["position_ids"])[:, index]
+    if batch.get("pixel_values") is not None:
+        grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+        patches = np.prod(grid, axis=-1)
+        if len(patches) != len(batch["input_ids"]):
+            raise ValueError("take_prompts expects one image per prompt (the pipeline's layout)")
+        starts = np.concatenate([[0], np.cumsum(patches)])
+        pixels = np.asarray(batch["pixel_values"])
+        out["pixel_values"] = np.concatenate([pixels[starts[i]:starts[i + 1]] for i in index])
+        out["num_patches"] = int(patches[index].sum())
+    return out
+
+
+def concat_prompts(batches: Sequence[Mapping[str, Any]]) -> dict:
+    """Stack prompt batches of the same prompt length (pixel rows trimmed to the real ones)."""
+    out = dict(batches[0])
+    for k in _ROW_FIELDS:
+        if k in out:
+            out[k] = np.concatenate([np.asarray(b[k]) for b in batches])
+    out["position_ids"] = np.concatenate([np.asarray(b["position_ids"]) for b in batches], 1)
+    if out.get("pixel_values") is not None:
+        out["pixel_values"] = np.concatenate(
+            [np.asarray(b["pixel_values"])[:int(np.prod(np.asarray(b["image_grid_thw"]), -1).sum())]
+             for b in batches])
+        out["num_patches"] = int(out["pixel_values"].shape[0])
+    return out
+
+
+def sample(sampler, params, batch: Mapping[str, Any], rng, *, group_size: int,
+           max_new_tokens: int, temperature: float, top_p: float, top_k: int, ids, tokenizer
+           ) -> Rollout:
+    out = sampler.generate(
+        params, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+        batch.get("image_grid_thw"), max_new_tokens=max_new_tokens, num_samples=group_size,
+        temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=ids.eos,
+        forbidden_token_ids=ids.forbidden, pad_token_id=ids.pad, valid_vocab_size=ids.vocab_size,
+        rng=rng, position_ids=batch["position_ids"], rope_deltas=batch["rope_deltas"])
+    texts = [chat.decode_response(tokenizer, out.tokens[r], int(out.lengths[r]))
+             for r in range(out.tokens.shape[0])]
+    return Rollout(prompts=dict(batch), tokens=np.asarray(out.tokens),
+                   logprobs=np.asarray(out.logprobs, np.float32),
+                   lengths=np.asarray(out.lengths), texts=texts, group_size=group_size)
+
+
+def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None) -> Rollout:
+    """Rule rewards + (if the preset needs them) the reflective judge, then group advantages."""
+    preset = emotion.get_preset(preset)
+    labels = rollout.labels
+    answers: dict = {}
+    rollout.judge = {}
+    if preset.needs_coherence or preset.needs_consistency:
+        if judge is None:
+            raise ValueError(f"reward preset {preset.name!r} needs the judge, but none was built")
+        verdict = judge.rewards(rollout.texts, labels, tuple(rollout.prompts["labels_of_dataset"]),
+                                preset, image_rows(rollout), rng, policy_params=judge_params)
+        answers = verdict.score_kwargs()
+        rollout.judge = judge_metrics(verdict, rollout)
+    scores = emotion.score_responses(rollout.texts, labels, preset, **answers)
+    rollout.rewards = np.asarray(scores.overall, np.float32)
+    rollout.components = {k: np.asarray(v) for k, v in scores.components.items()}
+    rollout.advantages = np.asarray(losses.group_advantages(rollout.rewards, rollout.group_size))
+    return rollout
+
+
+def judge_metrics(verdict, rollout: Rollout) -> dict[str, float]:
+    """Shares of yes / no / none answers, and how often coherence agrees with the policy."""
+    valid = rollout.valid
+    out = {}
+    if verdict.consistency_answers is not None:
+        answers = [a.strip().lower() for a, v in zip(verdict.consistency_answers, valid) if v]
+        n = max(1, len(answers))
+        out["consistency_yes"] = sum("yes" in a for a in answers) / n
+        out["consistency_no"] = sum("yes" not in a and "no" in a for a in answers) / n
+        out["consistency_none"] = 1.0 - out["consistency_yes"] - out["consistency_no"]
+    if verdict.coherence_answers is not None:
+        pairs = [(a.strip().lower(), emotion.extract_boxed(emotion.normalize_tags(t)))
+                 for a, t, v in zip(verdict.coherence_answers, rollout.texts, valid) if v]
+        n = max(1, len(pairs))
+        out["coherence_none"] = sum(a in ("", "none") for a, _ in pairs) / n
+        out["coherence_agrees_with_policy"] = sum(
+            b is not None and a == b.strip().lower() for a, b in pairs) / n
+    return out
+
+
+def image_rows(rollout: Rollout):
+    """Per response row: its prompt's image as a ProcessedImage (one object per prompt)."""
+    from emor3_jax.rewards.judge import ProcessedImage
+    batch = rollout.prompts
+    if batch.get("pixel_values") is None:
+        return [None] * len(rollout.texts)
+    grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    starts = np.concatenate([[0], np.cumsum(np.prod(grid, -1))])
+    pixels = np.asarray(batch["pixel_values"])
+    per_prompt = [ProcessedImage(pixels[starts[i]:starts[i + 1]], tuple(int(x) for x in grid[i]))
+                  for i in range(len(grid))]
+    return [per_prompt[r // rollout.group_size] for r in range(len(rollout.texts))]
+
+
+def zero_spread_groups(rewards: np.ndarray, group_size: int, valid: np.ndarray) -> np.ndarray:
+    """[B] bool: groups whose rewards are all equal (no learning signal) among valid prompts."""
+    r = np.asarray(rewards).reshape(-1, group_size)
+    return (r.max(1) == r.min(1)) & np.asarray(valid, bool).reshape(-1, group_size)[:, 0]
+
+
+def metrics(rollout: Rollout) -> dict[str, float]:
+    """Reward mean and components, format/accuracy, lengths, share of zero-spread groups."""
+    valid = rollout.valid
+    out = {}
+    if valid.any():
+        out["reward/mean"] = float(rollout.rewards[valid].mean())
+        for k, v in rollout.components.items():
+            out[f"reward/{k}"] = float(np.asarray(v)[valid].mean())
+        lengths = rollout.lengths[valid]
+        out["response/length_mean"] = float(lengths.mean())
+        out["response/length_max"] = float(lengths.max())
+        out["response/clipped"] = float((lengths >= rollout.tokens.shape[1]).mean())
+        zero = zero_spread_groups(rollout.rewards, rollout.group_size, valid)
+        out["groups/zero_spread"] = float(zero.sum() / max(1, valid.reshape(
+            -1, rollout.group_size)[:, 0].sum()))
+    for k, v in (rollout.judge or {}).items():
+        out[f"judge/{k}"] = float(v)
+    return out

@@ -1,0 +1,576 @@
+"""The EMO-R3 driver: SFT / GRPO training, evaluation, checkpoints, reports, HF export.
+
+`run(config, workdir)` is everything `python -m emor3_jax.main` does. One training step:
+
+    prompts (grain, this host's shard) -> sampler: G responses per prompt (prefill once)
+    -> rule rewards + reflective judge -> group advantages (-> DAPO resampling if enabled)
+    -> reference log-probs (frozen initial policy) -> one update per mini-batch
+    -> metrics (TensorBoard, JSONL, progress bar) -> eval / checkpoint on schedule
+
+All I/O lives here; the stages are pure functions elsewhere. A checkpoint holds the train
+state, the reference params when they are not the loaded weights, the base RNG key and the
+data iterator state, so a resumed run continues exactly. SIGTERM (TPU preemption) saves a
+checkpoint and returns normally.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emor3_jax import checkpoint as ckpt_lib
+from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, report
+from emor3_jax import sharding, sft
+from emor3_jax.configs import base
+from emor3_jax.data import pipeline as data_lib
+from emor3_jax.rewards import emotion
+from emor3_jax.rl import rollout as rollout_lib
+from emor3_jax.rl import update as update_lib
+from emor3_jax.sampling import Sampler, SamplerBuckets
+
+log = logging.getLogger(__name__)
+
+TRAIN_SPLIT, EVAL_SPLIT = "train", "test"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that run before anything is compiled or loaded.
+
+def check_config(config, num_devices: int | None = None, process_count: int | None = None
+                 ) -> None:
+    """Raise a ValueError that says what to change, before any compile or load."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    process_count = jax.process_count() if process_count is None else process_count
+    m = config.mesh
+    data, fsdp, _ = sharding.mesh_shape(m.data, m.fsdp, m.tensor, num_devices)
+    dp = data * fsdp
+    if config.mode not in ("train", "sft", "eval", "export"):
+        raise ValueError(f"config.mode={config.mode!r}; choose train, sft, eval or export")
+    policy_lib.check_model_config(config.model)
+    r, rl = config.rollout, config.rl
+    g = r.group_size
+    if config.mode == "train":
+        if g < 2:
+            raise ValueError(f"config.rollout.group_size={g}: GRPO needs at least 2 responses "
+                             "per prompt")
+        if r.batch_size % process_count:
+            raise ValueError(f"config.rollout.batch_size={r.batch_size} is not divisible by the "
+                             f"{process_count} hosts")
+        if r.batch_size % rl.mini_batch_size:
+            raise ValueError(f"config.rollout.batch_size={r.batch_size} is not a multiple of "
+                             f"config.rl.mini_batch_size={rl.mini_batch_size}")
+        rows = rl.mini_batch_size * g
+        if rows % (rl.micro_batch_size * dp):
+            raise ValueError(
+                f"a mini-batch of {rl.mini_batch_size} prompts x G={g} = {rows} responses does "
+                f"not split into micro-batches of rl.micro_batch_size={rl.micro_batch_size} x "
+                f"{dp} data-parallel devices; change rl.micro_batch_size or rl.mini_batch_size")
+        emotion.get_preset(config.reward.preset)
+        if config.reward.judge_source == "checkpoint" and not config.reward.judge_dir:
+            raise ValueError("config.reward.judge_source='checkpoint' needs "
+                             "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
+        if r.max_new_tokens > max(r.response_buckets):
+            raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
+                             f"largest response bucket {max(r.response_buckets)}")
+    if config.data.prompt_format not in base.PROMPT_FORMATS:
+        raise ValueError(f"config.data.prompt_format={config.data.prompt_format!r}; choose one "
+                         f"of {tuple(base.PROMPT_FORMATS)}")
+    for name in [config.data.train, *config.data.eval]:
+        if name not in base.LABELS:
+            raise ValueError(f"data set {name!r} is unknown; choose from {tuple(base.LABELS)}")
+    if config.eval.batch_size % process_count:
+        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
+                         f"the {process_count} hosts")
+    if config.sft.steps and config.sft.target not in sft.TARGETS:
+        raise ValueError(f"config.sft.target={config.sft.target!r}; choose one of {sft.TARGETS}")
+    if config.sft.steps and config.sft.batch_size % (config.rl.micro_batch_size * dp):
+        raise ValueError(f"config.sft.batch_size={config.sft.batch_size} does not split into "
+                         f"micro-batches of rl.micro_batch_size={config.rl.micro_batch_size} x "
+                         f"{dp} data-parallel devices")
+
+
+# --------------------------------------------------------------------------------------------
+def _round_up(n: int, buckets) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    return int(n)
+
+
+def _stop_requested() -> bool:
+    return _SIGNAL["term"]
+
+
+_SIGNAL = {"term": False}
+
+
+@contextlib.contextmanager
+def _sigterm_saves():
+    """Turn SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+    def handler(signum, frame):
+        log.warning("SIGTERM: saving a checkpoint after the current step, then exiting")
+        _SIGNAL["term"] = True
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:      # not the main thread (e.g. a notebook worker): no handler
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        _SIGNAL["term"] = False
+
+
+class Trainer:
+    """State of one `run`: mesh, policy, sampler, judge, data, writers, checkpoints."""
+
+    def __init__(self, config, workdir: str):
+        check_config(config)
+        self.config = config
+        self.workdir = workdir
+        self.is_main = jax.process_index() == 0
+        self.mesh = sharding.mesh_from_config(config.mesh)
+        self.base_key = jax.random.key(config.seed)
+        self.policy = policy_lib.build_policy(config.model, self.mesh,
+                                              jax.random.fold_in(self.base_key, 0))
+        self.model = self.policy.model
+        r = config.rollout
+        buckets = SamplerBuckets(prompt_len=tuple(config.data.prompt_buckets),
+                                 new_tokens=tuple(sorted(set(r.response_buckets) | {
+                                     config.eval.max_new_tokens, r.max_new_tokens})))
+        self.sampler = Sampler(self.model, mesh=self.mesh, buckets=buckets,
+                               chunk_size=r.chunk_size or None)
+        self.judge = None
+        self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          keep=config.train.keep_checkpoints)
+        self.pipe_kwargs = dict(data_dir=config.data.data_dir or None,
+                                manual_dir=config.data.manual_dir or None)
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------------------- data --
+    def _pipeline(self, name: str, split: str, *, eval_mode: bool):
+        cfg = data_lib.from_config(self.config, eval_mode=eval_mode)
+        return data_lib.make_pipeline(name, split, self.policy.tokenizer, cfg, **self.pipe_kwargs)
+
+    def _sft_pipeline(self):
+        import dataclasses
+        cfg = data_lib.from_config(self.config, eval_mode=False)
+        cfg = dataclasses.replace(cfg, batch_size=self.config.sft.batch_size
+                                  // jax.process_count())
+        name = self.config.sft.data or self.config.data.train
+        return data_lib.make_pipeline(name, TRAIN_SPLIT, self.policy.tokenizer, cfg,
+                                      **self.pipe_kwargs)
+
+    # ---------------------------------------------------------------------------- eval --
+    def evaluate(self, params, step: int, writer=None) -> dict[str, dict]:
+        """Accuracy on each `data.eval` set (validation: no judge)."""
+        c = self.config
+        results, samples = {}, []
+        for name in c.data.eval:
+            pipe = self._pipeline(name, EVAL_SPLIT, eval_mode=True)
+
+            def generate(batch, key, max_new, **kw):
+                return self.sampler.generate(
+                    params, batch["input_ids"], batch["attention_mask"],
+                    batch.get("pixel_values"), batch.get("image_grid_thw"),
+                    max_new_tokens=max_new, num_samples=1, eos_token_ids=self.policy.ids.eos,
+                    forbidden_token_ids=self.policy.ids.forbidden,
+                    pad_token_id=self.policy.ids.pad, valid_vocab_size=self.policy.ids.vocab_size,
+                    rng=key, position_ids=batch["position_ids"], rope_deltas=batch["rope_deltas"],
+                    **kw)
+
+            key = jax.random.fold_in(jax.random.fold_in(self.base_key, 7), step)
+            results[name] = evaluation.evaluate_dataset(
+                generate, iter(pipe), self.policy.tokenizer, preset=c.reward.preset,
+                max_new_tokens=c.eval.max_new_tokens, rng=key, eval_config=c.eval,
+                max_examples=c.eval.max_examples, samples=samples if not samples else None)
+            log.info("eval step %d %s: accuracy %.4f format %.3f (%d examples)", step, name,
+                     results[name]["accuracy"], results[name]["format"],
+                     results[name]["examples"])
+        if writer is not None:
+            flat = {f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}
+            flat["accuracy"] = float(np.mean([r["accuracy"] for r in results.values()]))
+            writer.write(step, flat, prefix="eval/")
+        if samples and self.is_main:
+            log.info("eval sample (label %s): %s", samples[0]["label"], samples[0]["response"])
+        return results
+
+    # ----------------------------------------------------------------------------- SFT --
+    def run_sft(self, state, writer, start: int, data_state=None):
+        """Cold-start / baseline SFT for `sft.steps` steps; returns the state."""
+        c = self.config
+        optimizer = sft.make_sft_optimizer(c.sft, c.optim)
+        step_fn = sft.make_sft_step(self.model, optimizer, self.mesh, chunk=c.rl.logprob_chunk)
+        it = iter(self._sft_pipeline())
+        if data_state is not None:
+            it.set_state(data_state)
+        micro = update_lib.micro_batch_rows(c.rl.micro_batch_size, self.mesh)
+        for step in range(start, c.sft.steps):
+            batch = next(it)
+            labels = sft.batch_labels(batch, random_labels=c.sft.random_labels,
+                                      rng=np.random.default_rng([c.seed, step]))
+            ub = sft.pack_sft_batch(self.model.config, batch, self.policy.tokenizer,
+                                    self.policy.ids, labels=labels, target=c.sft.target,
+                                    max_len=c.sft.max_len, micro_batch_rows=micro)
+            state, m = step_fn(state, ub)
+            m = {k: float(v) for k, v in m.items()}
+            writer.write(step, m, prefix="sft/")
+            if step % max(1, c.train.log_every) == 0:
+                log.info("sft step %d: loss %.4f", step, m["loss"])
+            if _stop_requested() or (step + 1) % c.train.checkpoint_every == 0:
+                self.save(step + 1, "sft", state, None, it)
+                if _stop_requested():
+                    return state, True
+        return state, False
+
+    # ---------------------------------------------------------------------------- GRPO --
+    def grpo_step(self, state, ref_params, batch, key, judge):
+        """One rollout + its mini-batch updates; returns (state, metrics)."""
+        c = self.config
+        r, rl = c.rollout, c.rl
+        t0 = time.time()
+        k_sample, k_judge = jax.random.split(key)
+        ro = rollout_lib.sample(self.sampler, state.params, batch, k_sample,
+                                group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                ids=self.policy.ids, tokenizer=self.policy.tokenizer)
+        t_sample = time.time() - t0
+        ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params, rng=k_judge)
+        t_reward = time.time() - t0 - t_sample
+        out = rollout_lib.metrics(ro)
+        out.update(time_sample=t_sample, time_reward=t_reward,
+                   rollout_tokens_per_s=float(ro.lengths.sum()) / max(t_sample, 1e-9))
+        return self.update(state, ref_params, ro, out)
+
+    def update(self, state, ref_params, ro: rollout_lib.Rollout, out: dict):
+        """Mini-batch updates (one PPO epoch) on a scored rollout."""
+        c = self.config
+        rl, g = c.rl, c.rollout.group_size
+        t0 = time.time()
+        length = _round_up(max(int(ro.lengths.max()), 1), c.rollout.response_buckets)
+        length = min(length, ro.tokens.shape[1])
+        tokens, old = ro.tokens[:, :length], ro.logprobs[:, :length]
+        mask = ro.response_mask()[:, :length]
+        micro = update_lib.micro_batch_rows(rl.micro_batch_size, self.mesh)
+        per_host = rl.mini_batch_size // jax.process_count()
+        n_prompts = len(ro.prompts["input_ids"])
+        agg: dict[str, float] = {}
+        for start in range(0, n_prompts, per_host):
+            idx = np.arange(start, min(start + per_host, n_prompts))
+            rows = (idx[:, None] * g + np.arange(g)[None]).reshape(-1)
+            prompts = rollout_lib.take_prompts(ro.prompts, idx)
+            inputs = update_lib.pack_policy_inputs(
+                self.model.config, prompts, tokens[rows], mask[rows], group_size=g,
+                micro_batch_rows=micro)
+            ref = None
+            if rl.kl_coef:
+                ref = update_lib.merge_micro_batches(self.logprob_fn(ref_params, inputs, length))
+            if rl.recompute_old_logp:
+                old_mb = update_lib.merge_micro_batches(self.logprob_fn(state.params, inputs,
+                                                                        length))
+            else:
+                old_mb = old[rows]
+            ub = update_lib.pack_update_batch(self.model.config, prompts, tokens[rows],
+                                              mask[rows], ro.advantages[rows], old_mb, ref,
+                                              group_size=g, micro_batch_rows=micro,
+                                              inputs=inputs)
+            state, m = self.update_fn(state, ub)
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + float(v)
+        n_updates = math.ceil(n_prompts / per_host)
+        for k, v in agg.items():
+            out[f"loss/{k}" if k in ("loss", "pg_loss", "kl", "ppo_kl", "entropy") else
+                f"update/{k}"] = v / n_updates if k not in ("tokens", "skipped") else v
+        dt = time.time() - t0
+        out["time_update"] = dt
+        out["update_tokens_per_s"] = agg.get("tokens", 0.0) / max(dt, 1e-9)
+        return state, out
+
+    # ------------------------------------------------------------------------ checkpoints --
+    def save(self, step: int, phase: str, state, ref_params, it, *, force: bool = True):
+        tree = {"train": state, "rng": jax.random.key_data(self.base_key)}
+        if ref_params is not None and self.ref_in_checkpoint:
+            tree["ref"] = ref_params
+        extra = {"phase": phase, "step": int(step), "data": it.get_state() if it else None}
+        self.ckpt.save(self._ckpt_index(phase, step), tree, extra, force=force)
+
+    def _ckpt_index(self, phase: str, step: int) -> int:
+        """One increasing index over both phases (SFT steps first, then RL steps)."""
+        return step if phase == "sft" else self.config.sft.steps + step
+
+    # ------------------------------------------------------------------------------ run --
+    def train(self):
+        c = self.config
+        rl = c.rl
+        total_rl = self.total_rl_steps()
+        writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
+                                          total_steps=c.sft.steps + total_rl)
+        rl_optimizer = update_lib.make_optimizer(c.optim)
+        self.update_fn = update_lib.make_update_step(self.model, rl_optimizer, self.mesh, rl,
+                                                     chunk=rl.logprob_chunk, optim_config=c.optim)
+        self.logprob_fn = update_lib.make_logprob_fn(self.model, self.mesh, chunk=rl.logprob_chunk)
+        self.ref_in_checkpoint = bool(rl.kl_coef) and c.sft.steps > 0
+        state = update_lib.init_train_state(self.model, self.policy.params, rl_optimizer,
+                                            self.mesh)
+        phase, start, data_state, ref_params = "sft" if c.sft.steps else "rl", 0, None, None
+        restored = self.restore(state)
+        if restored is not None:
+            state, ref_params, phase, start, data_state = restored
+            log.info("resumed: phase %s step %d", phase, start)
+        if phase == "sft":
+            state, stopped = self.run_sft(state, writer, start, data_state)
+            if stopped:
+                return writer.close()
+            # RL starts from the SFT weights with a fresh optimizer; they are the reference.
+            state = update_lib.init_train_state(self.model, state.params, rl_optimizer, self.mesh)
+            phase, start, data_state = "rl", 0, None
+        if ref_params is None and rl.kl_coef:
+            ref_params = policy_lib.copy_params(state.params)
+        judge = self._judge()
+        it = iter(self._pipeline(c.data.train, TRAIN_SPLIT, eval_mode=False))
+        if data_state is not None:
+            it.set_state(data_state)
+        if start == 0 and c.train.eval_every:
+            self.history.append({"step": 0, **self.evaluate(state.params, 0, writer)})
+        bad_in_a_row = 0
+        for step in range(start, total_rl):
+            t0 = time.time()
+            with self._profile(step):
+                batch = self._next_batch(it, state, step)
+                key = jax.random.fold_in(jax.random.fold_in(self.base_key, 1), step)
+                state, m = self.grpo_step_with_resampling(state, ref_params, batch, key, judge, it)
+            m["time_step"] = time.time() - t0
+            skips = it.skip_counts()
+            m["data/skipped"] = float(sum(skips.values()))
+            writer.write(step + 1, m)
+            writer.progress(step + 1 + c.sft.steps, {"reward": m.get("reward/mean", 0.0),
+                                                     "acc": m.get("reward/accuracy", 0.0)})
+            bad_in_a_row = bad_in_a_row + 1 if m.get("update/skipped", 0) else 0
+            if bad_in_a_row >= c.train.max_nonfinite_in_a_row:
+                raise NonFiniteError(
+                    f"{bad_in_a_row} consecutive updates had a non-finite loss or gradient (last "
+                    f"at step {step + 1}); each was skipped. Lower config.optim.lr, check the data "
+                    "or use float32 params (config.model.param_dtype)")
+            done = step + 1 == total_rl
+            if c.train.eval_every and ((step + 1) % c.train.eval_every == 0 or done):
+                self.history.append({"step": step + 1,
+                                     **self.evaluate(state.params, step + 1, writer)})
+            if _stop_requested() or done or (step + 1) % c.train.checkpoint_every == 0:
+                self.save(step + 1, "rl", state, ref_params, it)
+            if _stop_requested():
+                self.ckpt.wait()
+                writer.close()
+                return None
+        writer.close()
+        return state
+
+    def grpo_step_with_resampling(self, state, ref_params, batch, key, judge, it):
+        """A GRPO step; with DAPO dynamic sampling, zero-spread groups are replaced first."""
+        c = self.config
+        if not c.rollout.dynamic_sampling:
+            return self.grpo_step(state, ref_params, batch, key, judge)
+        r, g = c.rollout, c.rollout.group_size
+        kept: list[rollout_lib.Rollout] = []
+        need = len(batch["input_ids"])
+        have, tries, t0 = 0, 0, time.time()
+        while have < need:
+            tries += 1
+            if tries > r.max_resample_tries:
+                raise RuntimeError(
+                    f"DAPO dynamic sampling failed: after {r.max_resample_tries} tries only "
+                    f"{have} of {need} prompts had responses with different rewards (the rest "
+                    "were all right or all wrong). This is the failure EMO-R3 reports for DAPO; "
+                    "raise rollout.max_resample_tries or use another method.")
+            k = jax.random.fold_in(key, tries)
+            ro = rollout_lib.sample(self.sampler, state.params, batch, k, group_size=g,
+                                    max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                    top_p=r.top_p, top_k=r.top_k, ids=self.policy.ids,
+                                    tokenizer=self.policy.tokenizer)
+            ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params,
+                                   rng=jax.random.fold_in(k, 1))
+            zero = rollout_lib.zero_spread_groups(ro.rewards, g, np.ones(need, bool))
+            keep = np.nonzero(~zero & np.asarray(batch["valid"], bool))[0][:need - have]
+            if len(keep):
+                kept.append(_take_rollout(ro, keep))
+                have += len(keep)
+            if have < need:
+                batch = next(it)
+        ro = _concat_rollouts(kept)
+        out = rollout_lib.metrics(ro)
+        out.update({"dapo/tries": float(tries), "time_sample": time.time() - t0})
+        return self.update(state, ref_params, ro, out)
+
+    def _next_batch(self, it, state, step):
+        return next(it)
+
+    @contextlib.contextmanager
+    def _profile(self, step: int):
+        if step not in tuple(self.config.profile.steps):
+            yield
+            return
+        path = os.path.join(self.workdir, "profile")
+        jax.profiler.start_trace(path)
+        try:
+            yield
+        finally:
+            jax.profiler.stop_trace()
+            log.info("profile: step %d traced into %s", step, path)
+
+    def _judge(self):
+        c = self.config
+        preset = emotion.get_preset(c.reward.preset)
+        if not (preset.needs_coherence or preset.needs_consistency):
+            return None
+        from emor3_jax.rewards.judge import Judge
+        buckets = SamplerBuckets(prompt_len=tuple(c.reward.judge_prompt_buckets),
+                                 new_tokens=(c.reward.judge_max_new_tokens,))
+        return Judge.from_config(c.reward, self.model, self.policy.tokenizer, mesh=self.mesh,
+                                 chunk_size=c.reward.judge_chunk_size or None, buckets=buckets,
+                                 min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+
+    def total_rl_steps(self) -> int:
+        c = self.config
+        if c.train.max_steps:
+            return int(c.train.max_steps)
+        builder, _ = data_lib.open_source(c.data.train, TRAIN_SPLIT, **self.pipe_kwargs)
+        n = builder.info.splits[TRAIN_SPLIT].num_examples
+        return max(1, math.ceil(c.train.epochs * n / c.rollout.batch_size))
+
+    def restore(self, state):
+        if self.ckpt.latest_step() is None:
+            return None
+        tree = {"train": state, "rng": jax.random.key_data(self.base_key)}
+        if self.ref_in_checkpoint:
+            tree["ref"] = state.params
+        restored, extra = self.ckpt.restore(ckpt_lib.abstract_like(tree))
+        return (restored["train"], restored.get("ref"), extra["phase"], int(extra["step"]),
+                extra.get("data"))
+
+    # -------------------------------------------------------------------------- finish --
+    def finish(self, params, *, method: str):
+        """Final evaluation, report (results + curves) and Hugging Face export."""
+        c = self.config
+        results = self.evaluate(params, -1)
+        acc = {k: v["accuracy"] for k, v in results.items()}
+        if self.is_main:
+            report_dir = os.path.join(self.workdir, "report")
+            out = report.write_report(report_dir, acc, train_set=c.data.train, method=method,
+                                      extra={"eval": results, "history": self.history})
+            rows = metrics_lib.read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))
+            report.plot_curves(rows, os.path.join(report_dir, "curves.png"))
+            with open(os.path.join(report_dir, "results.md")) as f:
+                print(f.read())
+        else:
+            out = None
+        self.export(params)
+        return out
+
+    def export(self, params):
+        from emor3_jax.models import qwen2_5_vl
+        out_dir = os.path.join(self.workdir, "export")
+        if self.is_main:
+            qwen2_5_vl.save_hf(params, self.model.config, out_dir)
+            self.policy.tokenizer.save_pretrained(out_dir)
+            log.info("export: Hugging Face checkpoint written to %s", out_dir)
+        return out_dir
+
+
+def _take_rollout(ro: rollout_lib.Rollout, prompts: np.ndarray) -> rollout_lib.Rollout:
+    g = ro.group_size
+    rows = (prompts[:, None] * g + np.arange(g)[None]).reshape(-1)
+    return rollout_lib.Rollout(
+        prompts=rollout_lib.take_prompts(ro.prompts, prompts), tokens=ro.tokens[rows],
+        logprobs=ro.logprobs[rows], lengths=ro.lengths[rows], texts=[ro.texts[i] for i in rows],
+        group_size=g, rewards=ro.rewards[rows],
+        components={k: v[rows] for k, v in ro.components.items()},
+        advantages=ro.advantages[rows], judge=ro.judge)
+
+
+def _concat_rollouts(parts: list[rollout_lib.Rollout]) -> rollout_lib.Rollout:
+    width = max(p.prompts["input_ids"].shape[1] for p in parts)
+    prompts = rollout_lib.concat_prompts([_left_pad(p.prompts, width) for p in parts])
+    cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+    return rollout_lib.Rollout(
+        prompts=prompts, tokens=cat("tokens"), logprobs=cat("logprobs"), lengths=cat("lengths"),
+        texts=sum((p.texts for p in parts), []), group_size=parts[0].group_size,
+        rewards=cat("rewards"), advantages=cat("advantages"),
+        components={k: np.concatenate([p.components[k] for p in parts])
+                    for k in parts[0].components}, judge=parts[-1].judge)
+
+
+def _left_pad(batch: dict, width: int) -> dict:
+    """Left-pad a prompt batch to `width` columns (positions of pads are 0, as the pipeline's)."""
+    cur = batch["input_ids"].shape[1]
+    if cur == width:
+        return batch
+    pad = width - cur
+    out = dict(batch)
+    pad_id = int(batch["input_ids"][batch["attention_mask"] == 0][0]) if (
+        batch["attention_mask"] == 0).any() else 0
+    out["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (pad, 0)), constant_values=pad_id)
+    out["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (pad, 0)))
+    out["position_ids"] = np.pad(batch["position_ids"], ((0, 0), (0, 0), (pad, 0)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def run(config, workdir: str):
+    """Everything `python -m emor3_jax.main` does for `config.mode`."""
+    os.makedirs(workdir, exist_ok=True)
+    with _sigterm_saves():
+        trainer = Trainer(config, workdir)
+        try:
+            return _run_mode(trainer, config)
+        finally:
+            trainer.ckpt.close()     # waits for the last asynchronous save
+
+
+def _run_mode(trainer: Trainer, config):
+    mode = config.mode
+    if mode == "export":
+        params = trainer.policy.params
+        if trainer.ckpt.latest_step() is not None:
+            optimizer = update_lib.make_optimizer(config.optim)
+            state = update_lib.init_train_state(trainer.model, params, optimizer, trainer.mesh)
+            trainer.ref_in_checkpoint = bool(config.rl.kl_coef) and config.sft.steps > 0
+            params = trainer.restore(state)[0].params
+        return trainer.export(params)
+    if mode == "eval":
+        return trainer.finish(trainer.policy.params, method=f"{config.method} (eval only)")
+    if mode == "sft":
+        state = _sft_only(trainer)
+        return None if state is None else trainer.finish(state.params, method="SFT")
+    state = trainer.train()
+    if state is None:       # stopped by SIGTERM after saving
+        return None
+    return trainer.finish(state.params, method=config.method)
+
+
+def _sft_only(trainer: Trainer):
+    c = trainer.config
+    writer = metrics_lib.MetricWriter(trainer.workdir, enabled=trainer.is_main,
+                                      total_steps=c.sft.steps)
+    optimizer = sft.make_sft_optimizer(c.sft, c.optim)
+    state = update_lib.init_train_state(trainer.model, trainer.policy.params, optimizer,
+                                        trainer.mesh)
+    trainer.ref_in_checkpoint = False
+    start, data_state = 0, None
+    restored = trainer.restore(state)
+    if restored is not None:
+        state, _, _, start, data_state = restored
+    state, stopped = trainer.run_sft(state, writer, start, data_state)
+    writer.close()
+    return None if stopped else state
