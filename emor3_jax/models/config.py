@@ -308,6 +308,20 @@ def qwen2_5_vl_3b_config(**runtime) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(**runtime).validate()
 
 
+def qwen2_5_vl_7b_config(**runtime) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-7B-Instruct widths and depths (vocab 152064, untied head), as its config.json:
+    text 3584 wide, 28 layers, 28 query / 4 KV heads, MLP 18944; the vision tower is the 3B's
+    (depth 32, 1280 wide, 16 heads, MLP 3420, full attention in blocks 7/15/23/31) with a
+    merger into 3584."""
+    text = TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                      rope_theta=1000000.0, mrope_section=(16, 24, 24))
+    vision = VisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                          out_hidden_size=3584, fullatt_block_indexes=(7, 15, 23, 31))
+    return Qwen2_5_VLConfig(vision=vision, text=text, tie_word_embeddings=False,
+                            **runtime).validate()
+
+
 def tiny_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_size: int = 128,
                 num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
                 mrope_section: tuple[int, int, int] | None = None,

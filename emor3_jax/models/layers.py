@@ -147,9 +147,17 @@ def attention(q, k, v, mask, *, impl: str = "einsum"):
     [B, 1, T, S] (True = attend). `impl`: "einsum" (plain XLA, fp32 softmax; the CPU default
     and the reference), "xla" or "cudnn" (`jax.nn.dot_product_attention`, fused on GPU).
     Rows with no visible key return finite garbage (callers ignore them).
+    The einsum path is rematerialized under autodiff: the backward pass recomputes the
+    [T, S] scores instead of keeping them (like a fused kernel), so training memory stays
+    linear in S and there are no fp32 [T, S] residuals to store and reload.
     """
     if impl in ("xla", "cudnn"):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return _einsum_attention(q, k, v, mask)
+
+
+@jax.checkpoint
+def _einsum_attention(q, k, v, mask):
     b, t, n, h = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)

@@ -80,6 +80,18 @@ def coherence_candidates(dataset_labels: Sequence[str]) -> tuple[str, ...]:
     return tuple(dataset_labels) + (NONE_ANSWER,)
 
 
+def candidate_tokens(tokenizer, im_end_id: int, candidates: Sequence[str]
+                     ) -> tuple[list[list[int]], list[int]]:
+    """Score-mode continuations: every spelling (lower-case, capitalised) of every candidate
+    + the end-of-turn id, and the candidate each belongs to (also sizes the AOT score program)."""
+    conts, owner = [], []
+    for j, cand in enumerate(candidates):
+        for form in dict.fromkeys((cand.lower(), cand.capitalize())):
+            conts.append(list(tokenizer.encode(form, add_special_tokens=False)) + [im_end_id])
+            owner.append(j)
+    return conts, owner
+
+
 class Judge:
     """Answers judge prompts in batches with the grouped sampler (see the module docstring).
 
@@ -221,13 +233,7 @@ class Judge:
 
     def candidate_tokens(self, candidates: Sequence[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids of every spelling of every candidate + end-of-turn, and its candidate."""
-        conts, owner = [], []
-        for j, cand in enumerate(candidates):
-            for form in dict.fromkeys((cand.lower(), cand.capitalize())):
-                conts.append(list(self.tokenizer.encode(form, add_special_tokens=False))
-                             + [self.ids.im_end])
-                owner.append(j)
-        return conts, owner
+        return candidate_tokens(self.tokenizer, self.ids.im_end, candidates)
 
     def answer(self, prompts: Sequence[str], images: Sequence[Any] | None = None, rng=None,
                policy_params=None, candidates: Sequence[str] | None = None) -> list[str]:

@@ -153,10 +153,14 @@ class Sampler:
     chunk_size: prompts per program call (a rollout of 512 prompts x 8 runs in pieces);
     None = the whole batch at once. memory_limit_bytes: per-device budget for the fit check
     (None: the device's bytes_limit, or the host RAM on CPU; 0 disables the check).
+    compile_only: the mesh is a TPU topology description (emor3_jax/aot.py): programs are only
+    traced (`trace_prefill` / `trace_decode` / `trace_score`) and compiled, never run, so the
+    one-process restriction on the mesh does not apply.
     """
 
     def __init__(self, model, *, mesh=None, buckets: SamplerBuckets = SamplerBuckets(),
-                 chunk_size: int | None = None, memory_limit_bytes: int | None = None):
+                 chunk_size: int | None = None, memory_limit_bytes: int | None = None,
+                 compile_only: bool = False):
         self.model = model
         self.config = model.config
         self.mesh = mesh
@@ -164,8 +168,8 @@ class Sampler:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive (prompts per program call), got "
                              f"{chunk_size}")
-        if mesh is not None and not all(d.process_index == jax.process_index()
-                                        for d in mesh.devices.flat):
+        if mesh is not None and not compile_only and not all(
+                d.process_index == jax.process_index() for d in mesh.devices.flat):
             raise NotImplementedError(
                 "Sampler: the mesh spans several processes; this sampler places host batches "
                 "as global arrays and fetches whole results, which needs one process. Give "
@@ -370,6 +374,12 @@ class Sampler:
                              f"image tokens for {img}")
         return out
 
+    def _chunk_rows(self, chunk: int) -> int:
+        """Prompt rows of a chunk program: `chunk` prompts bucketed, then a multiple of the
+        data-parallel size (filler rows pad it)."""
+        rows = _round(chunk, self.buckets.num_prompts, "num_prompts")
+        return -(-rows // self.data_parallel) * self.data_parallel
+
     def _chunk(self, rows: np.ndarray, n_chunk_rows: int, input_ids, attention_mask,
                position_ids, rope_deltas, pixel_values, image_grid_thw, images) -> _Chunk:
         c = self.config
@@ -520,8 +530,7 @@ class Sampler:
         images = self._images_per_row(input_ids, attention_mask, image_grid_thw, row_images)
         n = input_ids.shape[0]
         chunk = min(self.chunk_size or n, n)
-        n_chunk_rows = _round(chunk, self.buckets.num_prompts, "num_prompts")
-        n_chunk_rows = -(-n_chunk_rows // self.data_parallel) * self.data_parallel
+        n_chunk_rows = self._chunk_rows(chunk)
         for start in range(0, n, chunk):
             rows = np.arange(start, min(start + chunk, n))
             ch = self._chunk(rows, n_chunk_rows, input_ids, attention_mask, position_ids,
@@ -532,13 +541,64 @@ class Sampler:
             vin = None if ch.vision_inputs is None else jax.tree.map(
                 lambda x: self._put(x, (None,) * np.ndim(x)), ch.vision_inputs)
             state = self._prefill(
-                params, self._put(ch.input_ids, ("batch", None)),
-                self._put(ch.attention_mask, ("batch", None)),
-                self._put(ch.position_ids, (None, "batch", None)),
-                self._put(ch.next_pos, ("batch",)), self._put(ch.row_valid, ("batch",)),
-                self._put(ch.pixel_values, (None, None)), vin,
-                self._put(ch.image_slot, ("batch", None)))
+                params, self._put(ch.input_ids, _PREFILL_AXES["input_ids"]),
+                self._put(ch.attention_mask, _PREFILL_AXES["attention_mask"]),
+                self._put(ch.position_ids, _PREFILL_AXES["position_ids"]),
+                self._put(ch.next_pos, _PREFILL_AXES["next_pos"]),
+                self._put(ch.row_valid, _PREFILL_AXES["row_valid"]),
+                self._put(ch.pixel_values, _PREFILL_AXES["pixel_values"]), vin,
+                self._put(ch.image_slot, _PREFILL_AXES["image_slot"]))
             yield start, ch.num_real, state
+
+    # -- ahead-of-time tracing (emor3_jax/aot.py) ------------------------------------------------
+    # The programs `generate` / `score` run, traced from shapes alone: arguments are
+    # ShapeDtypeStructs laid out as the real calls place their host arrays (params as given,
+    # e.g. abstract with shardings on a TPU topology mesh). `.lower().compile()` the result.
+    def _abstract(self, shape, dtype, names):
+        sh = None if self.mesh is None else NamedSharding(self.mesh, self._spec(names, shape))
+        return jax.ShapeDtypeStruct(tuple(int(d) for d in shape), dtype, sharding=sh)
+
+    def trace_prefill(self, params, *, num_prompts: int, prompt_len: int, image_grid_thw=None):
+        """The prefill program of a chunk of `num_prompts` prompts (before bucketing, i.e.
+        min(chunk_size, batch)) of `prompt_len` tokens holding the distinct images
+        `image_grid_thw` [n, 3] (None: text only), bucketed as `prefill_chunks` buckets."""
+        c = self.config
+        b = self._chunk_rows(num_prompts)
+        length = _round(prompt_len, self.buckets.prompt_len, "prompt_len")
+        a = lambda name, shape, dtype: self._abstract(shape, dtype, _PREFILL_AXES[name])
+        pv = vin = slot = None
+        if image_grid_thw is not None and len(image_grid_thw):
+            grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+            host = vision_lib.build_vision_inputs_for(c, grid, self.buckets.vision)
+            vin = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, (None,) * x.ndim), host)
+            pv = a("pixel_values", (host.num_patches, c.vision.patch_dim), np.float32)
+            slot = a("image_slot", (b, length), np.int32)
+        return self._prefill.trace(
+            params, a("input_ids", (b, length), np.int32), a("attention_mask", (b, length), np.int32),
+            a("position_ids", (3, b, length), np.int32), a("next_pos", (b,), np.int32),
+            a("row_valid", (b,), np.bool_), pv, vin, slot)
+
+    def trace_decode(self, params, state, *, group: int, new_tokens: int, top_k: int = 0):
+        """The decode program of `group` continuations of `new_tokens` (bucketed) per prompt of
+        a prefilled chunk; `state` is the prefill's output (abstract, with its shardings)."""
+        new_bucket = _round(new_tokens, self.buckets.new_tokens, "new_tokens")
+        rep = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)     # uncommitted, as in generate
+        eos = _padded_ids(_config_eos(self.config))
+        return self._decode.trace(
+            params, state, scalar(jax.random.key(0).dtype), temperature=scalar(jnp.float32),
+            top_p=scalar(jnp.float32), max_new_tokens=scalar(jnp.int32),
+            eos_ids=rep(eos.shape, np.int32), pad_id=scalar(jnp.int32),
+            allowed=rep((self.config.text.vocab_size,), np.bool_), row_offset=scalar(jnp.int32),
+            group=group, new_bucket=new_bucket, top_k=top_k)
+
+    def trace_score(self, params, state, *, num_continuations: int, width: int):
+        """The score program of `num_continuations` continuations of up to `width` tokens
+        (bucketed) per prompt of a prefilled chunk (`state` as for trace_decode)."""
+        width = _round(width, self.buckets.new_tokens_score, "new_tokens_score")
+        return self._score.trace(params, state,
+                                 self._abstract((num_continuations, width), np.int32, (None, None)),
+                                 self._abstract((num_continuations,), np.int32, (None,)))
 
     # -- public --------------------------------------------------------------------------------
     def generate(self, params, input_ids, attention_mask=None, pixel_values=None,
@@ -580,7 +640,7 @@ class Sampler:
         shared = dict(eos_ids=self._put(_padded_ids(eos), (None,)),
                       pad_id=jnp.int32(pad), allowed=self._put(allowed, (None,)),
                       temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
-                      max_new_tokens=jnp.int32(max_new_tokens))
+                      max_new_tokens=jnp.int32(max_new_tokens))  # trace_decode mirrors these
         outs = []
         for start, real, state in self.prefill_chunks(
                 params, input_ids, attention_mask, pixel_values, image_grid_thw,
@@ -625,6 +685,13 @@ class Sampler:
             _, logp = self._score(params, state, tokens_d, lengths_d)
             outs.append((logp, real))
         return np.concatenate([np.asarray(lp)[:r] for lp, r in outs]).astype(np.float32)
+
+
+# Logical axes of the prefill program's host inputs (how `prefill_chunks` places them).
+_PREFILL_AXES = {"input_ids": ("batch", None), "attention_mask": ("batch", None),
+                 "position_ids": (None, "batch", None), "next_pos": ("batch",),
+                 "row_valid": ("batch",), "pixel_values": (None, None),
+                 "image_slot": ("batch", None)}
 
 
 def _padded_ids(ids: Sequence[int], multiple: int = 4) -> np.ndarray:

@@ -1,0 +1,338 @@
+"""GRPO update throughput: our sharded jit step vs the same step in PyTorch transformers.
+
+One mini-batch shaped like the EMO-R3 recipe (defaults: B = 2 prompts x G = 8 responses, each
+prompt = ~150 text tokens + one photo at min_pixels = 262,144 (361 image tokens), responses of
+up to 256 tokens, micro-batches of 4 responses), the EMO-R3 loss (clipped policy loss + 0.01 k3
+KL, token-mean over the mini-batch) with gradient accumulation over the micro-batches, global-
+norm clip 1.0 and one AdamW step; fp32, same config and weights on both sides (ours loaded from
+the HF model's save_pretrained):
+
+  jax    emor3_jax.rl.update.make_update_step: each micro-batch runs its distinct prompts (and
+         their images through the vision tower) once and its responses attend to the prompt's
+         keys/values (rl/logprobs.py); LM head on response tokens only, in sequence chunks.
+  jax/noshare  the same step given every response as its own prompt + image copy (what EasyR1
+         computes), to separate the implementation speed from the sharing.
+  torch  Qwen2_5_VLForConditionalGeneration (sdpa attention), every response with its prompt
+         and image, logits_to_keep = T + 1, log_softmax + gather, loss.backward() per
+         micro-batch, clip_grad_norm_, torch.optim.AdamW(foreach=True); torch.set_num_threads.
+
+Warm-up (compilation, and one step after switching framework) excluded. This CPU is shared
+with other jobs, so a large fp32 jnp.dot (the achievable peak) is timed around every block of
+steps; the table gives the fastest and the median step. Model FLOPs are counted analytically
+(6 x matmul parameters x the tokens that pass through them + attention score/value matmuls;
+padding, remat recomputation and the optimizer not counted; the vision tower counted for the
+images each side really encodes). XLA's cost analysis is not used: it counts a while-loop body
+once (our micro-batch and layer scans). Run:  python bench/train_step.py [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import skimage.data
+import torch
+from transformers import Qwen2_5_VLConfig as HFConfig
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+from emor3_jax import sharding
+from emor3_jax.configs import base
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models.config import tiny_config
+from emor3_jax.processing import rope_index
+from emor3_jax.rl import losses, update
+
+CONFIGS = {
+    # ~63M parameters, Qwen2.5-VL-3B's shape scaled down: GQA 16/2 heads of 64, SwiGLU 2.75x,
+    # tied head; an 8-block ViT with full attention in its last block (the 3B: 4 of 32),
+    # small vocabulary so matmuls dominate.
+    "60m": lambda **kw: tiny_config(vocab_size=2048, hidden_size=1024, intermediate_size=2816,
+                                    num_layers=4, num_heads=16, num_kv_heads=2, vision_depth=8,
+                                    vision_hidden_size=384, vision_intermediate_size=1024,
+                                    vision_heads=6, fullatt_block_indexes=(7,), **kw),
+}
+
+
+# ------------------------------------------------------------------------------ the batch
+def make_rollout(cfg, prompts: int, group: int, text_len: int, response_len: int,
+                 image_pixels: int, seed=0):
+    """B prompts (text, one photo resized to ~image_pixels, text) and G responses each."""
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    proc = Qwen2VLImageProcessorPil(min_pixels=image_pixels, max_pixels=image_pixels)
+    out = proc(images=[photos[i % 3] for i in range(prompts)], return_tensors="np")
+    pv, grid = out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+    rng = np.random.default_rng(seed)
+    vocab = cfg.text.vocab_size - 8
+    rows = []
+    for t, h, w in grid:
+        rows.append(rng.integers(0, vocab, text_len // 2).tolist() + [cfg.vision_start_token_id]
+                    + [cfg.image_token_id] * (int(t * h * w) // 4) + [cfg.vision_end_token_id]
+                    + rng.integers(0, vocab, text_len - text_len // 2).tolist())
+    length = max(len(r) for r in rows)
+    ids = np.full((prompts, length), cfg.text.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+    pos, _ = rope_index.get_rope_index(ids, grid, mask, image_token_id=cfg.image_token_id)
+    n = prompts * group
+    lengths = rng.integers(response_len // 2, response_len + 1, n)
+    rmask = (np.arange(response_len)[None] < lengths[:, None]).astype(np.int32)
+    resp = np.where(rmask > 0, rng.integers(0, vocab, (n, response_len)),
+                    cfg.text.pad_token_id).astype(np.int32)
+    adv = np.asarray(losses.group_advantages(rng.integers(0, 2, n).astype(np.float32), group))
+    old = -rng.uniform(5, 9, (n, response_len)).astype(np.float32)
+    ref = (old + rng.normal(0, 0.1, old.shape)).astype(np.float32)
+    prompt_batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv,
+                        image_grid_thw=grid)
+    return dict(prompts=prompt_batch, responses=resp, response_mask=rmask, advantages=adv,
+                old_logp=old, ref_logp=ref, group=group)
+
+
+def unshared(rollout):
+    """The same rollout with every response as its own prompt (its own copy of the image)."""
+    g, p = rollout["group"], rollout["prompts"]
+    sizes = np.prod(p["image_grid_thw"], -1)
+    per_image = np.split(p["pixel_values"][:sizes.sum()], np.cumsum(sizes)[:-1])
+    prompts = dict(input_ids=np.repeat(p["input_ids"], g, 0),
+                   attention_mask=np.repeat(p["attention_mask"], g, 0),
+                   position_ids=np.repeat(p["position_ids"], g, 1),
+                   pixel_values=np.concatenate([im for im in per_image for _ in range(g)]),
+                   image_grid_thw=np.repeat(p["image_grid_thw"], g, 0))
+    return dict(rollout, prompts=prompts, group=1)
+
+
+# ------------------------------------------------------------------------------ FLOPs
+def model_flops(cfg, rollout, prompt_passes: int) -> float:
+    """Analytic training FLOPs (3 x forward) of one step, without padding or recomputation.
+
+    prompt_passes: how many times prompts (with their image) go through the model: once per
+    response for the plain layout, once per micro-batch and distinct prompt when shared
+    (then responses attend to the prompt's keys/values instead of recomputing them).
+    """
+    t, v = cfg.text, cfg.vision
+    p = rollout["prompts"]
+    n, resp_len = rollout["responses"].shape
+    lp = p["input_ids"].shape[1]
+    kv = t.num_key_value_heads * t.head_dim
+    layer = t.hidden_size * (2 * t.hidden_size + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
+    shared = prompt_passes < n
+    text_tokens = prompt_passes * lp + n * (resp_len - 1 if shared else resp_len)
+    fwd = 2 * layer * t.num_hidden_layers * text_tokens
+    if shared:   # prompt: Lp x Lp scores; response row: (T - 1) x (Lp + T - 1)
+        pairs = prompt_passes * lp * lp + n * (resp_len - 1) * (lp + resp_len - 1)
+    else:
+        pairs = n * (lp + resp_len) ** 2
+    fwd += 2 * 2 * t.num_hidden_layers * pairs * t.hidden_size           # QK^T and PV
+    fwd += 2 * t.hidden_size * t.vocab_size * n * resp_len                # LM head on responses
+    grids = p["image_grid_thw"]
+    per_image = int(np.prod(grids, -1).mean())
+    patches = per_image * prompt_passes * len(grids) // len(p["input_ids"])
+    vblock = 4 * v.hidden_size ** 2 + 3 * v.hidden_size * v.intermediate_size
+    merger = (v.hidden_size * v.merge_unit) ** 2 + v.hidden_size * v.merge_unit * v.out_hidden_size
+    fwd += 2 * (v.patch_dim * v.hidden_size + v.depth * vblock) * patches
+    fwd += 2 * merger * patches // v.merge_unit
+    full = len(v.fullatt_block_indexes)
+    fwd += 4 * v.hidden_size * patches * (full * per_image + (v.depth - full) * v.window_patches)
+    return 3.0 * fwd
+
+
+def make_matmul(size: int):
+    """A [size, size] x [size, size] fp32 jnp.dot: run() -> its FLOPs (the achievable peak)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, precision="highest"))
+    dot(a, b).block_until_ready()
+    return lambda: dot(a, b).block_until_ready()
+
+
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------ ours
+def setup_jax(model, params, rollout, micro_rows: int, chunk: int):
+    """Compile our step; returns run() (one update, blocking) and the first step's loss."""
+    c = base.get_config()
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = update.make_optimizer(c.optim)
+    step = update.make_update_step(model, opt, mesh, c.rl, c.optim, chunk=chunk)
+    batch = update.pack_update_batch(
+        model.config, rollout["prompts"], rollout["responses"], rollout["response_mask"],
+        rollout["advantages"], rollout["old_logp"], rollout["ref_logp"],
+        group_size=rollout["group"], micro_batch_rows=micro_rows)
+    batch = jax.device_put(batch)
+    state = [update.init_train_state(model, jax.tree.map(jnp.copy, params), opt, mesh)]
+
+    def run():
+        state[0], metrics = step(state[0], batch)
+        return float(metrics["loss"])
+    t0 = time.perf_counter()
+    loss = run()
+    return dict(run=run, compile_s=time.perf_counter() - t0, loss=loss,
+                images=int(batch.inputs.vision_inputs.frame_valid.any(-1).sum()),
+                prompt_passes=int(batch.inputs.prompt_mask.any(-1).sum()))
+
+
+# ------------------------------------------------------------------------------ torch
+def setup_torch(hf, cfg, rollout, micro_rows: int):
+    """The same update in PyTorch; returns run() and the first step's loss."""
+    p = rollout["prompts"]
+    g = rollout["group"]
+    n, resp_len = rollout["responses"].shape
+    ids = np.concatenate([np.repeat(p["input_ids"], g, 0), rollout["responses"]], 1)
+    mask = np.concatenate([np.repeat(p["attention_mask"], g, 0), rollout["response_mask"]], 1)
+    pos = np.repeat(update.response_position_ids(p["position_ids"], resp_len), g, 1)
+    sizes = np.prod(p["image_grid_thw"], -1)
+    per_image = np.split(p["pixel_values"][:sizes.sum()], np.cumsum(sizes)[:-1])
+    tt = lambda x, dtype=torch.long: torch.tensor(np.ascontiguousarray(x), dtype=dtype)
+    micro = []
+    for start in range(0, n, micro_rows):
+        rows = range(start, start + micro_rows)
+        micro.append(dict(
+            input_ids=tt(ids[rows]), attention_mask=tt(mask[rows]),
+            position_ids=tt(pos[:, rows]),
+            pixel_values=tt(np.concatenate([per_image[r // g] for r in rows]), torch.float32),
+            image_grid_thw=tt(np.stack([p["image_grid_thw"][r // g] for r in rows])),
+            mm_token_type_ids=tt((ids[rows] == cfg.image_token_id).astype(np.int64)),
+            rmask=tt(rollout["response_mask"][rows], torch.float32),
+            adv=tt(rollout["advantages"][rows], torch.float32),
+            old=tt(rollout["old_logp"][rows], torch.float32),
+            ref=tt(rollout["ref_logp"][rows], torch.float32)))
+    token_count = float(rollout["response_mask"].sum())
+    c = base.get_config()
+    opt = torch.optim.AdamW(hf.parameters(), lr=c.optim.lr, betas=(c.optim.b1, c.optim.b2),
+                            eps=1e-8, weight_decay=c.optim.weight_decay, foreach=True)
+    rl = c.rl
+    import math
+
+    def micro_loss(mb):
+        logits = hf(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                    position_ids=mb["position_ids"], pixel_values=mb["pixel_values"],
+                    image_grid_thw=mb["image_grid_thw"], mm_token_type_ids=mb["mm_token_type_ids"],
+                    use_cache=False, logits_to_keep=resp_len + 1).logits[:, :-1].float()
+        targets = mb["input_ids"][:, -resp_len:]
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+        m, adv = mb["rmask"], mb["adv"][:, None]
+        logp = torch.where(m > 0, logp, 0.0)
+        old = torch.where(m > 0, mb["old"], 0.0)
+        log_ratio = logp - old
+        ratio = torch.exp(log_ratio.clamp(-20, 20))
+        clipped = torch.exp(log_ratio.clamp(math.log(1 - rl.clip_low), math.log(1 + rl.clip_high)))
+        pg = torch.maximum(-adv * ratio, -adv * clipped)
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * rl.dual_clip), pg)
+        d = (torch.where(m > 0, mb["ref"], 0.0) - logp).clamp(-20, 20)
+        kl = (torch.exp(d) - d - 1).clamp(-10, 10)
+        return ((pg + rl.kl_coef * kl) * m).sum() / token_count
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for mb in micro:
+            loss = micro_loss(mb)
+            loss.backward()
+            total += float(loss.detach())
+        norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), c.optim.grad_clip)
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"torch step: gradient norm {norm}")
+        opt.step()
+        return total
+    t0 = time.perf_counter()
+    loss = run()
+    return dict(run=run, compile_s=time.perf_counter() - t0, loss=loss, images=n)
+
+
+# ------------------------------------------------------------------------------ main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="60m", choices=sorted(CONFIGS))
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--text-len", type=int, default=150, help="prompt text tokens besides the "
+                    "image (the SET prompt in the chat template is ~150)")
+    ap.add_argument("--image-pixels", type=int, default=base.MIN_PIXELS)
+    ap.add_argument("--response-len", type=int, default=256)
+    ap.add_argument("--micro-rows", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--attention", default="einsum", choices=("einsum", "xla"))
+    ap.add_argument("--remat", default="none", choices=("none", "block", "full"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peak-size", type=int, default=4096)
+    ap.add_argument("--skip-noshare", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config](attention_impl=args.attention, remat=args.remat)
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(HFConfig(**cfg.to_hf_dict()))
+    hf.train()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, params = qwen2_5_vl.load_hf(d, attention_impl=args.attention, remat=args.remat)
+    rollout = make_rollout(cfg, args.prompts, args.group, args.text_len, args.response_len,
+                           args.image_pixels)
+    n, resp_len = rollout["responses"].shape
+    seq = rollout["prompts"]["input_ids"].shape[1] + resp_len
+    tokens, resp_tokens = n * seq, int(rollout["response_mask"].sum())
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), fp32; config "
+          f"{args.config}: {qwen2_5_vl.count_params(params) / 1e6:.1f}M params; {args.prompts} "
+          f"prompts x G {args.group} = {n} responses of {seq} tokens ({resp_len} response, "
+          f"{resp_tokens} real), micro-batches of {args.micro_rows} rows, chunk {args.chunk}, "
+          f"attention {args.attention}, remat {args.remat}", flush=True)
+
+    steps = {"jax": setup_jax(model, params, rollout, args.micro_rows, args.chunk)}
+    steps["jax"]["flops"] = model_flops(cfg, rollout, steps["jax"]["prompt_passes"])
+    if not args.skip_noshare:
+        plain = unshared(rollout)
+        steps["jax/noshare"] = setup_jax(model, params, plain, args.micro_rows, args.chunk)
+        steps["jax/noshare"]["flops"] = model_flops(cfg, plain, n)
+    steps["torch"] = setup_torch(hf, cfg, rollout, args.micro_rows)
+    steps["torch"]["flops"] = model_flops(cfg, rollout, n)
+    matmul = make_matmul(args.peak_size)
+    peak_flops = 2 * args.peak_size ** 3
+
+    # Each step runs in its own block: one untimed step first (the first step after the other
+    # framework ran is ~15% slower: allocator / thread-pool warm-up), then --repeats timed
+    # steps. The CPU is shared with other jobs: the peak is timed before and after every
+    # block, and a block's FLOP/s is compared with the mean of those two peaks.
+    peaks, times, block_peak = [peak_flops / seconds(matmul)], {}, {}
+    for name, st in steps.items():
+        st["run"]()
+        times[name] = [seconds(st["run"]) for _ in range(args.repeats)]
+        peaks.append(peak_flops / seconds(matmul))
+        block_peak[name] = (peaks[-2] + peaks[-1]) / 2
+
+    print(f"fp32 matmul peak ({args.peak_size}^3 jnp.dot), per repeat: "
+          + " ".join(f"{p / 1e9:.0f}" for p in peaks) + " GFLOP/s")
+    head = (f"{'step':12} {'images':>6} {'s best':>7} {'median':>7} {'tokens/s':>8} "
+            f"{'resp tok/s':>10} {'vs torch':>8} {'(median)':>8} | {'model GFLOP':>11} "
+            f"{'GFLOP/s':>8} {'% peak':>6} {'(median)':>8} | {'compile s':>9} | first loss")
+    print(head)
+    print("-" * len(head))
+    best = {k: min(v) for k, v in times.items()}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    for name, st in steps.items():
+        print(f"{name:12} {st['images']:6d} {best[name]:7.2f} {median[name]:7.2f} "
+              f"{tokens / best[name]:8.0f} {resp_tokens / best[name]:10.0f} "
+              f"{best['torch'] / best[name]:8.2f} {median['torch'] / median[name]:8.2f} | "
+              f"{st['flops'] / 1e9:11.1f} {st['flops'] / best[name] / 1e9:8.1f} "
+              f"{100 * st['flops'] / best[name] / max(peaks):6.1f} "
+              f"{100 * st['flops'] / median[name] / block_peak[name]:8.1f} | "
+              f"{st['compile_s']:9.1f} | {st['loss']:.6f}")
+    print("s best / median: seconds per update step, fastest / median of the repeats; vs torch: "
+          "torch time / this time; % peak: model FLOP/s of the fastest step / the highest "
+          "measured peak, (median): of the median step / the mean peak around its block. "
+          "tokens = all prompt + response positions of the N sequences; resp tok/s = real "
+          "response tokens.")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

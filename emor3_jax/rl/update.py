@@ -1,0 +1,567 @@
+"""The sharded GRPO update: batch packing (host), optimizer, reference log-probs, update step.
+
+Update batch format (`UpdateBatch`, built on the host by `pack_update_batch` from a rollout):
+N = B * G responses, prompt-major (row b*G + g answers prompt b), split into M micro-batches of
+n = N / M contiguous rows; each micro-batch carries its p distinct prompts once (p = n / G when
+n is a multiple of G, 1 when n divides G). Every array has a leading [M] axis:
+
+    inputs.prompt_ids             [M, p, Lp] int32  left-padded prompts (pad rows: mask 0)
+    inputs.prompt_mask            [M, p, Lp] int32
+    inputs.prompt_position_ids    [M, 3, p, Lp] int32  mRoPE (processing.rope_index)
+    inputs.pixel_values           [M, P, patch_dim] the images of those prompts, in prompt
+                                  order, zero-padded to P rows (None: no images at all)
+    inputs.vision_inputs          VisionInputs, each leaf [M, ...], for those images
+    inputs.response_ids           [M, n, T] int32  responses, right-padded with the pad id
+    inputs.response_mask          [M, n, T] int32  1 on response tokens (EOS included)
+    inputs.response_position_ids  [M, 3, n, T] int32  last prompt position + 1, + 2, ... on all
+                                  three rows (`response_position_ids`)
+    inputs.prompt_index           [M, n] int32  which of the p prompts each response continues
+    advantages                    [M, n] float32
+    old_logp, ref_logp            [M, n, T] float32 (ref_logp None when kl_coef == 0)
+
+Why prompts are not repeated per response: the G responses of a prompt share its tokens and
+image, so the prompt (vision tower included) runs once per micro-batch and its keys/values
+serve all its responses (emor3_jax/rl/logprobs.py); EasyR1 runs prompt and image per response.
+The sequence seen by response row r is prompt[prompt_index[r]] + response[r], exactly as in a
+[N, Lp + T] batch, and the loss and gradients are the same.
+Micro-batch rows are global: n = per-device micro-batch x data-parallel size
+(`micro_batch_rows`); response rows are sharded over the (data, fsdp) mesh axes, prompt rows
+too when p divides evenly (else the prompt part is computed on every data-parallel device:
+choose per-device micro-batches that are multiples of G on large meshes).
+
+The update step (`make_update_step`) is one jit with explicit shardings (parameters and Adam
+moments laid out by the model's logical axes: FSDP over `fsdp`, tensor-parallel over `tensor`;
+batch rows over data x fsdp), donating the train state. It scans over the M micro-batches
+accumulating fp32 gradients of `losses.policy_loss` (token-mean over the whole mini-batch by
+default, independent of M and the device count; the released per-micro-batch mean as
+`loss_agg="microbatch_token_mean"`), then takes one AdamW step. A non-finite loss or gradient
+norm skips the step: the returned state is the input state, and metrics["skipped"] = 1.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from emor3_jax import sharding
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.processing import vision as vision_lib
+from emor3_jax.processing.vision import VisionInputs, VisionPadding
+from emor3_jax.rl import losses
+from emor3_jax.rl.logprobs import PolicyInputs, response_logprobs
+
+# Padding of each micro-batch's vision inputs: patch rows to a multiple of 256, windows to a
+# multiple of 8, the full-attention frame length to a multiple of 256 (few compiled programs).
+DEFAULT_VISION_PADDING = VisionPadding(num_patches=256, num_windows=8, num_frames=None,
+                                       frame_len=256)
+_BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class UpdateBatch:
+    """One mini-batch for the update step; see the module docstring for shapes."""
+    inputs: PolicyInputs
+    advantages: Any
+    old_logp: Any
+    ref_logp: Any = None
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.advantages.shape[0]
+
+    @property
+    def response_mask(self):
+        return self.inputs.response_mask
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # optimizer steps applied (skipped steps do not count)
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------
+# Host-side packing (numpy).
+
+def response_position_ids(prompt_position_ids, response_len: int) -> np.ndarray:
+    """[3, B, Lp + T] mRoPE positions: the prompt's, then last prompt position + 1, + 2, ...
+
+    The same on all three rows (text), as the sampler's decode positions (HF's rope delta):
+    the first response token sits at max(prompt positions) + 1.
+    """
+    pos = np.asarray(prompt_position_ids)
+    if pos.ndim != 3 or pos.shape[0] != 3:
+        raise ValueError(f"prompt position_ids must be [3, B, Lp], got shape {pos.shape}")
+    start = pos.max(axis=(0, 2)) + 1                                          # [B]
+    resp = start[:, None] + np.arange(response_len)[None, :]                  # [B, T]
+    return np.concatenate([pos, np.broadcast_to(resp[None], (3,) + resp.shape)],
+                          axis=2).astype(np.int32)
+
+
+def micro_batch_rows(per_device: int, mesh) -> int:
+    """Global rows of one micro-batch: per-device rows x data-parallel size (data * fsdp)."""
+    return int(per_device) * sharding.data_parallel_size(mesh)
+
+
+def split_micro_batches(x, num_micro_batches: int, axis: int = 0):
+    """[..., N, ...] -> [M, ..., N / M, ...]: contiguous rows per micro-batch (numpy)."""
+    if x is None:
+        return None
+    x = np.asarray(x)
+    n = x.shape[axis]
+    if n % num_micro_batches:
+        raise ValueError(f"{n} rows do not split into {num_micro_batches} equal micro-batches")
+    shape = x.shape[:axis] + (num_micro_batches, n // num_micro_batches) + x.shape[axis + 1:]
+    return np.moveaxis(x.reshape(shape), axis, 0)
+
+
+def merge_micro_batches(x, axis: int = 0):
+    """Inverse of split_micro_batches: [M, ..., n, ...] -> [..., M * n, ...]."""
+    x = np.moveaxis(np.asarray(x), 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+
+
+def _images_of_prompts(config, prompt_ids, prompt_mask, grid_thw) -> list[list[int]]:
+    """The image numbers (rows of image_grid_thw) of each prompt row, checked against its
+    image-pad token count (images are listed in row-major token order, as the HF processor)."""
+    tokens = np.prod(grid_thw, axis=-1) // config.vision.merge_unit
+    out, next_image = [], 0
+    for b in range(prompt_ids.shape[0]):
+        wanted = int(((prompt_ids[b] == config.image_token_id) & (prompt_mask[b] != 0)).sum())
+        images, count = [], 0
+        while count < wanted:
+            if next_image >= len(grid_thw):
+                raise ValueError(f"prompt row {b}: {wanted} image-pad tokens but image_grid_thw "
+                                 f"lists only {len(grid_thw)} images in all")
+            images.append(next_image)
+            count += int(tokens[next_image])
+            next_image += 1
+        if count != wanted:
+            raise ValueError(f"prompt row {b}: {wanted} image-pad tokens do not match its "
+                             f"images' {count} merged tokens (image_grid_thw "
+                             f"{grid_thw[images].tolist()}); prompts must not be truncated")
+        out.append(images)
+    if next_image != len(grid_thw):
+        raise ValueError(f"image_grid_thw lists {len(grid_thw)} images but the prompts' image-pad "
+                         f"tokens account for {next_image}")
+    return out
+
+
+def _padded_vision(config, grids: list[np.ndarray], padding: VisionPadding):
+    """VisionInputs per micro-batch, all padded to the same (bucketed) sizes."""
+    exact = [vision_lib.build_vision_inputs_for(config, g) for g in grids]
+    size = lambda f, field: vision_lib.round_up(max(f(v) for v in exact), getattr(padding, field))
+    unit = config.vision.merge_unit
+    num_patches = size(lambda v: v.num_patches, "num_patches")
+    num_patches = -(-num_patches // unit) * unit
+    common = VisionPadding(num_patches=[num_patches],
+                           num_windows=[size(lambda v: v.window_index.shape[0], "num_windows")],
+                           num_frames=[size(lambda v: v.frame_index.shape[0], "num_frames")],
+                           frame_len=[size(lambda v: v.frame_index.shape[1], "frame_len")])
+    return [vision_lib.build_vision_inputs_for(config, g, common) for g in grids], num_patches
+
+
+def _gather_rows(x, rows, axis: int) -> np.ndarray:
+    """x's rows (along `axis`) picked by rows [M, p] -> [M, ...] int32; rows -1 give zeros."""
+    out = np.take(np.asarray(x), np.maximum(rows, 0), axis=axis)      # axis -> (M, p)
+    valid = np.expand_dims(rows >= 0, tuple(range(axis))
+                           + tuple(range(axis + 2, out.ndim)))
+    return np.moveaxis(np.where(valid, out, 0), axis, 0).astype(np.int32)
+
+
+def pack_policy_inputs(config, prompts: Mapping[str, Any], responses, response_mask, *,
+                       group_size: int, micro_batch_rows: int,
+                       vision_padding: VisionPadding = DEFAULT_VISION_PADDING) -> PolicyInputs:
+    """Stack a rollout into micro-batches of n responses + their distinct prompts (module
+    docstring); numpy arrays, every leaf with a leading [M] axis.
+
+    config: the model's Qwen2_5_VLConfig (image token id, vision geometry).
+    prompts: the data pipeline's batch (B prompts): `input_ids` [B, Lp] (left-padded),
+      `attention_mask` [B, Lp], `position_ids` [3, B, Lp], and for images `pixel_values`
+      [>= sum t*h*w, patch_dim] (images in row order, extra rows ignored) and
+      `image_grid_thw` [n_images, 3] (row-major token order, as the HF processor).
+    responses, response_mask: [N, T] with N = B * group_size, prompt-major rows.
+    micro_batch_rows: rows per micro-batch over all devices (`micro_batch_rows(per_device, mesh)`).
+    """
+    prompt_ids = np.asarray(prompts["input_ids"])
+    prompt_mask = np.asarray(prompts["attention_mask"])
+    prompt_pos = np.asarray(prompts["position_ids"])
+    responses = np.asarray(responses)
+    response_mask = (np.asarray(response_mask) != 0).astype(np.int32)
+    b, lp = prompt_ids.shape
+    n_rows, t = responses.shape
+    if prompt_mask.shape != (b, lp) or prompt_pos.shape != (3, b, lp):
+        raise ValueError(f"prompts: attention_mask {prompt_mask.shape} and position_ids "
+                         f"{prompt_pos.shape} must be [B, Lp] and [3, B, Lp] for input_ids "
+                         f"{prompt_ids.shape}")
+    if n_rows != b * group_size:
+        raise ValueError(f"responses: {n_rows} rows but {b} prompts x group_size {group_size} = "
+                         f"{b * group_size}; rows must be prompt-major (b*G + g)")
+    if response_mask.shape != responses.shape:
+        raise ValueError(f"response_mask {response_mask.shape} != responses {responses.shape}")
+    if micro_batch_rows <= 0 or n_rows % micro_batch_rows:
+        raise ValueError(f"{n_rows} responses do not split into micro-batches of "
+                         f"{micro_batch_rows} rows (rl.micro_batch_size x data-parallel devices)")
+    if lp == 0 or (prompt_mask[:, -1] == 0).any():
+        raise ValueError("prompts must be left-padded with a real last token in every row "
+                         "(attention_mask[:, -1] == 1)")
+    m, n = n_rows // micro_batch_rows, micro_batch_rows
+    prompt_of_row = np.arange(n_rows) // group_size
+    members = [np.unique(prompt_of_row[i * n:(i + 1) * n]) for i in range(m)]
+    p = max(len(x) for x in members)
+    # Prompt rows of each micro-batch; -1 = a padding row (mask 0, never referenced).
+    rows = np.full((m, p), -1)
+    for i, x in enumerate(members):
+        rows[i, :len(x)] = x
+    local = np.stack([np.searchsorted(members[i], prompt_of_row[i * n:(i + 1) * n])
+                      for i in range(m)]).astype(np.int32)
+    pixel_values = vision_inputs = None
+    grid_thw = prompts.get("image_grid_thw")
+    grid_thw = np.zeros((0, 3), np.int64) if grid_thw is None else \
+        np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    if len(grid_thw):
+        if prompts.get("pixel_values") is None:
+            raise ValueError("prompts: image_grid_thw given without pixel_values")
+        pixels = np.asarray(prompts["pixel_values"], np.float32)
+        starts = np.concatenate([[0], np.cumsum(np.prod(grid_thw, axis=-1))])
+        if pixels.shape[0] < starts[-1]:
+            raise ValueError(f"prompts: pixel_values has {pixels.shape[0]} rows but "
+                             f"image_grid_thw needs {starts[-1]}")
+        images_of = _images_of_prompts(config, prompt_ids, prompt_mask, grid_thw)
+        grids, pixel_lists = [], []
+        for x in members:
+            images = [i for prompt in x for i in images_of[prompt]]
+            # a micro-batch without images still needs a (dummy, unread) one: static shapes
+            grids.append(grid_thw[images] if images else np.array([[1, 2, 2]]))
+            pixel_lists.append(np.concatenate([pixels[starts[i]:starts[i + 1]] for i in images])
+                               if images else np.zeros((4, pixels.shape[1]), np.float32))
+        vins, num_patches = _padded_vision(config, grids, vision_padding)
+        pixel_values = np.stack([vision_lib.pad_pixel_values(x, num_patches)
+                                 for x in pixel_lists])
+        vision_inputs = jax.tree.map(lambda *xs: np.stack(xs), *vins)
+    split = lambda x, axis=0: split_micro_batches(x, m, axis)
+    resp_pos = response_position_ids(prompt_pos, t)[:, :, lp:]                # [3, B, T]
+    return PolicyInputs(
+        prompt_ids=_gather_rows(prompt_ids, rows, 0), prompt_mask=_gather_rows(prompt_mask, rows, 0),
+        prompt_position_ids=_gather_rows(prompt_pos, rows, 1),
+        pixel_values=pixel_values, vision_inputs=vision_inputs,
+        response_ids=split(responses).astype(np.int32), response_mask=split(response_mask),
+        response_position_ids=split(np.repeat(resp_pos, group_size, axis=1), 1),
+        prompt_index=local)
+
+
+def pack_update_batch(config, prompts: Mapping[str, Any], responses, response_mask, advantages,
+                      old_logp, ref_logp=None, *, group_size: int, micro_batch_rows: int,
+                      vision_padding: VisionPadding = DEFAULT_VISION_PADDING,
+                      inputs: PolicyInputs | None = None) -> UpdateBatch:
+    """`UpdateBatch` of a rollout (module docstring); advantages [N], old/ref_logp [N, T].
+
+    `inputs` may pass an already packed PolicyInputs with the same micro-batch split.
+    """
+    responses = np.asarray(responses)
+    n_rows, t = responses.shape
+    advantages = np.asarray(advantages, np.float32)
+    old_logp = np.asarray(old_logp, np.float32)
+    if advantages.shape != (n_rows,):
+        raise ValueError(f"advantages shape {advantages.shape} must be [N] = ({n_rows},) "
+                         "(one per response; losses.group_advantages)")
+    for name, x in (("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if x is not None and np.shape(x) != (n_rows, t):
+            raise ValueError(f"{name} shape {np.shape(x)} must be [N, T] = {(n_rows, t)}")
+    if inputs is None:
+        inputs = pack_policy_inputs(config, prompts, responses, response_mask,
+                                    group_size=group_size, micro_batch_rows=micro_batch_rows,
+                                    vision_padding=vision_padding)
+    m = inputs.response_ids.shape[0]
+    split = lambda x: None if x is None else split_micro_batches(np.asarray(x, np.float32), m)
+    return UpdateBatch(inputs=inputs, advantages=split(advantages), old_logp=split(old_logp),
+                       ref_logp=split(ref_logp))
+
+
+# ------------------------------------------------------------------------------------------
+# Shardings.
+
+def _stacked_rows_sharding(mesh, x, row_axis: int):
+    """Rows (axis `row_axis`) over data x fsdp; replicated when rows do not divide evenly."""
+    if x is None:
+        return None
+    spec = [None] * np.ndim(x)
+    spec[row_axis] = _BATCH_AXES
+    return NamedSharding(mesh, sharding._fit_spec(P(*spec), np.shape(x), mesh))
+
+
+def policy_inputs_shardings(mesh, inputs: PolicyInputs) -> PolicyInputs:
+    """Shardings of stacked PolicyInputs: rows over data x fsdp, images replicated."""
+    rep = sharding.replicated(mesh)
+    rows = lambda x, axis=1: _stacked_rows_sharding(mesh, x, axis)
+    return PolicyInputs(
+        prompt_ids=rows(inputs.prompt_ids), prompt_mask=rows(inputs.prompt_mask),
+        prompt_position_ids=rows(inputs.prompt_position_ids, 2),
+        pixel_values=None if inputs.pixel_values is None else rep,
+        vision_inputs=None if inputs.vision_inputs is None else
+        jax.tree.map(lambda _: rep, inputs.vision_inputs),
+        response_ids=rows(inputs.response_ids), response_mask=rows(inputs.response_mask),
+        response_position_ids=rows(inputs.response_position_ids, 2),
+        prompt_index=rows(inputs.prompt_index))
+
+
+def update_batch_shardings(mesh, batch: UpdateBatch) -> UpdateBatch:
+    rows = lambda x: _stacked_rows_sharding(mesh, x, 1)
+    return UpdateBatch(inputs=policy_inputs_shardings(mesh, batch.inputs),
+                       advantages=rows(batch.advantages), old_logp=rows(batch.old_logp),
+                       ref_logp=rows(batch.ref_logp))
+
+
+def _check_rows(mesh, rows: int, what: str):
+    dp = sharding.data_parallel_size(mesh)
+    if rows % dp:
+        raise ValueError(f"{what}: micro-batches of {rows} rows cannot be split over the "
+                         f"{dp} data-parallel devices (data x fsdp); use micro_batch_rows(...) "
+                         "= per-device rows x data-parallel size")
+
+
+# ------------------------------------------------------------------------------------------
+# Optimizer and train state.
+
+def _float_cast(tree, dtype):
+    def cast(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+    return jax.tree.map(cast, tree)
+
+
+def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """Run `inner` in `dtype` (e.g. fp32 Adam moments and updates for bf16 parameters)."""
+    if dtype is None:
+        return inner
+
+    def init(params):
+        return inner.init(_float_cast(params, dtype))
+
+    def update(updates, state, params=None):
+        return inner.update(_float_cast(updates, dtype), state,
+                            None if params is None else _float_cast(params, dtype))
+    return optax.GradientTransformation(init, update)
+
+
+def learning_rate_schedule(optim_config):
+    """Constant lr; with warmup_steps > 0, lr * min(1, (step + 1) / warmup_steps)."""
+    lr, warmup = float(optim_config.lr), int(getattr(optim_config, "warmup_steps", 0) or 0)
+    if warmup <= 0:
+        return optax.constant_schedule(lr)
+    return lambda count: lr * jnp.minimum(1.0, (count + 1.0) / warmup)
+
+
+def make_optimizer(optim_config, moment_dtype=jnp.float32) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) then AdamW (EasyR1 / torch AdamW semantics: decoupled
+    weight decay on every parameter, eps 1e-8), moments and updates in `moment_dtype`.
+
+    `optim_config`: configs/base.py `optim` (lr, b1, b2, weight_decay, grad_clip, warmup_steps).
+    With bf16 parameters, an update smaller than half a bf16 ulp of the weight rounds away;
+    for long runs prefer model param_dtype float32 with dtype bfloat16 (mixed precision).
+    """
+    chain = []
+    if optim_config.grad_clip and optim_config.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip)))
+    chain.append(optax.adamw(learning_rate_schedule(optim_config), b1=float(optim_config.b1),
+                             b2=float(optim_config.b2), eps=1e-8,
+                             weight_decay=float(optim_config.weight_decay)))
+    return with_state_dtype(optax.chain(*chain), moment_dtype)
+
+
+def train_state_shardings(model, optimizer, mesh) -> TrainState:
+    """NamedShardings of the TrainState: moments like their parameters, scalars replicated."""
+    params_sh = qwen2_5_vl.param_shardings(model, mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            nn.unbox(qwen2_5_vl.abstract_params(model)))
+    opt_abstract = jax.eval_shape(optimizer.init, abstract)
+    rep = sharding.replicated(mesh)
+    opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, params_sh,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh)
+
+
+def init_train_state(model, params, optimizer, mesh=None) -> TrainState:
+    """TrainState at step 0 (optimizer state placed like the parameters when mesh is given)."""
+    if mesh is None:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=jax.jit(optimizer.init)(params))
+    sh = train_state_shardings(model, optimizer, mesh)
+    params = jax.device_put(params, sh.params)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), sh.step), params=params,
+                      opt_state=opt_state)
+
+
+# ------------------------------------------------------------------------------------------
+# Forward-only log-probs (reference / old policy).
+
+def make_logprob_fn(model, mesh, *, chunk: int):
+    """Jitted fn(params, inputs: PolicyInputs [M, ...]) -> log-probs [M, n, T] fp32.
+
+    (An optional third argument, the response length T, is only checked against the inputs.)
+
+    Forward only, one micro-batch at a time (lax.map); pack `inputs` with
+    rows = rl.logprob_micro_batch_size x data-parallel size. `params` may be the frozen
+    reference's or the current policy's (old log-probs); no gradient is ever taken.
+    Use `merge_micro_batches` to get [N, T] back.
+    """
+    params_sh = qwen2_5_vl.param_shardings(model, mesh)
+    compiled = {}
+
+    def run(params, inputs):
+        params = jax.lax.stop_gradient(params)
+        one = lambda mb: response_logprobs(model, params, mb, chunk=chunk, with_entropy=False)[0]
+        return jax.lax.map(one, inputs)
+
+    def jitted(inputs: PolicyInputs):
+        _check_rows(mesh, inputs.response_ids.shape[1], "make_logprob_fn")
+        key = jax.tree.structure(inputs)
+        if key not in compiled:
+            compiled[key] = jax.jit(run, in_shardings=(params_sh, policy_inputs_shardings(
+                mesh, inputs)), out_shardings=_stacked_rows_sharding(mesh, inputs.response_ids, 1))
+        return compiled[key]
+
+    def fn(params, inputs: PolicyInputs, response_len: int | None = None):
+        if response_len is not None and int(response_len) != inputs.response_ids.shape[-1]:
+            raise ValueError(f"make_logprob_fn: response_len={response_len} but the packed "
+                             f"responses have T = {inputs.response_ids.shape[-1]} tokens")
+        return jitted(inputs)(params, inputs)
+    fn.compiled = compiled
+    # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs
+    fn.trace = lambda params, inputs: jitted(inputs).trace(params, inputs)
+    return fn
+
+
+# ------------------------------------------------------------------------------------------
+# The update step.
+
+METRIC_NAMES = ("loss", "pg_loss", "kl", "ppo_kl", "ratio_mean", "clipfrac_upper",
+                "clipfrac_lower", "clipfrac_dual", "entropy", "grad_norm", "response_length",
+                "tokens", "lr", "skipped")
+
+
+def make_loss_and_grad(model, mesh, rl_config, *, chunk: int | None = None):
+    """fn(params, batch: UpdateBatch) -> (loss, metrics, grads): gradient accumulation over the
+    micro-batches (lax.scan), grads in fp32 and laid out like the parameters. Not jitted
+    (`make_update_step` jits it with the optimizer; tests jit it alone).
+
+    rl_config: configs/base.py `rl` (clip_low/high, dual_clip, kl_coef, loss_agg,
+    logprob_chunk = the default `chunk`).
+    """
+    chunk = int(rl_config.logprob_chunk if chunk is None else chunk)
+    loss_agg = rl_config.loss_agg
+    if loss_agg not in losses.LOSS_AGG_MODES:
+        raise ValueError(f"rl.loss_agg={loss_agg!r}; choose one of {losses.LOSS_AGG_MODES}")
+    dp = sharding.data_parallel_size(mesh)
+    loss_kw = dict(clip_low=float(rl_config.clip_low), clip_high=float(rl_config.clip_high),
+                   dual_clip=float(rl_config.dual_clip), kl_coef=float(rl_config.kl_coef),
+                   loss_agg=loss_agg)
+    params_sh = qwen2_5_vl.param_shardings(model, mesh)
+
+    def micro_loss(params, mb: UpdateBatch, token_count, num_micro_batches):
+        logp, entropy = response_logprobs(model, params, mb.inputs, chunk=chunk)
+        if loss_agg == "token_mean":
+            agg = dict(token_count=token_count)
+        else:  # released: token-mean per micro-batch of each device, then mean of those
+            agg = dict(micro_batch_size=mb.response_mask.shape[0] // dp,
+                       num_micro_batches=num_micro_batches)
+        ref = None if float(rl_config.kl_coef) == 0 else mb.ref_logp
+        loss, metrics = losses.policy_loss(logp, mb.old_logp, ref, mb.advantages,
+                                           mb.response_mask, **loss_kw, **agg)
+        mask = mb.response_mask.astype(jnp.float32)
+        metrics["entropy"] = jnp.sum(jnp.where(mask > 0, entropy, 0.0)) / token_count
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def loss_and_grad(params, batch: UpdateBatch):
+        m = batch.response_mask.shape[0]
+        _check_rows(mesh, batch.response_mask.shape[1], "update step")
+        if float(rl_config.kl_coef) != 0 and batch.ref_logp is None:
+            raise ValueError("update step: rl.kl_coef != 0 but the batch has no ref_logp; "
+                             "compute them with make_logprob_fn(reference params) or set "
+                             "rl.kl_coef = 0")
+        token_count = jnp.maximum(batch.response_mask.sum().astype(jnp.float32), 1.0)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.lax.with_sharding_constraint(zeros, params_sh)
+
+        def body(acc, mb):
+            (loss, metrics), grads = grad_fn(params, mb, token_count, m * dp)
+            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+            return jax.lax.with_sharding_constraint(acc, params_sh), (loss, metrics)
+
+        grads, (loss, metrics) = jax.lax.scan(body, zeros, batch)
+        metrics = jax.tree.map(jnp.sum, metrics)
+        metrics["loss"] = loss.sum()
+        metrics["tokens"] = batch.response_mask.sum().astype(jnp.float32)
+        metrics["response_length"] = metrics["tokens"] / (m * batch.response_mask.shape[1])
+        return metrics["loss"], metrics, grads
+    return loss_and_grad
+
+
+def make_update_step(model, optimizer, mesh, rl_config, optim_config=None, *,
+                     chunk: int | None = None, donate: bool = True):
+    """Jitted GRPO step(state, batch) -> (state, metrics), explicit shardings (module docstring).
+
+    optimizer: `make_optimizer(optim_config)`; optim_config (configs/base.py `optim`) gives the
+    lr metric. metrics (replicated fp32 scalars): METRIC_NAMES: loss, pg_loss, kl, ppo_kl,
+    ratio_mean, clip fractions, entropy (token-mean), grad_norm (before clipping),
+    response_length (mean response tokens per row), tokens, lr (of this step; only with
+    optim_config), skipped (1 = non-finite loss or grads: the state is returned unchanged, step
+    included, so the trainer can count skips in a row). One program is compiled per batch
+    structure and shape bucket (`step.compiled`; `step.trace` for AOT).
+    """
+    return make_train_step(make_loss_and_grad(model, mesh, rl_config, chunk=chunk), model,
+                           optimizer, mesh, optim_config, donate=donate)
+
+
+def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
+                    donate: bool = True):
+    """Jit one optimizer step around `loss_and_grad(params, batch) -> (loss, metrics, grads)`
+    (e.g. `make_loss_and_grad`, or SFT's NLL) with the TrainState shardings, the batch's
+    shardings (`update_batch_shardings`), state donation and the non-finite skip; adds
+    grad_norm, skipped and (with optim_config) lr to the metrics."""
+    state_sh = train_state_shardings(model, optimizer, mesh)
+    schedule = None if optim_config is None else learning_rate_schedule(optim_config)
+    rep = sharding.replicated(mesh)
+    compiled = {}
+
+    def step(state: TrainState, batch: UpdateBatch):
+        loss, metrics, grads = loss_and_grad(state.params, batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics["grad_norm"] = grad_norm
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+        return new, metrics
+
+    def jitted(batch: UpdateBatch):
+        key = jax.tree.structure(batch)
+        if key not in compiled:
+            compiled[key] = jax.jit(step, in_shardings=(state_sh, update_batch_shardings(mesh, batch)),
+                                    out_shardings=(state_sh, rep),
+                                    donate_argnums=(0,) if donate else ())
+        return compiled[key]
+
+    def call(state: TrainState, batch: UpdateBatch):
+        return jitted(batch)(state, batch)
+    call.compiled = compiled
+    # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs
+    call.trace = lambda state, batch: jitted(batch).trace(state, batch)
+    return call

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning: the SFT baseline and the Cold-Start SFT before RL.
+
+Targets are built from the label alone (no reasoning traces): `boxed` is `\\boxed{label}`
+(the SFT baseline / Cold-Start-Emo), `set_template` wraps it in the three SET steps with
+fixed, image-independent sentences so a model learns the format without learning anything
+about the image. With `random_labels` the label itself is drawn uniformly, so accuracy stays at
+chance: the CPU demo uses this to show that what GRPO later learns comes from the reward.
+The loss is the token-mean negative log-likelihood of the target tokens (end-of-turn included).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from emor3_jax.configs import base
+from emor3_jax.rl import update as update_lib
+from emor3_jax.rl.logprobs import response_logprobs
+
+TARGETS = ("boxed", "set_template")
+
+
+def sft_target(label: str, target: str) -> str:
+    if target == "boxed":
+        return f"\\boxed{{{label}}}"
+    if target == "set_template":
+        valence, arousal = base.VALENCE_AROUSAL.get(label, ("mixed", "moderate"))
+        return ("<step1>The scene shows colors, shapes and light.</step1>\n"
+                "<step2>A person would feel something about it.</step2>\n"
+                f"<step3>The emotion is {valence}, with {arousal} arousal.</step3>\n"
+                f"\\boxed{{{label}}}")
+    raise ValueError(f"sft.target={target!r}; choose one of {TARGETS}")
+
+
+def target_tokens(tokenizer, texts: Sequence[str], end_id: int, pad_id: int, length: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """[B, length] target ids (text + end-of-turn, right-padded) and their mask."""
+    ids = np.full((len(texts), length), pad_id, np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for i, text in enumerate(texts):
+        row = tokenizer.encode(text, add_special_tokens=False) + [end_id]
+        if len(row) > length:
+            raise ValueError(f"SFT target of {len(row)} tokens exceeds sft max length {length}: "
+                             f"{text[:80]!r}...; raise config.sft.max_len")
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def batch_labels(batch, *, random_labels: bool, rng: np.random.Generator) -> list[str]:
+    names = list(batch["labels_of_dataset"])
+    if random_labels:
+        return [names[i] for i in rng.integers(0, len(names), len(batch["label"]))]
+    return [str(t) for t in batch["label_text"]]
+
+
+def make_sft_step(model, optimizer, mesh, *, chunk: int):
+    """Jitted step(state, batch: UpdateBatch) -> (state, metrics); loss = token-mean NLL.
+
+    The batch is an `UpdateBatch` with group size 1 (advantages / old_logp unused), so SFT
+    shares the packing, shardings and non-finite guard of the GRPO update.
+    """
+    def loss_and_grad(params, batch):
+        token_count = jnp.maximum(batch.response_mask.sum().astype(jnp.float32), 1.0)
+
+        def micro(params, mb):
+            t = mb.response_mask.shape[-1]
+            logp, _ = response_logprobs(model, params, mb.inputs, t, chunk=chunk,
+                                        with_entropy=False)
+            mask = mb.response_mask.astype(jnp.float32)
+            return -jnp.sum(jnp.where(mask > 0, logp, 0.0)) / token_count
+
+        grad_fn = jax.value_and_grad(micro)
+
+        def body(acc, mb):
+            loss, g = grad_fn(params, mb)
+            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), loss
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        grads, losses = jax.lax.scan(body, zeros, batch)
+        loss = losses.sum()
+        return loss, {"loss": loss, "tokens": batch.response_mask.sum().astype(jnp.float32)}, grads
+
+    return update_lib.make_train_step(loss_and_grad, model, optimizer, mesh)
+
+
+def pack_sft_batch(model_config, batch, tokenizer, ids, *, labels: Sequence[str], target: str,
+                   max_len: int, micro_batch_rows: int) -> update_lib.UpdateBatch:
+    texts = [sft_target(label, target) for label in labels]
+    tokens, mask = target_tokens(tokenizer, texts, ids.im_end, ids.pad, max_len)
+    mask = mask * np.asarray(batch["valid"], np.int32)[:, None]   # filler rows teach nothing
+    n = tokens.shape[0]
+    zeros = np.zeros((n,), np.float32)
+    return update_lib.pack_update_batch(model_config, batch, tokens, mask, zeros,
+                                        np.zeros(tokens.shape, np.float32), group_size=1,
+                                        micro_batch_rows=micro_batch_rows)
+
+
+def make_sft_optimizer(sft_config, optim_config) -> optax.GradientTransformation:
+    """The run's AdamW settings with the SFT learning rate."""
+    cfg = optim_config.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.lr = float(sft_config.lr)
+    return update_lib.make_optimizer(cfg)

@@ -1,0 +1,331 @@
+"""GRPO update: chunked log-probs, micro-batch / device invariance, a learning step, skips.
+
+A tiny Qwen2.5-VL (vision depth 3 with a full-attention block, untied head) on two prompts with
+real photo crops of different sizes, G = 4 responses each, fp32 and "highest" matmul precision.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from emor3_jax import sharding
+from emor3_jax.configs import base
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models.config import tiny_config
+from emor3_jax.processing import rope_index, vision
+from emor3_jax.rl import logprobs, losses, update
+from qwen_testutil import chat_row, images, left_pad
+
+G, T = 4, 7
+
+
+def _rl(**overrides):
+    rl = base.get_config().rl
+    rl.update(overrides)
+    return rl
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config(tie_word_embeddings=False)
+    model = qwen2_5_vl.build_model(cfg)
+    params = qwen2_5_vl.init_params(model, jax.random.key(0))
+    pv, grid = images([("astronaut", (200, 280)), ("chelsea", (240, 160))])
+    rng = np.random.default_rng(0)
+    rows = [chat_row(cfg, rng, [3, "img", 4], grid[:1]), chat_row(cfg, rng, [5, "img", 2], grid[1:])]
+    ids, mask = left_pad(rows, cfg.text.pad_token_id)
+    pos, _ = rope_index.get_rope_index(ids, grid, mask, image_token_id=cfg.image_token_id)
+    prompts = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv,
+                   image_grid_thw=grid)
+    n = 2 * G
+    lengths = np.array([T, 2, 5, T, 3, T, 1, 6])
+    rmask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    resp = np.where(rmask > 0, rng.integers(0, cfg.text.vocab_size - 8, (n, T)),
+                    cfg.text.pad_token_id).astype(np.int32)
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.1, 1.0, 0.0])
+    adv = np.asarray(losses.group_advantages(rewards, G))
+    old = -rng.uniform(4, 8, (n, T)).astype(np.float32)
+    ref = (old + rng.normal(0, 0.2, (n, T))).astype(np.float32)
+    return dict(cfg=cfg, model=model, params=params, prompts=prompts, resp=resp, rmask=rmask,
+                adv=adv, old=old, ref=ref)
+
+
+def _batch(s, rows, **kw):
+    args = dict(old_logp=s["old"], ref_logp=s["ref"], advantages=s["adv"])
+    args.update(kw)
+    return update.pack_update_batch(s["cfg"], s["prompts"], s["resp"], s["rmask"],
+                                    group_size=G, micro_batch_rows=rows, **args)
+
+
+def _mesh1():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def logprob_fn(setup):
+    """Forward-only log-probs on one device (one compiled program per input structure)."""
+    return update.make_logprob_fn(setup["model"], _mesh1(), chunk=4)
+
+
+# ------------------------------------------------------------------------------ log-probs
+def test_chunked_logprobs_equal_naive_values_and_grads(setup):
+    s = setup
+    model, params = s["model"], s["params"]
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.standard_normal((3, T, s["cfg"].text.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, s["cfg"].text.vocab_size, (3, T)), jnp.int32)
+    weights = jnp.asarray(rng.standard_normal((3, T)), jnp.float32)
+
+    def objective(fn, p, h):
+        head = lambda x: model.apply({"params": p}, x, method=model.logits)
+        logp, entropy = fn(head, h, targets)
+        return jnp.sum(logp * weights), (logp, entropy)
+
+    naive = jax.jit(jax.value_and_grad(lambda p, h: objective(logprobs.naive_token_logprobs, p, h),
+                                       argnums=(0, 1), has_aux=True))
+    (_, (logp_ref, ent_ref)), grads_ref = naive(params, hidden)
+    for chunk in (3, 7, 64):  # 7 = 3 chunks with padding; 7 = one chunk; 64 > T
+        fn = lambda head, h, t: logprobs.chunked_token_logprobs(head, h, t, chunk=chunk)
+        chunked = jax.jit(jax.value_and_grad(lambda p, h: objective(fn, p, h), argnums=(0, 1),
+                                             has_aux=True))
+        (_, (logp, ent)), grads = chunked(params, hidden)
+        np.testing.assert_allclose(logp, logp_ref, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(ent, ent_ref, atol=1e-5, rtol=0)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6),
+                     grads, grads_ref)
+
+
+def _full_sequences(s):
+    """The [N, Lp + T] batch the packed inputs stand for: each response after its own prompt
+    copy, each with its own copy of the image (the plain model path, HF's layout)."""
+    prompts, cfg = s["prompts"], s["cfg"]
+    ids = np.concatenate([np.repeat(prompts["input_ids"], G, 0), s["resp"]], 1)
+    mask = np.concatenate([np.repeat(prompts["attention_mask"], G, 0), s["rmask"]], 1)
+    pos = np.repeat(update.response_position_ids(prompts["position_ids"], T), G, 1)
+    grid = np.repeat(prompts["image_grid_thw"], G, axis=0)
+    sizes = np.prod(prompts["image_grid_thw"], -1)
+    per_image = np.split(prompts["pixel_values"][:sizes.sum()], np.cumsum(sizes)[:-1])
+    pv = np.concatenate([im for im in per_image for _ in range(G)])
+    return ids, mask, pos, pv, vision.build_vision_inputs_for(cfg, grid)
+
+
+def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(setup):
+    """Prompt + image once per prompt (prefill, keys/values shared by its responses) = the
+    model's plain forward over every response with its own prompt and image copy."""
+    s = setup
+    cfg, model, params = s["cfg"], s["model"], s["params"]
+    packed = update.pack_policy_inputs(cfg, s["prompts"], s["resp"], s["rmask"], group_size=G,
+                                       micro_batch_rows=2 * G)
+    inputs = jax.tree.map(lambda x: x[0], packed)
+    assert inputs.prompt_ids.shape[0] == 2                    # 2 prompts for 8 responses
+    assert int(inputs.vision_inputs.frame_valid.any(-1).sum()) == 2   # 2 images encoded
+    ids, mask, pos, pv, vin = _full_sequences(s)
+    m = jnp.asarray(s["rmask"], jnp.float32)
+    weights = jnp.asarray(np.random.default_rng(2).standard_normal(m.shape), jnp.float32) * m
+
+    def shared(p):
+        logp, _ = logprobs.response_logprobs(model, p, inputs, chunk=3)
+        return jnp.sum(jnp.where(m > 0, logp, 0.0) * weights), logp
+
+    def full(p):
+        logits = model.apply({"params": p}, ids, mask, pv, position_ids=pos,
+                             vision_inputs=vin).logits
+        lp = jax.nn.log_softmax(logits[:, -T - 1:-1], axis=-1)
+        logp = jnp.take_along_axis(lp, ids[:, -T:, None], -1)[..., 0]
+        return jnp.sum(jnp.where(m > 0, logp, 0.0) * weights), logp
+
+    (_, logp), grads = jax.jit(jax.value_and_grad(shared, has_aux=True))(params)
+    (_, ref), ref_grads = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+    valid = s["rmask"] > 0
+    np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(ref)[valid], atol=1e-5, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 grads, ref_grads)
+    # the vision tower receives gradient too
+    assert float(jnp.abs(grads["model"]["visual"]["patch_embed"]["proj"]["kernel"]).max()) > 0
+
+
+def test_response_position_ids_continue_after_the_prompt():
+    prompt = np.array([[[0, 0, 1, 2, 2, 5]], [[0, 0, 1, 3, 3, 5]], [[0, 0, 1, 2, 4, 5]]])
+    pos = update.response_position_ids(prompt, 3)
+    assert pos.shape == (3, 1, 9)
+    np.testing.assert_array_equal(pos[:, 0, 6:], [[6, 7, 8]] * 3)
+
+
+# ------------------------------------------------------------- split and device invariance
+def test_loss_and_grads_independent_of_micro_batches_and_devices(setup, devices8):
+    s = setup
+    rl = _rl()
+    run1 = jax.jit(update.make_loss_and_grad(s["model"], _mesh1(), rl, chunk=3))
+    loss1, metrics1, grads1 = run1(s["params"], _batch(s, 2 * G))
+    batch4 = _batch(s, 2)
+    assert batch4.num_micro_batches == 4 and batch4.inputs.pixel_values.shape[0] == 4
+    loss4, metrics4, grads4 = run1(s["params"], batch4)
+
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    params8 = jax.device_put(s["params"], qwen2_5_vl.param_shardings(s["model"], mesh))
+    run8 = jax.jit(update.make_loss_and_grad(s["model"], mesh, rl, chunk=3))
+    loss8, metrics8, grads8 = run8(params8, jax.device_put(batch4, update.update_batch_shardings(
+        mesh, batch4)))
+    q = grads8["model"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+
+    # the loss is the plain token-mean of policy_loss over all 8 responses
+    assert float(metrics1["tokens"]) == s["rmask"].sum()
+    assert abs(float(loss1) - float(metrics1["pg_loss"] + 0.01 * metrics1["kl"])) < 1e-6
+    for loss, metrics, grads in ((loss4, metrics4, grads4), (loss8, metrics8, grads8)):
+        np.testing.assert_allclose(loss, loss1, atol=1e-6, rtol=0)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                     metrics, metrics1)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                     grads, grads1)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads1)) > 1e-3
+
+
+def test_released_microbatch_mean_differs_and_matches_per_micro_batch_losses(setup, logprob_fn):
+    """loss_agg='microbatch_token_mean' = mean over micro-batches of their token-means."""
+    s = setup
+    batch = _batch(s, 2)
+    released = update.make_loss_and_grad(s["model"], _mesh1(),
+                                         _rl(loss_agg="microbatch_token_mean"), chunk=3)
+    loss = jax.jit(lambda p, b: released(p, b)[0])(s["params"], batch)  # grads pruned: fast
+    logp = logprob_fn(s["params"], batch.inputs)
+    per_mb = [losses.policy_loss(logp[i], batch.old_logp[i], batch.ref_logp[i],
+                                 batch.advantages[i], batch.response_mask[i])[0]
+              for i in range(4)]
+    np.testing.assert_allclose(loss, np.mean(per_mb), atol=1e-6, rtol=0)
+    token_mean = losses.policy_loss(update.merge_micro_batches(logp), s["old"], s["ref"],
+                                    s["adv"], s["rmask"])[0]
+    assert abs(float(loss) - float(token_mean)) > 1e-4
+
+
+# ------------------------------------------------------------------------------ the step
+def _optim(lr):
+    c = base.get_config().optim
+    c.lr = lr
+    return c
+
+
+def test_update_step_learns_and_skips_non_finite_batches(setup, logprob_fn):
+    s = setup
+    model, mesh = s["model"], _mesh1()
+    optim = _optim(1e-3)
+    opt = update.make_optimizer(optim)
+    rl = _rl()
+    step = update.make_update_step(model, opt, mesh, rl, optim, chunk=4)
+    inputs = update.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"], s["rmask"],
+                                       group_size=G, micro_batch_rows=2)
+    start = update.merge_micro_batches(logprob_fn(s["params"], inputs))
+    batch = update.pack_update_batch(s["cfg"], s["prompts"], s["resp"], s["rmask"], s["adv"],
+                                     start, start, group_size=G, micro_batch_rows=2,
+                                     inputs=inputs)
+    state = update.init_train_state(model, s["params"], opt, mesh)
+    params0 = jax.tree.map(np.asarray, s["params"])
+    history = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
+    assert set(history[0]) == set(update.METRIC_NAMES)
+    # rollout policy = current policy at the first step: ratio 1, no KL, no clipping
+    assert abs(history[0]["ratio_mean"] - 1.0) < 1e-5 and abs(history[0]["kl"]) < 1e-6
+    assert history[0]["lr"] == pytest.approx(1e-3) and history[0]["skipped"] == 0
+    assert history[0]["response_length"] == pytest.approx(s["rmask"].sum() / (2 * G))
+    assert history[2]["loss"] < history[1]["loss"] < history[0]["loss"]
+    assert int(state.step) == 3
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, params0)
+    assert all(jax.tree.leaves(changed))
+    after = update.merge_micro_batches(logprob_fn(state.params, inputs))
+    m = s["rmask"] > 0
+    gain = ((after - start) * m).sum(1) / m.sum(1)          # mean log-prob change per response
+    assert (gain[s["adv"] > 0] > 0).all() and (gain[s["adv"] < 0] < 0).all(), gain
+
+    # a non-finite batch is skipped: same state, skipped = 1, and training goes on after it
+    bad = batch.replace(old_logp=batch.old_logp.copy())
+    bad.old_logp[1, 0, 0] = np.nan
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = step(state, bad)
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+    state, metrics = step(state, batch)
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 4
+    assert len(step.compiled) == 1
+
+
+def test_optimizer_keeps_fp32_moments_for_bf16_params():
+    opt = update.make_optimizer(_optim(1e-2), moment_dtype=jnp.float32)
+    params = {"w": jnp.ones((4,), jnp.bfloat16)}
+    state = opt.init(params)
+    dtypes = {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    updates, state = opt.update({"w": jnp.full((4,), 0.5, jnp.bfloat16)}, state, params)
+    import optax
+    new = optax.apply_updates(params, updates)
+    assert new["w"].dtype == jnp.bfloat16 and float(new["w"][0]) < 1.0
+
+
+def test_pack_rejects_bad_shapes(setup):
+    s = setup
+    with pytest.raises(ValueError, match="do not split into micro-batches"):
+        _batch(s, 3)
+    with pytest.raises(ValueError, match="prompt-major"):
+        update.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"][:6], s["rmask"][:6],
+                                  group_size=G, micro_batch_rows=2)
+    prompts = dict(s["prompts"], image_grid_thw=s["prompts"]["image_grid_thw"][:1])
+    with pytest.raises(ValueError, match="image-pad tokens"):
+        update.pack_policy_inputs(s["cfg"], prompts, s["resp"], s["rmask"], group_size=G,
+                                  micro_batch_rows=2)
+
+
+def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
+    s = setup
+    cfg, prompts = s["cfg"], s["prompts"]
+    whole = update.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
+                                      micro_batch_rows=2 * G)
+    np.testing.assert_array_equal(whole.prompt_index, [[0, 0, 0, 0, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(whole.prompt_ids[0], prompts["input_ids"])
+    halves = update.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
+                                       micro_batch_rows=2)
+    assert halves.prompt_ids.shape[:2] == (4, 1) and (halves.prompt_index == 0).all()
+    np.testing.assert_array_equal(halves.prompt_ids[:, 0], np.repeat(prompts["input_ids"], 2, 0))
+    np.testing.assert_array_equal(halves.response_position_ids[0, :, :, 0],
+                                  prompts["position_ids"][:, :1].max() + 1)
+
+    # G = 3 in micro-batches of 2 straddles groups: rows {0,1} {2,3} {4,5} need prompts
+    # {0} {0,1} {1}; the 1-prompt micro-batches get a padding prompt row (mask 0)
+    resp, rmask = s["resp"][:6], s["rmask"][:6]
+    odd = update.pack_policy_inputs(cfg, prompts, resp, rmask, group_size=3, micro_batch_rows=2)
+    np.testing.assert_array_equal(odd.prompt_index, [[0, 0], [0, 1], [0, 0]])
+    assert odd.prompt_mask.shape[:2] == (3, 2)
+    assert not odd.prompt_mask[0, 1].any() and not odd.prompt_mask[2, 1].any()
+    one = update.pack_policy_inputs(cfg, prompts, resp, rmask, group_size=3, micro_batch_rows=6)
+    np.testing.assert_allclose(update.merge_micro_batches(logprob_fn(s["params"], odd))[rmask > 0],
+                               update.merge_micro_batches(logprob_fn(s["params"], one))[rmask > 0],
+                               atol=1e-5, rtol=0)
+
+    # a text-only prompt: its micro-batch gets an unread dummy image
+    text_only = dict(prompts, image_grid_thw=prompts["image_grid_thw"][:1])
+    ids = text_only["input_ids"].copy()
+    ids[1][ids[1] == cfg.image_token_id] = 7
+    text_only["input_ids"] = ids
+    mixed = update.pack_policy_inputs(cfg, text_only, s["resp"], s["rmask"], group_size=G,
+                                      micro_batch_rows=G)
+    assert mixed.pixel_values.shape[0] == 2 and not mixed.pixel_values[1].any()
+    no_images = {k: v for k, v in text_only.items() if k not in ("pixel_values", "image_grid_thw")}
+    no_images["input_ids"] = np.where(ids == cfg.image_token_id, 7, ids)
+    plain = update.pack_policy_inputs(cfg, no_images, s["resp"], s["rmask"], group_size=G,
+                                      micro_batch_rows=G)
+    assert plain.pixel_values is None and plain.vision_inputs is None
+
+
+def test_train_state_on_mesh_shards_moments_like_params(setup, devices8):
+    s = setup
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    opt = update.make_optimizer(_optim(1e-3))
+    state = update.init_train_state(s["model"], s["params"], opt, mesh)
+    want = qwen2_5_vl.param_shardings(s["model"], mesh)
+    moments = [t for t in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, dict))
+               if isinstance(t, dict)]
+    assert len(moments) == 2                                   # Adam mu and nu
+    for tree in moments:
+        jax.tree.map(lambda x, sh: x.sharding.is_equivalent_to(sh, x.ndim) or pytest.fail(str(sh)),
+                     tree, want)
+        assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype(jnp.float32)}
