@@ -22,8 +22,14 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.fspath(directory)
+        if "://" not in self.directory:            # orbax wants absolute local paths
+            self.directory = os.path.abspath(self.directory)
+        # cleanup_tmp_directories: a process killed mid-save (SIGKILL, lost host) leaves a
+        # half-written `<step>.orbax-checkpoint-tmp*` folder; it is never a restore candidate
+        # and is removed here so the resumed run can write that step again.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -40,14 +46,28 @@ class Checkpointer:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
+    def read_extra(self, step: int | None = None) -> dict | None:
+        """The JSON side-car alone (cheap): tells what the state pytree of `step` holds."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        out = self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))
+        return dict(out["extra"])
+
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
         """Restore onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
-        out = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                          extra=ocp.args.JsonRestore()))
+        try:
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                              extra=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"checkpoint {self.directory}/{step} does not fit this run's train state ({e}). "
+                "It was written with another model or optimizer config: resume with that "
+                "config, or start afresh with a new --workdir") from e
         log.info("checkpoint: restored step %d from %s", step, self.directory)
         return out["state"], dict(out["extra"])
 

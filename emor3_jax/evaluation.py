@@ -1,7 +1,8 @@
 """Accuracy of the policy on held-out data sets (exact match of the boxed answer).
 
 Validation decodes as released (temperature 0.6, top-p 0.95, one sample) or greedily; the
-judge terms are not computed. Every host evaluates its own shard; counts are summed over hosts.
+judge terms are not computed. With several hosts, `batches` are global (every host's shard
+gathered, `Pipeline.global_iter`), so every host counts the same examples and gets the result.
 """
 from __future__ import annotations
 
@@ -23,13 +24,6 @@ def sampling_kwargs(eval_config) -> dict:
     return dict(temperature=float(eval_config.temperature), top_p=float(eval_config.top_p))
 
 
-def _sum_over_hosts(values: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(values)).sum(axis=0)
-
-
 def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, *, preset,
                      max_new_tokens: int, rng, eval_config, max_examples: int = 0,
                      samples: list | None = None) -> dict:
@@ -41,6 +35,8 @@ def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, 
         out = generate(batch, key, max_new_tokens, **sampling_kwargs(eval_config))
         valid = np.asarray(batch["valid"], bool)
         for row in np.nonzero(valid)[0]:
+            if max_examples and total >= max_examples:
+                break
             text = chat.decode_response(tokenizer, out.tokens[row], int(out.lengths[row]))
             acc = emotion.accuracy_reward(text, batch["label_text"][row])
             correct += acc
@@ -52,8 +48,6 @@ def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, 
                                 "correct": bool(acc)})
         if max_examples and total >= max_examples:
             break
-    correct, formatted, total, length = _sum_over_hosts(
-        np.array([correct, formatted, total, length], np.float64))
     if total == 0:
         raise ValueError("evaluation: the data set yielded no valid examples (empty split?)")
     return {"accuracy": correct / total, "format": formatted / total,

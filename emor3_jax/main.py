@@ -11,6 +11,7 @@ import logging
 import os
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 import emor3_jax.configs as _configs
@@ -24,7 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "where checkpoints, me
 
 def main(argv):
     del argv
-    logging.getLogger().setLevel(logging.INFO)
+    # Our progress at INFO; libraries (orbax, tfds, grain) only when something is wrong.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("emor3_jax").setLevel(logging.INFO)
     from emor3_jax import distributed
     distributed.initialize()           # no-op on one host; TPU pods / SLURM from the environment
     from emor3_jax import trainer

@@ -107,3 +107,43 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+
+
+# --------------------------------------------------------------------------------------------
+# Host <-> device with meshes that may span several processes (multi-host).
+# The driver gives every process the same global host batch (emor3_jax/distributed.py), so
+# placing is "each process copies its own devices' shards" and fetching is a gather.
+
+def put_global(x, sharding):
+    """Host value `x` (the same on every process) as a jax.Array laid out by `sharding`.
+
+    A sharding over several processes: each process copies only its own devices' shards
+    (`jax.make_array_from_callback`; no cross-process check, unlike `jax.device_put`, which
+    gathers the value to compare it). Otherwise (and for jax.Arrays) `jax.device_put`.
+    """
+    if x is None:
+        return None
+    if isinstance(x, jax.Array) or sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def host_to_global(tree, shardings):
+    """`put_global` over a pytree of host arrays and a matching tree of shardings (None leaves
+    stay None). With one process the tree is returned as it is: jit places host numpy itself,
+    which it refuses to do for shardings that span processes."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(put_global, tree, shardings)
+
+
+def to_host(x) -> np.ndarray:
+    """The whole value of `x` as numpy on this process. An array sharded over several
+    processes is gathered first: a collective, so every process must call it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)

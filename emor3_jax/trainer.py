@@ -2,7 +2,7 @@
 
 `run(config, workdir)` is everything `python -m emor3_jax.main` does. One training step:
 
-    prompts (grain, this host's shard) -> sampler: G responses per prompt (prefill once)
+    prompts (grain: each host's block, gathered) -> sampler: G responses per prompt (prefill once)
     -> rule rewards + reflective judge -> group advantages (-> DAPO resampling if enabled)
     -> reference log-probs (frozen initial policy) -> one update per mini-batch
     -> metrics (TensorBoard, JSONL, progress bar) -> eval / checkpoint on schedule
@@ -11,6 +11,11 @@ All I/O lives here; the stages are pure functions elsewhere. A checkpoint holds 
 state, the reference params when they are not the loaded weights, the base RNG key and the
 data iterator state, so a resumed run continues exactly. SIGTERM (TPU preemption) saves a
 checkpoint and returns normally.
+
+Multi-host: every process runs this loop on the same global batch (each reads its block of
+it; emor3_jax/distributed.py), so the host logic is replicated and device arrays are global.
+All processes write their shards of a checkpoint; only process 0 writes metrics, the report and
+the Hugging Face export.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emor3_jax import checkpoint as ckpt_lib
+from emor3_jax import distributed
 from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, report
 from emor3_jax import sharding, sft
 from emor3_jax.configs import base
@@ -43,6 +49,20 @@ TRAIN_SPLIT, EVAL_SPLIT = "train", "test"
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive updates with a non-finite loss or gradient."""
+
+
+def _count_nonfinite(bad_in_a_row: int, skipped: float, step: int, config, lr_field: str) -> int:
+    """Consecutive skipped (non-finite) updates so far; NonFiniteError at
+    `train.max_nonfinite_in_a_row` of them (0 = never halt, only skip and count)."""
+    bad_in_a_row = bad_in_a_row + 1 if skipped else 0
+    limit = int(config.train.max_nonfinite_in_a_row)
+    if limit and bad_in_a_row >= limit:
+        raise NonFiniteError(
+            f"{bad_in_a_row} consecutive updates had a non-finite loss or gradient (last at "
+            f"step {step}); each was skipped (metric 'skipped'). Lower config.{lr_field}, check "
+            "the data or use float32 params (config.model.param_dtype); "
+            "config.train.max_nonfinite_in_a_row sets how many in a row halt the run")
+    return bad_in_a_row
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,10 +130,12 @@ def _round_up(n: int, buckets) -> int:
 
 
 def _stop_requested() -> bool:
-    return _SIGNAL["term"]
+    # all hosts together (a host that saw SIGTERM alone would save while others step)
+    return distributed.any_process(_SIGNAL["term"])
 
 
 _SIGNAL = {"term": False}
+_LAST_TRACE_STOP: dict[str, int] = {}   # profile dir -> second its last trace stopped
 
 
 @contextlib.contextmanager
@@ -192,9 +214,9 @@ class Trainer:
                     rng=key, position_ids=batch["position_ids"], rope_deltas=batch["rope_deltas"],
                     **kw)
 
-            key = jax.random.fold_in(jax.random.fold_in(self.base_key, 7), step)
+            key = jax.random.fold_in(jax.random.fold_in(self.base_key, 7), step + 1)  # final: -1
             results[name] = evaluation.evaluate_dataset(
-                generate, iter(pipe), self.policy.tokenizer, preset=c.reward.preset,
+                generate, pipe.global_iter(), self.policy.tokenizer, preset=c.reward.preset,
                 max_new_tokens=c.eval.max_new_tokens, rng=key, eval_config=c.eval,
                 max_examples=c.eval.max_examples, samples=samples if not samples else None)
             log.info("eval step %d %s: accuracy %.4f format %.3f (%d examples)", step, name,
@@ -214,10 +236,11 @@ class Trainer:
         c = self.config
         optimizer = sft.make_sft_optimizer(c.sft, c.optim)
         step_fn = sft.make_sft_step(self.model, optimizer, self.mesh, chunk=c.rl.logprob_chunk)
-        it = iter(self._sft_pipeline())
+        it = self._sft_pipeline().global_iter()
         if data_state is not None:
             it.set_state(data_state)
         micro = update_lib.micro_batch_rows(c.rl.micro_batch_size, self.mesh)
+        bad_in_a_row = 0
         for step in range(start, c.sft.steps):
             batch = next(it)
             labels = sft.batch_labels(batch, random_labels=c.sft.random_labels,
@@ -230,10 +253,14 @@ class Trainer:
             writer.write(step, m, prefix="sft/")
             if step % max(1, c.train.log_every) == 0:
                 log.info("sft step %d: loss %.4f", step, m["loss"])
-            if _stop_requested() or (step + 1) % c.train.checkpoint_every == 0:
+            bad_in_a_row = _count_nonfinite(bad_in_a_row, m.get("skipped", 0), step + 1, c,
+                                            "sft.lr")
+            stop = _stop_requested()     # read once: a signal between two reads loses the save
+            if stop or (step + 1) % c.train.checkpoint_every == 0:
                 self.save(step + 1, "sft", state, None, it)
-                if _stop_requested():
-                    return state, True
+            if stop:
+                log.warning("SIGTERM: stopped after SFT step %d (checkpoint saved)", step + 1)
+                return state, True
         return state, False
 
     # ---------------------------------------------------------------------------- GRPO --
@@ -265,11 +292,11 @@ class Trainer:
         tokens, old = ro.tokens[:, :length], ro.logprobs[:, :length]
         mask = ro.response_mask()[:, :length]
         micro = update_lib.micro_batch_rows(rl.micro_batch_size, self.mesh)
-        per_host = rl.mini_batch_size // jax.process_count()
+        per_update = rl.mini_batch_size   # prompts; the rollout is global on every host
         n_prompts = len(ro.prompts["input_ids"])
         agg: dict[str, float] = {}
-        for start in range(0, n_prompts, per_host):
-            idx = np.arange(start, min(start + per_host, n_prompts))
+        for start in range(0, n_prompts, per_update):
+            idx = np.arange(start, min(start + per_update, n_prompts))
             rows = (idx[:, None] * g + np.arange(g)[None]).reshape(-1)
             prompts = rollout_lib.take_prompts(ro.prompts, idx)
             inputs = update_lib.pack_policy_inputs(
@@ -290,7 +317,7 @@ class Trainer:
             state, m = self.update_fn(state, ub)
             for k, v in m.items():
                 agg[k] = agg.get(k, 0.0) + float(v)
-        n_updates = math.ceil(n_prompts / per_host)
+        n_updates = math.ceil(n_prompts / per_update)
         for k, v in agg.items():
             out[f"loss/{k}" if k in ("loss", "pg_loss", "kl", "ppo_kl", "entropy") else
                 f"update/{k}"] = v / n_updates if k not in ("tokens", "skipped") else v
@@ -301,10 +328,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints --
     def save(self, step: int, phase: str, state, ref_params, it, *, force: bool = True):
-        tree = {"train": state, "rng": jax.random.key_data(self.base_key)}
+        # numpy, not a host-local jax.Array: orbax refuses those with several processes
+        tree = {"train": state, "rng": np.asarray(jax.random.key_data(self.base_key))}
         if ref_params is not None and self.ref_in_checkpoint:
             tree["ref"] = ref_params
-        extra = {"phase": phase, "step": int(step), "data": it.get_state() if it else None}
+        extra = {"phase": phase, "step": int(step), "data": it.get_state() if it else None,
+                 "history": self.history}
         self.ckpt.save(self._ckpt_index(phase, step), tree, extra, force=force)
 
     def _ckpt_index(self, phase: str, step: int) -> int:
@@ -330,6 +359,7 @@ class Trainer:
         if restored is not None:
             state, ref_params, phase, start, data_state = restored
             log.info("resumed: phase %s step %d", phase, start)
+            self.history = list(self._restored_history)
         if phase == "sft":
             state, stopped = self.run_sft(state, writer, start, data_state)
             if stopped:
@@ -338,9 +368,12 @@ class Trainer:
             state = update_lib.init_train_state(self.model, state.params, rl_optimizer, self.mesh)
             phase, start, data_state = "rl", 0, None
         if ref_params is None and rl.kl_coef:
-            ref_params = policy_lib.copy_params(state.params)
+            # The policy RL started from: this state at RL step 0; in a resumed run without SFT
+            # (reference not checkpointed) the loaded weights, not the resumed params.
+            ref_params = policy_lib.copy_params(state.params if start == 0
+                                                else self.policy.params)
         judge = self._judge()
-        it = iter(self._pipeline(c.data.train, TRAIN_SPLIT, eval_mode=False))
+        it = self._pipeline(c.data.train, TRAIN_SPLIT, eval_mode=False).global_iter()
         if data_state is not None:
             it.set_state(data_state)
         if start == 0 and c.train.eval_every:
@@ -358,19 +391,17 @@ class Trainer:
             writer.write(step + 1, m)
             writer.progress(step + 1 + c.sft.steps, {"reward": m.get("reward/mean", 0.0),
                                                      "acc": m.get("reward/accuracy", 0.0)})
-            bad_in_a_row = bad_in_a_row + 1 if m.get("update/skipped", 0) else 0
-            if bad_in_a_row >= c.train.max_nonfinite_in_a_row:
-                raise NonFiniteError(
-                    f"{bad_in_a_row} consecutive updates had a non-finite loss or gradient (last "
-                    f"at step {step + 1}); each was skipped. Lower config.optim.lr, check the data "
-                    "or use float32 params (config.model.param_dtype)")
+            bad_in_a_row = _count_nonfinite(bad_in_a_row, m.get("update/skipped", 0), step + 1,
+                                            c, "optim.lr")
             done = step + 1 == total_rl
             if c.train.eval_every and ((step + 1) % c.train.eval_every == 0 or done):
                 self.history.append({"step": step + 1,
                                      **self.evaluate(state.params, step + 1, writer)})
-            if _stop_requested() or done or (step + 1) % c.train.checkpoint_every == 0:
+            stop = _stop_requested()     # read once: a signal between two reads loses the save
+            if stop or done or (step + 1) % c.train.checkpoint_every == 0:
                 self.save(step + 1, "rl", state, ref_params, it)
-            if _stop_requested():
+            if stop:
+                log.warning("SIGTERM: stopped after RL step %d (checkpoint saved)", step + 1)
                 self.ckpt.wait()
                 writer.close()
                 return None
@@ -426,7 +457,12 @@ class Trainer:
         try:
             yield
         finally:
+            # A trace lands in plugins/profile/<the second stop_trace ran>: a second trace
+            # stopped within the same second would overwrite the previous one.
+            while int(time.time()) <= _LAST_TRACE_STOP.get(path, -1):
+                time.sleep(0.05)
             jax.profiler.stop_trace()
+            _LAST_TRACE_STOP[path] = int(time.time())
             log.info("profile: step %d traced into %s", step, path)
 
     def _judge(self):
@@ -452,10 +488,16 @@ class Trainer:
     def restore(self, state):
         if self.ckpt.latest_step() is None:
             return None
-        tree = {"train": state, "rng": jax.random.key_data(self.base_key)}
-        if self.ref_in_checkpoint:
-            tree["ref"] = state.params
+        tree = {"train": state, "rng": np.asarray(jax.random.key_data(self.base_key))}
+        if self.ref_in_checkpoint and self.ckpt.read_extra()["phase"] == "rl":
+            tree["ref"] = state.params      # SFT-phase checkpoints hold no reference
         restored, extra = self.ckpt.restore(ckpt_lib.abstract_like(tree))
+        self._restored_history = extra.get("history") or []
+        if not np.array_equal(np.asarray(restored["rng"]), tree["rng"]):
+            # the data order and every sample follow the seed: no exact resume with another
+            raise ValueError(f"{self.ckpt.directory} was written by a run with another "
+                             f"config.seed than {self.config.seed}; resume with that run's seed "
+                             "or start afresh with a new --workdir")
         return (restored["train"], restored.get("ref"), extra["phase"], int(extra["step"]),
                 extra.get("data"))
 
@@ -481,8 +523,8 @@ class Trainer:
     def export(self, params):
         from emor3_jax.models import qwen2_5_vl
         out_dir = os.path.join(self.workdir, "export")
+        qwen2_5_vl.save_hf(params, self.model.config, out_dir)   # every process (gathers)
         if self.is_main:
-            qwen2_5_vl.save_hf(params, self.model.config, out_dir)
             self.policy.tokenizer.save_pretrained(out_dir)
             log.info("export: Hugging Face checkpoint written to %s", out_dir)
         return out_dir

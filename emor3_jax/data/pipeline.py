@@ -40,11 +40,13 @@ do `state_to_bytes` / `state_from_bytes`), and a restored iterator continues wit
 batches the original would have produced.
 
 Sharding: eval shards are disjoint (`range(process_index, N, process_count)`) and every host
-yields ceil(ceil(N / count) / B) batches. Training shards all have ceil(N / count) examples:
-when count does not divide N, a shard wraps around to the start of the split, so at most
-count - 1 examples appear twice per epoch and none is left out. Skips can still differ between
-hosts, so a multi-host trainer should count steps (num_epochs=None) rather than wait for the
-end of a finite pass.
+yields ceil(ceil(N / count) / B) batches. Training reads ONE shuffled stream of the whole split
+(the same for any host count); global batch k is its positions [k * B * count, (k + 1) * B *
+count) and host p takes the contiguous block [p * B, (p + 1) * B) of it, so the host batches
+concatenated in process order (`concat_batches`, `Pipeline.global_iter`) are exactly the batch
+one process with the global batch size reads (as long as nothing is skipped: a host refills a
+skipped example from its own next block). Skips can differ between hosts, so a multi-host
+trainer should count steps (num_epochs=None) rather than wait for the end of a finite pass.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import threading
 from typing import Any, Sequence
 
@@ -309,6 +312,9 @@ class BatchIterator(grain.DatasetIterator):
                 "skips": dict(self._skips)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if "hosts" in state:
+            raise ValueError(f"data iterator state was saved by {len(state['hosts'])} processes "
+                             "(GlobalBatchIterator); resume with that many processes")
         self._parent.set_state(state["parent"])
         self._batches = int(state["batches"])
         self._skips = collections.Counter({k: int(v) for k, v in state["skips"].items()})
@@ -347,6 +353,30 @@ def shard_indices(n: int, process_index: int, process_count: int, *, wrap: bool)
     return (process_index + process_count * np.arange(per_host)) % n
 
 
+class _HostBlocks(grain.MapDataset):
+    """Host `index`'s rows of every global batch: positions [k * B * count + index * B,
+    k * B * count + (index + 1) * B) of the global stream, k = 0, 1, ... (B = `block`)."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, count: int, index: int):
+        super().__init__(parent)
+        self._block, self._count, self._index = block, count, index
+        n, size = len(parent), block * count
+        self._length = n if n >= sys.maxsize else (
+            n // size * block + min(max(n % size - index * block, 0), block))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __str__(self) -> str:
+        return f"_HostBlocks(block={self._block}, count={self._count}, index={self._index})"
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        k, j = divmod(i, self._block)
+        return self._parent[(k * self._count + self._index) * self._block + j]
+
+
 class Pipeline:
     """An iterable of batches over one split; `iter()` gives a checkpointable BatchIterator."""
 
@@ -364,17 +394,23 @@ class Pipeline:
         self.cfg = cfg
         self.labels = tuple(labels)
         self.token_ids = token_ids(tokenizer)
-        indices = shard_indices(len(source), cfg.process_index, cfg.process_count,
-                                wrap=not cfg.eval_mode)
-        self.shard_len = len(indices)
         self.num_examples = len(source)
-        self._preprocess = Preprocess(tokenizer, self.labels, cfg, max(self.shard_len, 1))
-        ds = grain.MapDataset.source(_Shard(source, indices))
-        if not cfg.eval_mode:
+        if cfg.eval_mode:
+            indices = shard_indices(len(source), cfg.process_index, cfg.process_count,
+                                    wrap=False)
+            self.shard_len = len(indices)
+            ds = grain.MapDataset.source(_Shard(source, indices))
+        else:   # one stream of the whole split for every host count (module docstring)
+            self.shard_len = len(source)
+            ds = grain.MapDataset.source(source)
             if cfg.shuffle:
                 ds = ds.shuffle(seed=cfg.seed)
             ds = ds.repeat(cfg.num_epochs)
-        self._dataset = ds.map_with_index(self._preprocess)
+        self._preprocess = Preprocess(tokenizer, self.labels, cfg, max(self.shard_len, 1))
+        ds = ds.map_with_index(self._preprocess)
+        if not cfg.eval_mode and cfg.process_count > 1:
+            ds = _HostBlocks(ds, cfg.batch_size, cfg.process_count, cfg.process_index)
+        self._dataset = ds
 
     @property
     def num_batches(self) -> int | None:
@@ -398,13 +434,113 @@ class Pipeline:
             filler_fn=self._preprocess.filler, batch_size=cfg.batch_size,
             num_batches=self.num_batches)
 
+    def global_iter(self):
+        """Iterator over global batches: `iter(self)` with one process; with several, every
+        host's batch k gathered and concatenated in process order (`GlobalBatchIterator`), the
+        same batch on every process. Each `next` is a collective: all processes iterate along."""
+        import jax
+        cfg = self.cfg
+        if cfg.process_count == 1:
+            return iter(self)
+        if (cfg.process_index, cfg.process_count) != (jax.process_index(), jax.process_count()):
+            raise ValueError(f"global_iter: the pipeline is shard {cfg.process_index} of "
+                             f"{cfg.process_count} but this is process {jax.process_index()} of "
+                             f"{jax.process_count()}; leave process_index/count unset (None)")
+        from emor3_jax import distributed
+        return GlobalBatchIterator(
+            iter(self), combine=lambda parts: concat_batches(parts, labels=self.labels, cfg=cfg,
+                                                             ids=self.token_ids),
+            gather=distributed.allgather_objects, index=cfg.process_index,
+            count=cfg.process_count)
+
+
+def batch_rows(batch: dict[str, Any]) -> list[dict]:
+    """The examples of a batch, filler rows included (the inverse of `collate`)."""
+    grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    starts = np.concatenate([[0], np.cumsum(np.prod(grid, -1))])
+    rows = []
+    for i in range(len(batch["input_ids"])):
+        rows.append({"input_ids": batch["input_ids"][i][batch["attention_mask"][i] != 0],
+                     "pixel_values": batch["pixel_values"][starts[i]:starts[i + 1]],
+                     "grid_thw": grid[i], "label": int(batch["label"][i]),
+                     "label_text": batch["label_text"][i], "problem": batch["problem"][i],
+                     "example_id": batch["example_id"][i], "epoch": int(batch["epoch"][i])})
+    return rows
+
+
+def concat_batches(batches: Sequence[dict[str, Any]], *, labels: Sequence[str],
+                   cfg: PipelineConfig, ids) -> dict[str, Any]:
+    """Host batches -> one batch of all their rows, in order, padded and bucketed exactly as
+    `collate` pads one batch of those rows (prompt and patch buckets of `cfg`)."""
+    if len(batches) == 1:
+        return batches[0]
+    rows = [row for b in batches for row in batch_rows(b)]
+    valid = np.concatenate([np.asarray(b["valid"], bool) for b in batches])
+    out = collate(rows, valid, labels=labels, cfg=cfg, ids=ids)
+    out["num_skipped"] = sum(int(b.get("num_skipped", 0)) for b in batches)
+    return out
+
+
+class GlobalBatchIterator:
+    """Every host's next batch, concatenated in process order (`Pipeline.global_iter`).
+
+    `gather(obj)` returns every process's obj in process order (`distributed.allgather_objects`).
+    Checkpointable: the state holds every host's BatchIterator state ({"hosts": [...]}), so a
+    resumed run restores each host's own position (and must use the same host count).
+    """
+
+    def __init__(self, host_iterator: BatchIterator, *, combine, gather, index: int, count: int):
+        self._it, self._combine, self._gather = host_iterator, combine, gather
+        self._index, self._count = index, count
+        self._skips: dict[str, int] = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            batch = None
+        if batch is not None and batch.get("pixel_values") is not None:  # real rows only
+            batch = {**batch, "pixel_values": batch["pixel_values"][:batch["num_patches"]]}
+        parts = self._gather((batch, self._it.skip_counts()))
+        skips: collections.Counter = collections.Counter()
+        for _, counts in parts:
+            skips.update(counts)
+        self._skips = dict(skips)
+        done = [b is None for b, _ in parts]
+        if any(done):
+            if not all(done):
+                log.warning("data pipeline: hosts %s ran out of batches before the others; "
+                            "every host stops", [p for p, d in enumerate(done) if d])
+            raise StopIteration
+        return self._combine([b for b, _ in parts])
+
+    def skip_counts(self) -> dict[str, int]:
+        """Examples skipped so far on all hosts together, by reason."""
+        return dict(sorted(self._skips.items()))
+
+    def get_state(self) -> dict[str, Any]:
+        """Every host's iterator state (a collective: all processes call it)."""
+        return {"hosts": self._gather(self._it.get_state())}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        hosts = state.get("hosts") if isinstance(state, dict) else None
+        if hosts is None or len(hosts) != self._count:
+            have = "one process" if hosts is None else f"{len(hosts)} processes"
+            raise ValueError(f"data iterator state was saved by {have}; this run has "
+                             f"{self._count}: resume with the same number of processes")
+        self._it.set_state(hosts[self._index])
+
 
 def open_source(name: str, split: str, *, data_dir: str | None = None,
                 manual_dir: str | None = None, config=None, prepare: bool = True):
     """(builder, data source with images left encoded) for a registered data set split.
 
     Prepares the data set first when `prepare` and it is not prepared yet (users' files come
-    from `manual_dir`; emo_synth needs none). In a multi-host run let one host prepare.
+    from `manual_dir`; emo_synth needs none). With several processes, process 0 prepares
+    first and the others wait (a shared data_dir is prepared once; host-local ones afterwards).
     """
     import tensorflow_datasets as tfds  # the builders are registered: this is emor3_jax.data
 
@@ -412,14 +548,32 @@ def open_source(name: str, split: str, *, data_dir: str | None = None,
     if config is not None:
         kwargs["config"] = config
     builder = tfds.builder(name, **kwargs)
-    if prepare and not builder.is_prepared():
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir or None))
+    if prepare:
+        builder = _prepare(builder, lambda: tfds.builder(name, **kwargs), manual_dir)
     if split not in builder.info.splits:
         raise ValueError(f"{name} has no split {split!r}; the prepared splits are "
                          f"{sorted(builder.info.splits)} (see {builder.data_dir})")
     source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
     return builder, source
+
+
+def _prepare(builder, reopen, manual_dir):
+    import jax
+    import tensorflow_datasets as tfds
+
+    def run(b):
+        if not b.is_prepared():
+            b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir or None))
+        return b
+    if jax.process_count() == 1:
+        return run(builder)
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+        run(builder)
+    multihost_utils.sync_global_devices(f"emor3_jax: prepared {builder.name}")
+    # a builder made before the data existed has no split info: open it again
+    return builder if jax.process_index() == 0 else run(reopen())
 
 
 def make_pipeline(name: str, split: str, tokenizer, cfg: PipelineConfig, **source_kwargs

@@ -1,0 +1,414 @@
+"""Fault tolerance of the trainer, end to end through `python -m emor3_jax.main`.
+
+A run of the CPU demo config, shrunk to seconds (tiny model, 2 SFT steps, 4 GRPO steps of 2
+prompts x G=2, 8-token responses), is
+  1. run uninterrupted;
+  2. run again, killed with SIGKILL as soon as its end-of-SFT checkpoint exists, resumed with
+     the same command (so the resume crosses the SFT -> RL boundary), sent SIGTERM after its
+     first RL step (it must save the step it reached and exit 0), and resumed to the end;
+and the final parameters, optimizer state, metrics, evaluation history and Hugging Face export
+of 2 must equal those of 1 exactly (a deterministic program on CPU). Also: config errors are
+reported before anything is compiled, a resume with another seed is refused, and K
+non-finite updates in a row (a model loaded from an export with a NaN weight) are skipped,
+counted and halt the run.
+
+All runs read one frozen copy of configs/demo_cpu.py (the demo gets tuned; a change between
+two runs of this module must not look like a resume bug), with the overrides below pinning the
+learning rates. The children share a persistent XLA compilation cache (only the first run
+compiles) and run on 1 CPU device, as the demo does on a laptop, not on the 8 virtual devices of this process: with
+2 virtual devices on 2 busy cores, XLA:CPU's thunk executor can start two independent
+collectives of one program in different orders on the two devices and deadlock (rendezvous
+timeout, abort) -- an XLA:CPU scheduling issue, not the trainer's.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emor3_jax import trainer
+from emor3_jax.configs import demo_cpu
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo_cpu.py"
+CHILD_DEVICES = 1
+SFT_STEPS, RL_STEPS, KEEP = 2, 4, 3
+
+# The cheapest complete cold_start run of the demo config (all fields exist in configs/base.py).
+TINY_RUN = {
+    "model.tiny": "tiny", "optim.lr": 1e-3, "sft.lr": 2e-3,
+    "sft.steps": SFT_STEPS, "sft.batch_size": 4,
+    "train.max_steps": RL_STEPS, "train.eval_every": 2, "train.checkpoint_every": 1,
+    "train.keep_checkpoints": KEEP,
+    "rollout.batch_size": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 8,
+    "rollout.response_buckets": "(8,)",
+    "rl.mini_batch_size": 2, "rl.micro_batch_size": 2,
+    "eval.max_new_tokens": 8, "eval.max_examples": 2, "eval.batch_size": 2,
+    "reward.preset": "set_only",
+}
+# Wall-clock metrics differ between runs; everything else must not.
+_TIMING = ("time", "per_s")
+
+
+# --------------------------------------------------------------------------------- helpers --
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """How this module starts `python -m emor3_jax.main`: config file and environment."""
+    config: Path
+    env: dict
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory) -> Child:
+    """A frozen copy of the demo config; 1 CPU device and a shared compilation cache."""
+    config = tmp_path_factory.mktemp("config") / "demo_cpu.py"
+    config.write_text(DEMO.read_text())
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [
+        f"--xla_force_host_platform_device_count={CHILD_DEVICES}"])
+    env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return Child(config, env)
+
+
+def _start(child: Child, workdir: Path, log_name: str, **overrides
+           ) -> tuple[subprocess.Popen, Path]:
+    args = [sys.executable, "-m", "emor3_jax.main", f"--config={child.config}",
+            f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in {**TINY_RUN, **overrides}.items()]
+    log_path = workdir.parent / f"{workdir.name}.{log_name}.log"
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(args, cwd=REPO, env=child.env, stdout=log_file,
+                            stderr=subprocess.STDOUT)
+    log_file.close()
+    return proc, log_path
+
+
+def _tail(log_path: Path, n: int = 4000) -> str:
+    return log_path.read_text()[-n:]
+
+
+def _wait(proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the training process ran over {timeout}s:\n{_tail(log_path)}")
+
+
+def _run(child: Child, workdir: Path, log_name: str, **overrides) -> tuple[int, str]:
+    proc, log_path = _start(child, workdir, log_name, **overrides)
+    return _wait(proc, log_path), log_path.read_text()
+
+
+def _poll(proc: subprocess.Popen, log_path: Path, ready, what: str, timeout: float = 300):
+    """Wait until `ready()` (checked every 20 ms) while the process still runs."""
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the process exited (rc {proc.returncode}) before {what}:\n"
+                        f"{_tail(log_path)}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail(f"no {what} after {timeout}s:\n{_tail(log_path)}")
+        time.sleep(0.02)
+
+
+def _checkpoint_steps(workdir: Path) -> list[int]:
+    """Committed checkpoints (orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>`)."""
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def _metric_rows(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _final_metrics(workdir: Path) -> dict:
+    """{(kind, step): {name: value}}, the last value written for each (a resumed run rewrites
+    the steps after its checkpoint), without wall-clock timings."""
+    out: dict = {}
+    for row in _metric_rows(workdir):
+        step = row.pop("step")
+        for k, v in row.items():
+            if any(t in k for t in _TIMING):
+                continue
+            kind = k.split("/")[0] if k.split("/")[0] in ("sft", "eval") else "rl"
+            out.setdefault((kind, step), {})[k] = v
+    return out
+
+
+def _read_state(workdir: Path, step: int) -> dict:
+    """The saved train state pytree of checkpoint `step`, as numpy arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+    path = (workdir / "checkpoints" / str(step) / "state").resolve()
+    ckptr = ocp.PyTreeCheckpointer()
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _assert_trees_equal(a, b, what: str):
+    import jax
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb], f"{what}: different pytree structure"
+    for (path, x), (_, y) in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+def _terminate_after_an_rl_step(child: Child, workdir: Path, **overrides) -> dict:
+    """Start (or resume) a run, send SIGTERM as soon as it logs an RL step, wait for it."""
+    lines = len(_metric_rows(workdir))
+    proc, log = _start(child, workdir, "terminated", **overrides)
+    _poll(proc, log, lambda: any("reward/mean" in r for r in _metric_rows(workdir)[lines:]),
+          "an RL step")
+    proc.send_signal(signal.SIGTERM)
+    return {"term_rc": _wait(proc, log), "term_log": log.read_text(),
+            "after_term": _checkpoint_steps(workdir),
+            "exported_after_term": (workdir / "export").exists(),
+            "rl_rows_before_term": [r["step"] for r in _metric_rows(workdir)[lines:]
+                                    if "reward/mean" in r]}
+
+
+# ---------------------------------------------------------------------------------- runs --
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, child):
+    workdir = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    rc, log = _run(child, workdir, "run")
+    assert rc == 0, log[-4000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, child, uninterrupted):
+    """SIGKILL at the end-of-SFT checkpoint, resume + SIGTERM after an RL step, resume."""
+    workdir = tmp_path_factory.mktemp("faults") / "interrupted"
+    info: dict = {}
+
+    # 1. SIGKILL as soon as the end-of-SFT checkpoint is committed.
+    proc, log1 = _start(child, workdir, "killed")
+    _poll(proc, log1, lambda: SFT_STEPS in _checkpoint_steps(workdir), "the SFT checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    info["kill_rc"] = _wait(proc, log1)
+    info["after_kill"] = _checkpoint_steps(workdir)
+
+    # 2. Resume (same command, periodic checkpoints off); SIGTERM once an RL step is logged.
+    info.update(_terminate_after_an_rl_step(child, workdir, **{"train.checkpoint_every": 1000}))
+
+    # 3. Resume to the end.
+    rc, info["final_log"] = _run(child, workdir, "resumed",
+                                 **{"train.checkpoint_every": 1000})
+    assert rc == 0, info["final_log"][-4000:]
+    info["workdir"] = workdir
+    return info
+
+
+# --------------------------------------------------------------------------------- tests --
+def test_uninterrupted_run_keeps_last_checkpoints(uninterrupted):
+    total = SFT_STEPS + RL_STEPS
+    assert _checkpoint_steps(uninterrupted) == list(range(total - KEEP + 1, total + 1))
+    metrics = _final_metrics(uninterrupted)
+    assert sorted(s for k, s in metrics if k == "rl") == list(range(1, RL_STEPS + 1))
+    assert all(metrics[("rl", s)]["update/skipped"] == 0 for s in range(1, RL_STEPS + 1))
+    assert (uninterrupted / "export" / "model.safetensors").exists()
+    state = _read_state(uninterrupted, total)
+    assert int(state["train"]["step"]) == RL_STEPS          # RL optimizer steps
+    assert set(state) == {"train", "rng", "ref"}            # reference saved (SFT changed it)
+
+
+def test_sigkill_then_resume_crosses_the_sft_rl_boundary(interrupted):
+    assert interrupted["kill_rc"] == -signal.SIGKILL
+    assert max(interrupted["after_kill"]) == SFT_STEPS, interrupted["after_kill"]
+    assert f"resumed: phase sft step {SFT_STEPS}" in interrupted["term_log"]
+
+
+def test_sigterm_saves_the_step_reached_and_exits_zero(interrupted):
+    log = interrupted["term_log"]
+    assert interrupted["term_rc"] == 0, log[-4000:]
+    reached = max(interrupted["rl_rows_before_term"])
+    assert reached < RL_STEPS, "SIGTERM came too late to stop the run mid-way"
+    assert f"SIGTERM: stopped after RL step {reached}" in log
+    # periodic checkpoints were off: the one written is the SIGTERM save of the step reached
+    assert max(interrupted["after_term"]) == SFT_STEPS + reached
+    assert not interrupted["exported_after_term"]     # it stopped; no final eval / export
+    assert f"resumed: phase rl step {reached}" in interrupted["final_log"]
+
+
+def test_resumed_run_equals_uninterrupted_run(uninterrupted, interrupted):
+    resumed = interrupted["workdir"]
+    total = SFT_STEPS + RL_STEPS
+    # metrics of every step (SFT, RL, evaluations)
+    want, got = _final_metrics(uninterrupted), _final_metrics(resumed)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key] == want[key], f"metrics of {key} differ"
+    # the whole train state: params, optimizer moments and counts, step, reference, RNG
+    _assert_trees_equal(_read_state(resumed, total), _read_state(uninterrupted, total),
+                        "checkpoint")
+    # the Hugging Face export and the report (final evaluation + history across the restarts)
+    from safetensors.numpy import load_file
+    _assert_trees_equal(load_file(resumed / "export" / "model.safetensors"),
+                        load_file(uninterrupted / "export" / "model.safetensors"), "export")
+    report = lambda w: json.loads((w / "report" / "results.json").read_text())  # noqa: E731
+    assert report(resumed) == report(uninterrupted)
+    assert [h["step"] for h in report(resumed)["history"]] == [0, 2, 4]
+
+
+@pytest.mark.slow
+def test_resume_without_sft_keeps_the_loaded_weights_as_reference(tmp_path, child):
+    """No SFT: the KL reference (not checkpointed) is the loaded policy, also after a resume."""
+    over = {"sft.steps": 0, "train.checkpoint_every": 1000, "train.eval_every": 0}
+    rc, log = _run(child, tmp_path / "a", "run", **over)
+    assert rc == 0, log[-4000:]
+    info = _terminate_after_an_rl_step(child, tmp_path / "b", **over)
+    assert info["term_rc"] == 0 and max(info["rl_rows_before_term"]) < RL_STEPS
+    rc, log = _run(child, tmp_path / "b", "resumed", **over)
+    assert rc == 0, log[-4000:]
+    assert _final_metrics(tmp_path / "b") == _final_metrics(tmp_path / "a")
+
+
+def test_resume_with_another_seed_is_refused(tmp_path, child, uninterrupted):
+    workdir = tmp_path / "copy"
+    shutil.copytree(uninterrupted, workdir)
+    rc, log = _run(child, workdir, "other_seed", seed=1)
+    assert rc != 0
+    assert "another config.seed than 1; resume with that run's seed" in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------- config errors --
+# A valid training config on 2 devices (set here, not taken from the demo, which gets tuned).
+VALID_ON_2 = {"rollout.batch_size": 4, "rollout.group_size": 2, "rl.mini_batch_size": 2,
+              "rl.micro_batch_size": 2, "sft.steps": 2, "sft.batch_size": 4,
+              "rollout.max_new_tokens": 48, "rollout.response_buckets": (48, 64),
+              "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "reward.preset": "emor3"}
+
+
+def _demo_config(**fields):
+    c = demo_cpu.get_config()
+    for path, value in {**VALID_ON_2, **fields}.items():
+        node = c
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+    return c
+
+
+@pytest.mark.parametrize("fields, error, words", [
+    ({"mesh.data": 3, "mesh.fsdp": 1}, ValueError, ["config.mesh", "data*fsdp*tensor = 2"]),
+    ({"mesh.fsdp": 4}, ValueError, ["fsdp=4", "2 devices"]),
+    ({"rollout.batch_size": 3}, ValueError,
+     ["config.rollout.batch_size=3", "config.rl.mini_batch_size=2"]),
+    ({"rl.micro_batch_size": 3}, ValueError, ["rl.micro_batch_size=3", "change rl."]),
+    ({"sft.batch_size": 6}, ValueError, ["config.sft.batch_size=6", "micro-batches"]),
+    ({"rollout.group_size": 1}, ValueError, ["config.rollout.group_size=1"]),
+    ({"rollout.max_new_tokens": 100}, ValueError, ["config.rollout.max_new_tokens=100", "bucket"]),
+    ({"model.hf_dir": "/nonexistent/qwen"}, FileNotFoundError,
+     ["config.model.hf_dir='/nonexistent/qwen'", "config.json"]),
+    ({"model.tiny": ""}, ValueError, ["config.model", "hf_dir"]),
+    ({"reward.preset": "emor4"}, ValueError, ["config.reward.preset='emor4'", "set_only"]),
+    ({"reward.judge_source": "checkpoint"}, ValueError, ["config.reward.judge_dir"]),
+    ({"data.train": "emoset3k"}, ValueError, ["'emoset3k'", "emoset2k"]),
+    ({"data.prompt_format": "cot"}, ValueError, ["config.data.prompt_format='cot'"]),
+    ({"mode": "serve"}, ValueError, ["config.mode='serve'"]),
+])
+def test_check_config_names_the_field_and_the_fix(fields, error, words):
+    with pytest.raises(error) as e:
+        trainer.check_config(_demo_config(**fields), num_devices=2, process_count=1)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_check_config_counts_hosts():
+    with pytest.raises(ValueError, match="rollout.batch_size=4 is not divisible by the 3 hosts"):
+        trainer.check_config(_demo_config(), num_devices=6, process_count=3)
+    trainer.check_config(_demo_config(), num_devices=2, process_count=1)   # valid otherwise
+
+
+def test_config_error_stops_main_before_anything_is_built(tmp_path, child):
+    t0 = time.time()
+    rc, log = _run(child, tmp_path / "w", "bad_mesh", **{"mesh.data": 3, "mesh.fsdp": 1})
+    assert rc != 0
+    assert f"set config.mesh so data*fsdp*tensor = {CHILD_DEVICES}" in log, log[-3000:]
+    assert "policy:" not in log                 # no model was built, nothing compiled
+    assert time.time() - t0 < 60
+
+
+# ------------------------------------------------------------------------------- non-finite --
+def test_nonfinite_counter_resets_and_zero_never_halts():
+    c = _demo_config(**{"train.max_nonfinite_in_a_row": 3})
+    bad = 0
+    for step, skipped in enumerate([1, 1, 0, 1, 1], 1):
+        bad = trainer._count_nonfinite(bad, skipped, step, c, "optim.lr")
+    assert bad == 2
+    with pytest.raises(trainer.NonFiniteError, match="3 consecutive updates .* step 6"):
+        trainer._count_nonfinite(bad, 1.0, 6, c, "optim.lr")
+    c.train.max_nonfinite_in_a_row = 0
+    assert trainer._count_nonfinite(99, 1.0, 100, c, "optim.lr") == 100
+
+@pytest.fixture(scope="module")
+def nan_hf_dir(tmp_path_factory, uninterrupted) -> Path:
+    """The uninterrupted run's Hugging Face export with a NaN final norm weight: every logit,
+    loss and gradient of a model loaded from it is NaN (same programs: the compile cache hits)."""
+    from safetensors.numpy import load_file, save_file
+    out = tmp_path_factory.mktemp("nan_hf") / "model"
+    shutil.copytree(uninterrupted / "export", out)
+    tensors = load_file(out / "model.safetensors")
+    tensors["model.norm.weight"][:] = np.nan
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_nonfinite_rl_updates_are_skipped_counted_and_halt(tmp_path, child, nan_hf_dir):
+    """GRPO from NaN weights: K=2 updates in a row are skipped (the state is left as it was),
+    counted in the metrics, and halt the run with a message that says what to do."""
+    workdir = tmp_path / "nan"
+    rc, log = _run(child, workdir, "nan", **{
+        "model.tiny": "", "model.hf_dir": nan_hf_dir, "sft.steps": 0,
+        "train.max_nonfinite_in_a_row": 2, "train.eval_every": 0})
+    assert rc != 0
+    assert "NonFiniteError: 2 consecutive updates had a non-finite loss or gradient (last at " \
+           "step 2)" in log, log[-4000:]
+    assert "config.train.max_nonfinite_in_a_row" in log and "config.optim.lr" in log
+    rows = _final_metrics(workdir)
+    assert [rows[("rl", s)]["update/skipped"] for s in (1, 2)] == [1, 1]
+    assert ("rl", 3) not in rows
+    # checkpoint of step 1: the skipped update applied nothing (no step, zero Adam moments)
+    state = _read_state(workdir, 1)["train"]
+    assert int(state["step"]) == 0
+    import jax
+    assert all(not np.any(x) for x in jax.tree.leaves(state["opt_state"]))
+
+
+def test_nonfinite_sft_steps_are_skipped_counted_and_halt(tmp_path, child, nan_hf_dir):
+    workdir = tmp_path / "nan_sft"
+    rc, log = _run(child, workdir, "nan_sft", **{
+        "model.tiny": "", "model.hf_dir": nan_hf_dir, "sft.steps": 4,
+        "train.max_nonfinite_in_a_row": 2})
+    assert rc != 0
+    assert "NonFiniteError: 2 consecutive updates had a non-finite loss or gradient (last at " \
+           "step 2)" in log, log[-4000:]
+    assert "config.sft.lr" in log
+    rows = _final_metrics(workdir)
+    assert [rows[("sft", s)]["sft/skipped"] for s in (0, 1)] == [1, 1]
+    assert ("sft", 2) not in rows
