@@ -11,7 +11,7 @@ from emor3_jax.configs import base
 def get_config(method: str = "cold_start"):
     c = base.get_config()
     c.seed = 0
-    c.model.tiny = "demo"
+    c.model.tiny = "demo_small"
     c.model.tokenizer = "demo"
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
@@ -24,7 +24,7 @@ def get_config(method: str = "cold_start"):
     c.data.max_prompt_len = 256
     c.data.prompt_buckets = (256,)
 
-    c.rollout.batch_size = 16
+    c.rollout.batch_size = 32
     c.rollout.group_size = 8
     c.rollout.max_new_tokens = 64
     c.rollout.response_buckets = (48, 64)
@@ -33,22 +33,25 @@ def get_config(method: str = "cold_start"):
     c.reward.judge_max_new_tokens = 8
     c.reward.judge_prompt_buckets = (64, 96, 128, 192)
 
-    c.rl.mini_batch_size = 16
+    c.rl.mini_batch_size = 32
     c.rl.micro_batch_size = 32
+    c.rl.logprob_micro_batch_size = 256
     c.rl.logprob_chunk = 64
     c.optim.lr = 1e-3
+    c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.0
 
-    c.sft.steps = 40
-    c.sft.lr = 2e-3
+    c.sft.steps = 60
+    c.sft.lr = 5e-3
     c.sft.batch_size = 32
     c.sft.random_labels = True
     c.sft.target = "set_template"
 
-    c.train.max_steps = 100
+    c.train.max_steps = 250
     c.train.eval_every = 50
-    c.train.checkpoint_every = 25
-    c.eval.batch_size = 100
+    c.train.checkpoint_every = 50
+    c.eval.batch_size = 128
+    c.eval.max_examples = 256
     c.eval.max_new_tokens = 64
     c.eval.greedy = True
     c.mesh.fsdp = -1

@@ -4,6 +4,21 @@
         --config.model.hf_dir=/path/or/gs://Qwen2.5-VL-3B-Instruct \\
         --config.data.manual_dir=/path/to/emotion/files --workdir=gs://bucket/emor3_3b
 Baselines: `configs/tpu_v4.py:grpo`, `:dapo`, `:sft`, `:cold_start` (see configs/base.py).
+
+Fit (checked before renting: `python -m emor3_jax.aot --config=configs/tpu_v4.py`, every
+program of a step compiled for v4-8 by XLA's TPU compiler). The recipe is unchanged (rollout
+512 prompts x G 8, mini-batch 256, prompt/response 2048/2048); only how it is split into
+device programs is set, each against 32 GiB per chip with the train state (params, fp32 AdamW
+moments) and the reference params resident (10.5 GiB/chip):
+- model.remat = "full": the update keeps only each layer's input for the backward pass.
+- rl.micro_batch_size = 2 (responses/device per accumulation step): at 4 the update needs
+  30.7 GiB + the reference params > HBM.
+- rl.logprob_micro_batch_size = 8: the reference pass at 16 needs 28 GiB + 8.75 resident.
+- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: the prefill's attention
+  scores grow with the chunk (15.5 GiB at 64).
+- reward.judge_chunk_size = 24 judge prompts per call (the released "all at once" = 8192 prompts
+  of up to 4096 tokens needs terabytes): a 4096-token judge prefill needs ~2.7 GiB of
+  temporaries per prompt per chip (einsum attention scores, fp32), so 6 prompts per chip.
 """
 from emor3_jax.configs import base
 
@@ -16,5 +31,9 @@ def get_config(method: str = "emor3"):
     c.model.remat = "full"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1   # v4-8: 4 chips
     c.aot.topology = "v4:2x2x1"
+    # memory knobs (module docstring): how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
+    c.reward.judge_chunk_size = 24       # judge prompts per sampler call
+    c.rl.micro_batch_size = 2            # responses per device per accumulation step
+    c.rl.logprob_micro_batch_size = 8    # responses per device per reference log-prob step
     return base.apply_method(c, method)

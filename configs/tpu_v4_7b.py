@@ -4,6 +4,20 @@ Run the same command on every host (launch/tpu_pod.sh does that):
     python -m emor3_jax.main --config=configs/tpu_v4_7b.py \\
         --config.model.hf_dir=gs://bucket/Qwen2.5-VL-7B-Instruct \\
         --config.data.manual_dir=/path/to/emotion/files --workdir=gs://bucket/emor3_7b
+
+Fit (checked before renting: `python -m emor3_jax.aot --config=configs/tpu_v4_7b.py`, every
+program of a step compiled for v4-32 by XLA's TPU compiler). The recipe is unchanged (rollout
+512 prompts x G 8, mini-batch 256, prompt/response 2048/2048); only how it is split into
+device programs is set, each against 32 GiB per chip with the train state (params, fp32 AdamW
+moments) and the reference params resident (5.8 GiB/chip, FSDP over all 16 chips):
+- model.remat = "full": the update keeps only each layer's input for the backward pass.
+- rl.micro_batch_size = 2 (responses/device per accumulation step): 23.8 GiB in the update.
+- rl.logprob_micro_batch_size = 4: the reference pass needs 22.3 GiB + 4.8 resident.
+- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: at 128 the prefill needs
+  27 GiB (28 heads of fp32 attention scores) + 4.8 resident > HBM.
+- reward.judge_chunk_size = 48 judge prompts per call (3 per chip; the released "all at
+  once" = 8192 prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill needs
+  ~5 GiB of temporaries per prompt per chip.
 """
 from emor3_jax.configs import base
 
@@ -16,5 +30,9 @@ def get_config(method: str = "emor3"):
     c.model.remat = "full"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 1  # v4-32: 16 chips
     c.aot.topology = "v4:2x2x4"
-    c.rollout.chunk_size = 128
+    # memory knobs (module docstring): how the recipe's batches are split, not the recipe
+    c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
+    c.reward.judge_chunk_size = 48       # judge prompts per sampler call
+    c.rl.micro_batch_size = 2            # responses per device per accumulation step
+    c.rl.logprob_micro_batch_size = 4    # responses per device per reference log-prob step
     return base.apply_method(c, method)

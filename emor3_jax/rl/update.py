@@ -125,7 +125,7 @@ def split_micro_batches(x, num_micro_batches: int, axis: int = 0):
 
 def merge_micro_batches(x, axis: int = 0):
     """Inverse of split_micro_batches: [M, ..., n, ...] -> [..., M * n, ...]."""
-    x = np.moveaxis(np.asarray(x), 0, axis)
+    x = np.moveaxis(sharding.to_host(x), 0, axis)     # device output: gathered over hosts
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
@@ -435,6 +435,8 @@ def make_logprob_fn(model, mesh, *, chunk: int):
         if response_len is not None and int(response_len) != inputs.response_ids.shape[-1]:
             raise ValueError(f"make_logprob_fn: response_len={response_len} but the packed "
                              f"responses have T = {inputs.response_ids.shape[-1]} tokens")
+        # several processes: host numpy -> global arrays (jit refuses numpy for those)
+        inputs = sharding.host_to_global(inputs, policy_inputs_shardings(mesh, inputs))
         return jitted(inputs)(params, inputs)
     fn.compiled = compiled
     # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs
@@ -560,6 +562,8 @@ def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
         return compiled[key]
 
     def call(state: TrainState, batch: UpdateBatch):
+        # several processes: host numpy -> global arrays (jit refuses numpy for those)
+        batch = sharding.host_to_global(batch, update_batch_shardings(mesh, batch))
         return jitted(batch)(state, batch)
     call.compiled = compiled
     # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs

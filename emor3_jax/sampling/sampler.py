@@ -30,7 +30,7 @@ programs compiled so far (the bench and the tests read it).
 Prompts may share images (`row_images`, e.g. the judge's G consistency prompts of one rollout
 image): each chunk then runs the vision tower once per distinct image.
 
-Sharding: with a mesh (of one process's devices), prompts (and their G rows) are split over
+Sharding: with a mesh (of one or several processes), prompts (and their G rows) are split over
 the data/fsdp axes, KV heads over `tensor` where they divide; params keep the shardings the caller placed them with
 (`qwen2_5_vl.param_shardings`). Before compiling a new shape the sampler checks that params +
 cache + the largest activations fit the device (`memory_limit_bytes`, else the device's
@@ -154,8 +154,9 @@ class Sampler:
     None = the whole batch at once. memory_limit_bytes: per-device budget for the fit check
     (None: the device's bytes_limit, or the host RAM on CPU; 0 disables the check).
     compile_only: the mesh is a TPU topology description (emor3_jax/aot.py): programs are only
-    traced (`trace_prefill` / `trace_decode` / `trace_score`) and compiled, never run, so the
-    one-process restriction on the mesh does not apply.
+    traced (`trace_prefill` / `trace_decode` / `trace_score`) and compiled, never run.
+    A mesh over several processes (multi-host): every process calls with the same host inputs
+    (emor3_jax/distributed.py), places its own devices' shards and gets the whole result.
     """
 
     def __init__(self, model, *, mesh=None, buckets: SamplerBuckets = SamplerBuckets(),
@@ -168,12 +169,7 @@ class Sampler:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive (prompts per program call), got "
                              f"{chunk_size}")
-        if mesh is not None and not compile_only and not all(
-                d.process_index == jax.process_index() for d in mesh.devices.flat):
-            raise NotImplementedError(
-                "Sampler: the mesh spans several processes; this sampler places host batches "
-                "as global arrays and fetches whole results, which needs one process. Give "
-                "each host a mesh of its local devices (jax.local_devices()).")
+        self.compile_only = compile_only
         self.chunk_size = chunk_size
         self.memory_limit_bytes = memory_limit_bytes
         self.compiled = collections.Counter()     # program kind -> traces (= compilations)
@@ -207,7 +203,7 @@ class Sampler:
             return None
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, NamedSharding(self.mesh, self._spec(names, np.shape(x))))
+        return shd.put_global(x, NamedSharding(self.mesh, self._spec(names, np.shape(x))))
 
     # -- programs ------------------------------------------------------------------------------
     def _prefill_impl(self, params, input_ids, attention_mask, position_ids, next_pos,
@@ -268,6 +264,10 @@ class Sampler:
         def choose(step, logits):
             step_key = jax.random.fold_in(rng, step)
             keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, row_ids)
+            # Whole vocabulary rows per device: the draw's cumsum over a `tensor`-sharded
+            # vocabulary is partitioned pathologically (151k ids on a 2 x 4 CPU mesh: 35 s per
+            # step instead of 0.1 s); gathering the [rows, V] logits is cheap.
+            logits = self._constrain(logits, ("batch", None))
             return rules.next_tokens(keys, logits, allowed, temperature, top_p, top_k)
 
         def record(step, tok, lp, tokens, logprobs, lengths, done):
@@ -469,7 +469,9 @@ class Sampler:
     def _limit(self) -> tuple[int, str]:
         if self.memory_limit_bytes is not None:
             return self.memory_limit_bytes, "memory_limit_bytes"
-        dev = (self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0])
+        dev = jax.local_devices()[0] if self.mesh is None else next(
+            (d for d in self.mesh.devices.flat if d.process_index == jax.process_index()),
+            self.mesh.devices.flat[0])
         try:
             stats = dev.memory_stats() or {}
         except Exception:  # noqa: BLE001 (backends without memory stats)
@@ -651,9 +653,10 @@ class Sampler:
                 group=num_samples, new_bucket=new_bucket, top_k=top_k, **shared)
             outs.append((tokens, logprobs, lengths, real * num_samples))
         # fetch after dispatching every chunk, so the host never waits between chunks
-        tokens = np.concatenate([np.asarray(t)[:r, :max_new_tokens] for t, _, _, r in outs])
-        logprobs = np.concatenate([np.asarray(p)[:r, :max_new_tokens] for _, p, _, r in outs])
-        lengths = np.concatenate([np.asarray(n_)[:r] for _, _, n_, r in outs])
+        # (shd.to_host: with a mesh over several processes, a gather every process joins)
+        tokens = np.concatenate([shd.to_host(t)[:r, :max_new_tokens] for t, _, _, r in outs])
+        logprobs = np.concatenate([shd.to_host(p)[:r, :max_new_tokens] for _, p, _, r in outs])
+        lengths = np.concatenate([shd.to_host(n_)[:r] for _, _, n_, r in outs])
         return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths)
 
     def score(self, params, input_ids, attention_mask=None, pixel_values=None,
@@ -684,7 +687,7 @@ class Sampler:
                 group=len(conts), new_tokens=width, logit_positions=width):
             _, logp = self._score(params, state, tokens_d, lengths_d)
             outs.append((logp, real))
-        return np.concatenate([np.asarray(lp)[:r] for lp, r in outs]).astype(np.float32)
+        return np.concatenate([shd.to_host(lp)[:r] for lp, r in outs]).astype(np.float32)
 
 
 # Logical axes of the prefill program's host inputs (how `prefill_chunks` places them).

@@ -1,0 +1,117 @@
+"""emor3_jax.aot: compile a GRPO step's programs for a TPU v4-8 from this CPU host (libtpu).
+
+A tiny model at small shapes compiles every program (rollout prefill/decode, generate-mode
+judge prefill/decode, reference log-probs, update) and must fit; with a tiny share of HBM it
+must not, and the tool must exit 1 naming (and trying) a knob. Runs the tool
+in-process (`aot.cli`), like `python -m emor3_jax.aot`.
+"""
+import io
+import re
+import textwrap
+
+import pytest
+
+pytest.importorskip("libtpu", reason="AOT compilation for TPU needs libtpu: pip install 'jax[tpu]'")
+
+from emor3_jax import aot  # noqa: E402
+
+# A tiny model at small shapes; everything else is the released recipe (configs/base.py).
+TINY_CONFIG = textwrap.dedent('''
+    from emor3_jax.configs import base
+
+    def get_config():
+        c = base.get_config()
+        c.model.tiny = "demo_small"
+        c.model.tokenizer = "demo"
+        c.model.dtype = c.model.param_dtype = "bfloat16"
+        c.data.min_pixels = c.data.max_pixels = 56 * 56
+        c.data.max_prompt_len = 64
+        c.data.prompt_buckets = (64,)
+        c.rollout.batch_size = 8
+        c.rollout.max_new_tokens = 16
+        c.rollout.response_buckets = (16,)
+        c.eval.max_new_tokens = 16
+        c.reward.judge_mode = "generate"
+        c.reward.judge_max_new_tokens = 8
+        c.reward.judge_prompt_buckets = (128,)
+        c.reward.judge_chunk_size = 64
+        c.rl.mini_batch_size = 8
+        c.rl.micro_batch_size = 4
+        c.rl.logprob_micro_batch_size = 4
+        c.rl.logprob_chunk = 16
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1
+        c.aot.topology = "v4-8"
+        return c
+''')
+PROGRAMS = ("rollout prefill", "rollout decode", "judge prefill", "judge decode",
+            "reference log-probs", "update")
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("aot") / "aot_tiny.py"
+    path.write_text(TINY_CONFIG)
+    return str(path)
+
+
+def run_tool(*args):
+    out, err = io.StringIO(), io.StringIO()
+    code = aot.cli(["emor3_jax.aot", *args], out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def table_rows(report: str, header: str) -> dict[str, list[str]]:
+    """{program: cells} of the markdown table whose header row starts with `header`."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_tiny_step_fits_on_v4_8(config_file):
+    code, out, err = run_tool(f"--config={config_file}")
+    assert code == 0, out + err
+    assert out.rstrip().splitlines()[-1] == "fits: yes"
+    assert "v4:2x2x1: 4 x TPU v4" in out
+    programs = table_rows(out, "| program | shapes")
+    assert tuple(programs) == PROGRAMS
+    for name, cells in programs.items():
+        args, output, temp, alias, total = (float(x) for x in cells[2:7])
+        assert re.fullmatch(r"\d+%", cells[7]), cells       # % of HBM
+        assert total > 0 and args > 0 and min(output, temp, alias) >= 0, (name, cells)
+        assert "FLOP" in cells[8] and cells[9] != "n/a", cells   # FLOPs, est. time
+        assert not cells[-1].startswith("FAILED"), cells
+    # the update donates the train state: its new state reuses the old one's buffers
+    assert float(programs["update"][5]) > 0
+    run = table_rows(out, "| program | program total")
+    assert tuple(run) == PROGRAMS
+    for name, cells in run.items():          # live = program + resident outside it + other
+        assert float(cells[4]) >= float(cells[1]), cells
+    assert "peak live memory" in out and "suggestions" not in out
+
+
+def test_too_little_hbm_does_not_fit(config_file):
+    # 1/10000 of a v4's HBM (3.4 MB) holds no program: the verdict, the exit code and the
+    # suggestions, including one tried by recompiling, follow.
+    code, out, err = run_tool(f"--config={config_file}", "--programs=reference",
+                              "--hbm_fraction=0.0001", "--fix_attempts=1")
+    assert code == 1, out + err
+    assert out.rstrip().splitlines()[-1] == "fits: no"
+    (cells,) = table_rows(out, "| program | shapes").values()
+    assert cells[0] == "reference log-probs" and float(cells[6]) > 0, cells
+    assert "limit 0.01% = 0.0032 GiB" in out
+    suggestions = out.split("does not fit; suggestions:")[1]
+    assert "reference log-probs: try a smaller rl.logprob_micro_batch_size" in suggestions
+    assert re.search(r"rl.logprob_micro_batch_size=\d: still does not fit", suggestions)
+
+
+def test_bad_usage_exits_2(config_file):
+    code, _, err = run_tool(f"--config={config_file}", "--topology=v9-8")
+    assert code == 2 and "topology" in err
+    code, _, err = run_tool(f"--config={config_file}", "--programs=bogus")
+    assert code == 2 and "bogus" in err
