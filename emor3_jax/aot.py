@@ -603,7 +603,7 @@ def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_
         dec = Program(f"{what} score", f"{num_prompts} prompts x {n_cont} continuations of "
                       f"<= {width} tokens", uses, calls, knob)
     if compiled is None:      # its input layout (the prefill's output shardings) is unknown
-        dec.error = "not compiled: it takes the prefill's output and the prefill failed"
+        dec.error = "not compiled, it takes the prefill's output and the prefill failed"
         return [pre, dec]
     state = _abstract_outputs(traced, compiled)
     if score is None:
@@ -813,7 +813,7 @@ def program_table(programs: list[Program], chip: Chip) -> list[str]:
                     f"{p.compile_s:.0f} s |")
     failed = [p for p in programs if p.error]
     if failed:
-        rows += [""] + [f"FAILED to compile: {p.name}: {p.error}" for p in failed]
+        rows += [""] + [f"FAILED: {p.name}: {p.error}" for p in failed]
     return rows
 
 
@@ -1044,8 +1044,9 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
     fits = _fits(compiled, resident, limit) and bool(compiled)
     failed = len(compiled) - len(ok_programs)
     but = f", {failed} program{'s' if failed > 1 else ''} failed to compile" if failed else ""
-    out += ["", f"peak live memory: {_gib(peak)} GiB of {_gib(chip.hbm_bytes)} GiB per chip "
-            f"({100 * peak / chip.hbm_bytes:.0f}%; limit {100 * hbm_fraction:g}% = "
+    shown = (f"{_gib(peak)} GiB of {_gib(chip.hbm_bytes)} GiB per chip "
+             f"({100 * peak / chip.hbm_bytes:.0f}%; " if ok_programs else "n/a (")
+    out += ["", f"peak live memory: {shown}limit {100 * hbm_fraction:g}% = "
             f"{_gib(limit)} GiB{but})",
             f"estimated step time (compiler estimates x calls per step, decode to "
             f"max_new_tokens{but}): {_secs(step_time(compiled))}"]
