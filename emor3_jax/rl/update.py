@@ -542,10 +542,15 @@ def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
         loss, metrics, grads = loss_and_grad(state.params, batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+
+        def apply(state):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+
+        # A branch, not a select over the whole state (which reads the new and the old params
+        # and moments and writes a third copy): a third less optimizer time on CPU.
+        new = jax.lax.cond(finite, apply, lambda state: state, state)
         metrics["grad_norm"] = grad_norm
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
         if schedule is not None:
