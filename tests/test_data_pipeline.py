@@ -42,15 +42,19 @@ def _synth(synth_dir, tokenizer, split="train", **cfg):
                                   data_dir=data_dir, config=config)
 
 
+def assert_same_batch(x, y):
+    assert x.keys() == y.keys()
+    for key in x:
+        if isinstance(x[key], np.ndarray):
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+        else:
+            assert x[key] == y[key], key
+
+
 def _assert_batches_equal(a, b):
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            if isinstance(x[key], np.ndarray):
-                np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-            else:
-                assert x[key] == y[key], key
+        assert_same_batch(x, y)
 
 
 def _ids(batches):

@@ -18,6 +18,7 @@ from absl import flags
 import emor3_jax.data as data
 from emor3_jax.data import pipeline
 from emor3_jax.processing.tokenizer import build_demo_tokenizer, token_ids
+from test_data_pipeline import assert_same_batch
 
 flags.FLAGS.mark_as_parsed()
 
@@ -43,15 +44,6 @@ def _train_pipe(synth, tokenizer, batch_size, index, count, **kw):
     return pipeline.Pipeline(source, tokenizer, labels, cfg)
 
 
-def _assert_same_batch(x, y):
-    assert x.keys() == y.keys()
-    for key in x:
-        if isinstance(x[key], np.ndarray):
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-        else:
-            assert x[key] == y[key], key
-
-
 def test_host_blocks_concatenate_to_the_one_process_batches(synth):
     """Global batch k is the same rows, padded the same way, for 1, 2 or 3 hosts (14 examples,
     global batch 6: batches cross epoch boundaries)."""
@@ -65,7 +57,7 @@ def test_host_blocks_concatenate_to_the_one_process_batches(synth):
         for k, ref in enumerate(reference):
             parts = [next(h) for h in hosts]
             glued = pipeline.concat_batches(parts, labels=synth[1], cfg=pipes[0].cfg, ids=ids)
-            _assert_same_batch(glued, ref)
+            assert_same_batch(glued, ref)
         assert [int(e) for e in glued["epoch"]] == [int(e) for e in reference[-1]["epoch"]]
     epochs = np.concatenate([b["epoch"] for b in reference])
     assert epochs.min() == 0 and epochs.max() == 2          # 30 rows of a 14-example split

@@ -33,6 +33,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from emor3_jax import sharding
 from emor3_jax.models.config import Qwen2_5_VLConfig
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,6 @@ def load_hf(hf_dir: str, dtype=jnp.float32, mesh=None, *, param_dtype=None, **ru
     _check_names(ckpt, specs, cfg)
     np_dtype = jnp.dtype(param_dtype)
     if mesh is not None:
-        from emor3_jax import sharding
         shardings = sharding.param_shardings(boxed, mesh)
         flat_shardings = {tuple(k.key for k in p): s for p, s in
                           jax.tree_util.tree_flatten_with_path(shardings)[0]}
@@ -264,20 +264,13 @@ def _unflatten(leaves: dict[tuple[str, ...], Any]) -> dict:
 # ------------------------------------------------------------------------------------------
 # Writing.
 
-def _to_host(x) -> np.ndarray:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def _hf_tensors(params, cfg: Qwen2_5_VLConfig):
     """Yield (hf_name, numpy array in the parameter's dtype), one tensor at a time."""
     specs = tensor_specs(params, cfg)
     flat = {tuple(k.key for k in p): x for p, x in jax.tree_util.tree_flatten_with_path(
         params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]}
     for spec in specs:
-        x = _to_host(nn.unbox(flat[spec.path]))
+        x = sharding.to_host(nn.unbox(flat[spec.path]))
         blocks = list(x) if spec.stacked else [x]
         for name, b in zip(spec.hf_names, blocks):
             if spec.kind == "linear":
