@@ -228,8 +228,9 @@ class EmoSynth(_ArrayRecordBuilder):
     The rule, nuisance and label noise are documented in emor3_jax/data/synth.py.
     """
     name = "emo_synth"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "warm/sharp/bright cue rule, 10 % label noise."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "warm/sharp/bright cue rule, 10 % label noise.",
+                     "1.1.0": "arousal is also shown by saturation (vivid vs muted)."}
     BUILDER_CONFIGS = [EmoSynthConfig(name="default",
                                       description="56x56, 2000/200/400 examples, seed 0")]
 
