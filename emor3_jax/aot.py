@@ -47,8 +47,7 @@ Shape assumptions (printed with the tables):
   max_new_tokens steps (an upper bound: rows stop at EOS). MFU is unaffected by the scaling.
   The TPU cost model prices a few layout custom calls at -1 s each; those are added back
   (`unpriced_calls`).
-- The reference pass is compiled at rl.logprob_micro_batch_size (its documented knob; the
-  trainer currently packs it at rl.micro_batch_size rows, no larger in the shipped configs).
+- The reference pass is compiled at rl.logprob_micro_batch_size, as the trainer runs it.
 """
 from __future__ import annotations
 

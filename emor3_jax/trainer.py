@@ -97,6 +97,12 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
                 f"a mini-batch of {rl.mini_batch_size} prompts x G={g} = {rows} responses does "
                 f"not split into micro-batches of rl.micro_batch_size={rl.micro_batch_size} x "
                 f"{dp} data-parallel devices; change rl.micro_batch_size or rl.mini_batch_size")
+        lp_rows = _logprob_micro_rows(rl.logprob_micro_batch_size * dp, rows)
+        if rows % lp_rows:
+            raise ValueError(
+                f"a mini-batch of {rows} responses does not split into log-prob micro-batches "
+                f"of rl.logprob_micro_batch_size={rl.logprob_micro_batch_size} x {dp} "
+                "data-parallel devices; change rl.logprob_micro_batch_size")
         emotion.get_preset(config.reward.preset)
         if config.reward.judge_source == "checkpoint" and not config.reward.judge_dir:
             raise ValueError("config.reward.judge_source='checkpoint' needs "
@@ -122,6 +128,12 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
 
 
 # --------------------------------------------------------------------------------------------
+def _logprob_micro_rows(rows_per_call: int, mini_batch_rows: int) -> int:
+    """Rows per forward-only log-prob call: rl.logprob_micro_batch_size x data-parallel devices,
+    at most one whole mini-batch."""
+    return min(rows_per_call, mini_batch_rows)
+
+
 def _round_up(n: int, buckets) -> int:
     for b in sorted(buckets):
         if n <= b:
@@ -293,6 +305,8 @@ class Trainer:
         mask = ro.response_mask()[:, :length]
         micro = update_lib.micro_batch_rows(rl.micro_batch_size, self.mesh)
         per_update = rl.mini_batch_size   # prompts; the rollout is global on every host
+        lp_micro = _logprob_micro_rows(
+            update_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
         n_prompts = len(ro.prompts["input_ids"])
         agg: dict[str, float] = {}
         for start in range(0, n_prompts, per_update):
@@ -302,12 +316,19 @@ class Trainer:
             inputs = update_lib.pack_policy_inputs(
                 self.model.config, prompts, tokens[rows], mask[rows], group_size=g,
                 micro_batch_rows=micro)
+            # Forward-only passes use their own (larger) micro-batches.
+            lp_inputs = inputs
+            if (rl.kl_coef or rl.recompute_old_logp) and lp_micro != micro:
+                lp_inputs = update_lib.pack_policy_inputs(
+                    self.model.config, prompts, tokens[rows], mask[rows], group_size=g,
+                    micro_batch_rows=lp_micro)
             ref = None
             if rl.kl_coef:
-                ref = update_lib.merge_micro_batches(self.logprob_fn(ref_params, inputs, length))
+                ref = update_lib.merge_micro_batches(
+                    self.logprob_fn(ref_params, lp_inputs, length))
             if rl.recompute_old_logp:
-                old_mb = update_lib.merge_micro_batches(self.logprob_fn(state.params, inputs,
-                                                                        length))
+                old_mb = update_lib.merge_micro_batches(
+                    self.logprob_fn(state.params, lp_inputs, length))
             else:
                 old_mb = old[rows]
             ub = update_lib.pack_update_batch(self.model.config, prompts, tokens[rows],

@@ -51,9 +51,9 @@ TINY_RUN = {
     "train.keep_checkpoints": KEEP,
     "rollout.batch_size": 2, "rollout.group_size": 2, "rollout.max_new_tokens": 8,
     "rollout.response_buckets": "(8,)",
-    "rl.mini_batch_size": 2, "rl.micro_batch_size": 2,
+    "rl.mini_batch_size": 2, "rl.micro_batch_size": 2, "rl.logprob_micro_batch_size": 1,
     "eval.max_new_tokens": 8, "eval.max_examples": 2, "eval.batch_size": 2,
-    "reward.preset": "set_only",
+    "reward.preset": "set_only", "data.min_pixels": 56 * 56, "data.max_pixels": 56 * 56,
 }
 # Wall-clock metrics differ between runs; everything else must not.
 _TIMING = ("time", "per_s")
@@ -321,6 +321,8 @@ def _demo_config(**fields):
      ["config.rollout.batch_size=3", "config.rl.mini_batch_size=2"]),
     ({"rl.micro_batch_size": 3}, ValueError, ["rl.micro_batch_size=3", "change rl."]),
     ({"sft.batch_size": 6}, ValueError, ["config.sft.batch_size=6", "micro-batches"]),
+    ({"rollout.group_size": 3, "rl.micro_batch_size": 3, "rl.logprob_micro_batch_size": 2},
+     ValueError, ["rl.logprob_micro_batch_size=2", "6 responses"]),
     ({"rollout.group_size": 1}, ValueError, ["config.rollout.group_size=1"]),
     ({"rollout.max_new_tokens": 100}, ValueError, ["config.rollout.max_new_tokens=100", "bucket"]),
     ({"model.hf_dir": "/nonexistent/qwen"}, FileNotFoundError,

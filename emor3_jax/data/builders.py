@@ -223,7 +223,7 @@ def synth_config(**fields) -> EmoSynthConfig:
 
 
 class EmoSynth(_ArrayRecordBuilder):
-    """Synthetic emotion images whose hue, texture and brightness decide the Mikels label.
+    """Synthetic emotion images whose hue, saturation + texture and brightness decide the label.
 
     The rule, nuisance and label noise are documented in emor3_jax/data/synth.py.
     """
