@@ -63,7 +63,7 @@ def test_colab_notebook_runs_demo_and_shows_results(tmp_path, monkeypatch):
     assert _outputs(nb, "image/png"), "curves.png was not displayed"
     stdout = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                      for o in c.get("outputs", []) if o.get("name") == "stdout")
-    assert "micro_batch_size 32 -> 2" in stdout   # the demo's 32 rows/device, fitted to 8 devices
+    assert "micro_batch_size 16 -> 2" in stdout   # the demo's 16 rows/device, fitted to 8 devices
 
     result = json.loads((workdir / "report" / "results.json").read_text())
     assert result["train_set"] == "emo_synth" and 0.0 <= result["accuracy"]["emo_synth"] <= 1.0
