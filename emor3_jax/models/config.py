@@ -376,7 +376,7 @@ TINY_CONFIGS = {
     "demo": dict(hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
                  num_kv_heads=2, vision_depth=4, vision_hidden_size=128,
                  vision_intermediate_size=352, vision_heads=4, fullatt_block_indexes=(3,)),
-    # ~0.5M parameters: the CPU demo policy (fits the 10-minute budget on 2 cores).
+    # 0.78M parameters (1,024-id vocabulary): the CPU demo policy, configs/demo_cpu.py.
     "demo_small": dict(hidden_size=128, intermediate_size=352, num_layers=2, num_heads=4,
                        num_kv_heads=2, vision_depth=2, vision_hidden_size=64,
                        vision_intermediate_size=176, vision_heads=2, fullatt_block_indexes=(1,)),
