@@ -2,7 +2,7 @@
 
 64 SET-formatted responses (8 images x G = 8, as in a rollout) -> 64 coherence prompts (text)
 + 64 consistency prompts (with the rollout image) through the Qwen2.5-VL chat template, judged
-by a tiny random Qwen2.5-VL (the CPU demo's "small" shape, ~5M parameters) with the demo
+by a tiny random Qwen2.5-VL (`model.tiny="demo"`, ~5M parameters) with the demo
 tokenizer. generate: released sampling (T 0.6, top-p 0.95), at most --max-new-tokens judge
 tokens; the decode loop of a chunk runs until every row has ended, and a random model rarely
 ends (2 end ids in 1,024), so every chunk runs all --max-new-tokens steps (the "judge tokens"

@@ -205,13 +205,16 @@ def get_config():
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 1.0
     c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # constant | cosine (decay after the warm-up)
+    c.optim.decay_steps = 0        # cosine: optimizer steps to decay over
+    c.optim.min_lr_ratio = 0.0     # cosine: final lr / lr
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 0                # Cold-Start-Emo SFT steps before RL (0 = none)
     c.sft.lr = 1e-5
     c.sft.batch_size = 32
     c.sft.random_labels = False
-    c.sft.target = "boxed"         # boxed | set_template (see emor3_jax/sft.py)
+    c.sft.target = "boxed"         # boxed | set_template | set_caption (emor3_jax/sft.py)
     c.sft.max_len = 128            # target tokens
     c.sft.data = ""                # data set for SFT ("" = data.train)
 

@@ -621,8 +621,7 @@ def rollout_programs(ctx: Context) -> list[Program]:
     buckets = SamplerBuckets(prompt_len=tuple(c.data.prompt_buckets),
                              new_tokens=tuple(sorted(set(r.response_buckets) | {
                                  c.eval.max_new_tokens, r.max_new_tokens})))
-    sampler = Sampler(ctx.model, mesh=ctx.mesh, buckets=buckets, chunk_size=s.rollout_chunk,
-                      compile_only=True)
+    sampler = Sampler(ctx.model, mesh=ctx.mesh, buckets=buckets, chunk_size=s.rollout_chunk)
     chunks = math.ceil(s.rollout_prompts / s.rollout_chunk)
     programs = _sampler_programs(ctx, sampler, ctx.params, what="rollout",
                                  num_prompts=s.rollout_chunk, prompt_len=s.prompt_len,
@@ -685,8 +684,7 @@ def judge_programs(ctx: Context) -> list[Program]:
     model, params = judge_model(ctx)
     buckets = SamplerBuckets(prompt_len=tuple(rw.judge_prompt_buckets),
                              new_tokens=(rw.judge_max_new_tokens,))
-    sampler = Sampler(model, mesh=ctx.mesh, buckets=buckets, chunk_size=s.judge_chunk,
-                      compile_only=True)
+    sampler = Sampler(model, mesh=ctx.mesh, buckets=buckets, chunk_size=s.judge_chunk)
     uses = ("judge params",) if rw.judge_source == "checkpoint" else ("policy params",)
     calls = s.judge_calls * math.ceil(s.judge_prompts / s.judge_chunk)
     images = s.judge_chunk if emotion.get_preset(rw.preset).needs_consistency else 0

@@ -1,10 +1,13 @@
 """Supervised fine-tuning: the SFT baseline and the Cold-Start SFT before RL.
 
-Targets are built from the label alone (no reasoning traces): `boxed` is `\\boxed{label}`
-(the SFT baseline / Cold-Start-Emo), `set_template` wraps it in the three SET steps with
-fixed, image-independent sentences so a model learns the format without learning anything
-about the image. With `random_labels` the label itself is drawn uniformly, so accuracy stays at
-chance: the CPU demo uses this to show that what GRPO later learns comes from the reward.
+Targets are built from the label (no reasoning traces): `boxed` is `\\boxed{label}` (the SFT
+baseline / Cold-Start-Emo), `set_template` wraps it in the three SET steps with fixed,
+image-independent sentences so a model learns the format without learning anything about the
+image, and `set_caption` puts the example's `caption` feature (what the image shows, never the
+emotion) in step 1, so a model also learns to describe the image. With `random_labels` the
+label itself is drawn uniformly, so accuracy stays at chance: the CPU demo uses this (with
+`set_caption`) to show that the mapping from what the image shows to the emotion, which GRPO
+later learns, comes from the reward.
 The loss is the token-mean negative log-likelihood of the target tokens (end-of-turn included).
 """
 from __future__ import annotations
@@ -20,15 +23,17 @@ from emor3_jax.configs import base
 from emor3_jax.rl import update as update_lib
 from emor3_jax.rl.logprobs import response_logprobs
 
-TARGETS = ("boxed", "set_template")
+TARGETS = ("boxed", "set_template", "set_caption")
+_FIXED_STEP1 = "The scene shows colors, shapes and light."
 
 
-def sft_target(label: str, target: str) -> str:
+def sft_target(label: str, target: str, caption: str = "") -> str:
     if target == "boxed":
         return f"\\boxed{{{label}}}"
-    if target == "set_template":
+    if target in ("set_template", "set_caption"):
+        step1 = caption if target == "set_caption" else _FIXED_STEP1
         valence, arousal = base.VALENCE_AROUSAL.get(label, ("mixed", "moderate"))
-        return ("<step1>The scene shows colors, shapes and light.</step1>\n"
+        return (f"<step1>{step1}</step1>\n"
                 "<step2>A person would feel something about it.</step2>\n"
                 f"<step3>The emotion is {valence}, with {arousal} arousal.</step3>\n"
                 f"\\boxed{{{label}}}")
@@ -55,6 +60,20 @@ def batch_labels(batch, *, random_labels: bool, rng: np.random.Generator) -> lis
     if random_labels:
         return [names[i] for i in rng.integers(0, len(names), len(batch["label"]))]
     return [str(t) for t in batch["label_text"]]
+
+
+def batch_captions(batch) -> list[str]:
+    """Each row's `caption` (filler rows: the fixed sentence). A real row without one is an
+    error: `set_caption` would otherwise teach an empty step 1."""
+    valid = np.asarray(batch["valid"], bool)
+    captions = [str(c) for c in batch.get("caption", [""] * len(valid))]
+    missing = [str(i) for i, c, v in zip(batch["example_id"], captions, valid)
+               if v and not c.strip()]
+    if missing:
+        raise ValueError(f"sft.target='set_caption' needs a `caption` feature on every example; "
+                         f"{len(missing)} rows of this batch have none (e.g. {missing[:3]}). Use "
+                         "a data set with captions (emo_synth) or sft.target='set_template'")
+    return [c if v else _FIXED_STEP1 for c, v in zip(captions, valid)]
 
 
 def make_sft_step(model, optimizer, mesh, *, chunk: int):
@@ -89,7 +108,8 @@ def make_sft_step(model, optimizer, mesh, *, chunk: int):
 
 def pack_sft_batch(model_config, batch, tokenizer, ids, *, labels: Sequence[str], target: str,
                    max_len: int, micro_batch_rows: int) -> update_lib.UpdateBatch:
-    texts = [sft_target(label, target) for label in labels]
+    captions = batch_captions(batch) if target == "set_caption" else [""] * len(labels)
+    texts = [sft_target(label, target, caption) for label, caption in zip(labels, captions)]
     tokens, mask = target_tokens(tokenizer, texts, ids.im_end, ids.pad, max_len)
     mask = mask * np.asarray(batch["valid"], np.int32)[:, None]   # filler rows teach nothing
     n = tokens.shape[0]
@@ -100,8 +120,10 @@ def pack_sft_batch(model_config, batch, tokenizer, ids, *, labels: Sequence[str]
 
 
 def make_sft_optimizer(sft_config, optim_config) -> optax.GradientTransformation:
-    """The run's AdamW settings with the SFT learning rate."""
+    """The run's AdamW settings with the SFT learning rate (constant after the warm-up: the RL
+    schedule's decay_steps count RL updates)."""
     cfg = optim_config.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.lr = float(sft_config.lr)
+        cfg.schedule = "constant"
     return update_lib.make_optimizer(cfg)

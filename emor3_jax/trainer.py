@@ -107,6 +107,7 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
         if config.reward.judge_source == "checkpoint" and not config.reward.judge_dir:
             raise ValueError("config.reward.judge_source='checkpoint' needs "
                              "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
+        update_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
         if r.max_new_tokens > max(r.response_buckets):
             raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
                              f"largest response bucket {max(r.response_buckets)}")

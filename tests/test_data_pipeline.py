@@ -97,6 +97,7 @@ def test_batch_format_on_real_photos(tmp_path, tokenizer):
                 assert batch["label"][row] == ex["label"]
                 assert batch["label_text"][row] == base.LABELS["emotion6"][ex["label"]]
                 assert batch["problem"][row] == ex["problem"].decode()
+                assert batch["caption"][row] == ""       # emotion6 has no caption feature
                 prompt = chat.encode_prompt(tokenizer, chat.task_prompt(batch["problem"][row], "set"),
                                             [grid])
                 np.testing.assert_array_equal(batch["input_ids"][row][mask], prompt)
@@ -114,6 +115,21 @@ def test_batch_format_on_real_photos(tmp_path, tokenizer):
         assert len(batch["pixel_values"]) == pipeline.patch_bucket(num_patches, None)
     assert sorted(_ids(batches)) == sorted(by_id)
     assert [int(b["valid"].sum()) for b in batches] == [4, 1]
+
+
+def test_captions_travel_with_their_rows(synth_dir, tokenizer):
+    data_dir, config = synth_dir
+    by_id = {ex["id"].decode(): ex["caption"].decode() for ex in tfds.builder(
+        "emo_synth/" + config.name, data_dir=data_dir).as_data_source("test")}
+    batches = list(_synth(synth_dir, tokenizer, split="test", batch_size=8, eval_mode=True))
+    for batch in batches:
+        for example_id, caption, valid in zip(batch["example_id"], batch["caption"],
+                                              batch["valid"]):
+            assert caption == (by_id[example_id] if valid else "")
+    merged = pipeline.concat_batches(batches[:2], labels=base.LABELS["emo_synth"],
+                                     cfg=pipeline.PipelineConfig(batch_size=8, **SMALL),
+                                     ids=token_ids(tokenizer))
+    assert list(merged["caption"]) == list(batches[0]["caption"]) + list(batches[1]["caption"])
 
 
 def test_resume_continues_with_the_same_batches(synth_dir, tokenizer):

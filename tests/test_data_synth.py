@@ -69,6 +69,22 @@ def test_rule_matches_valence_arousal():
     assert len(set(synth.LABEL_CUES.values())) == 8
 
 
+def test_captions_describe_the_clean_cues_and_never_name_an_emotion():
+    assert synth.caption_of_cues((1, 1, 1)) == "The scene is warm, vivid and bright."
+    assert synth.caption_of_cues((0, 0, 0)) == "The scene is cool, muted and dark."
+    out = list(synth.generate_split(64, "train", seed=3))
+    noisy = 0
+    for _, image, label, clean, caption in out:
+        assert caption == synth.caption_of_cues(synth.LABEL_CUES[synth.LABELS[clean]])
+        assert not any(name in caption.lower() for name in synth.LABELS)
+        # The caption follows what the image shows (the measured cues), not the noisy label.
+        measured = synth.predict_from_features(synth.cue_features(image[None]))[0]
+        assert caption == synth.caption_of_cues(synth.LABEL_CUES[synth.LABELS[measured]])
+        noisy += label != clean
+    assert noisy > 0     # some labels disagree with their caption: the label noise
+    assert len({o[4] for o in out}) == 8
+
+
 def test_deterministic_from_seed():
     a, ya, _ = _split(16, "validation", seed=7)
     b, yb, _ = _split(16, "validation", seed=7)
@@ -94,6 +110,8 @@ def test_tfds_emo_synth_builds_the_generated_examples(tmp_path):
         i = int(ex["id"].decode().split("/")[1])
         np.testing.assert_array_equal(ex["image"], x[i])
         assert ex["label"] == y[i] and ex["clean_label"] == clean[i]
+        cues = synth.LABEL_CUES[synth.LABELS[clean[i]]]
+        assert ex["caption"].decode() == synth.caption_of_cues(cues)
         assert ex["problem"].decode() == base.question_text(base.MIKELS_LABELS)
     assert data.skip_counts(builder) == {"data/emo_synth/skipped": 0}
     # Registered by name too (default config).

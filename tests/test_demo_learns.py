@@ -1,10 +1,11 @@
 """The CPU demo learns: `python -m emor3_jax.main` on a reduced budget raises reward and accuracy.
 
 The demo config as shipped (configs/demo_cpu.py: tiny model, emo_synth, Cold-Start SFT with
-random labels, then EMO-R3 GRPO with the policy as its own score-mode judge), with 40 instead of
-200 GRPO steps (about 8 minutes on 2 cores). After the random-label SFT the policy writes the SET
-format but answers at chance; GRPO must raise the training reward and the held-out accuracy
-from the reward alone. One process on 1 CPU device, as on a laptop.
+random labels, then EMO-R3 GRPO with the policy as its own score-mode judge), with 50 instead of
+100 GRPO steps (the learning-rate schedule does not depend on max_steps, so these are the full
+run's first 50 steps; about 4 minutes on 2 cores). After the random-label SFT the policy writes
+the SET format but answers at chance; GRPO must raise the training reward and the held-out
+accuracy from the reward alone. One process on 1 CPU device, as on a laptop.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-RL_STEPS, WINDOW = 40, 10
+RL_STEPS, WINDOW = 50, 10
 BUDGET = {"train.max_steps": RL_STEPS, "train.eval_every": RL_STEPS,
           "train.checkpoint_every": RL_STEPS}
 
@@ -51,11 +52,11 @@ def test_demo_reward_and_accuracy_rise(tmp_path):
     assert start["eval/emo_synth/format"] >= 0.95, summary
     assert start["eval/emo_synth/accuracy"] <= 0.2, summary
     # GRPO raises the reward and the accuracy, in training and on held-out images ...
-    # (four runs here, steps 31-40 vs 1-10: reward +0.08..+0.09, accuracy +0.06..+0.07; held-out
-    # accuracy of the shipped config at step 40: +0.10)
+    # (measured here, steps 41-50 vs 1-10: reward 0.30 -> 0.38, accuracy 0.13 -> 0.27; held-out
+    # accuracy 0.13 -> 0.48 at step 50; the bounds are about half of that)
     assert summary["reward/mean"][1] >= summary["reward/mean"][0] + 0.04, summary
-    assert summary["reward/accuracy"][1] >= summary["reward/accuracy"][0] + 0.04, summary
-    assert summary["eval"][1] >= summary["eval"][0] + 0.05, summary
+    assert summary["reward/accuracy"][1] >= summary["reward/accuracy"][0] + 0.07, summary
+    assert summary["eval"][1] >= summary["eval"][0] + 0.15, summary
     # ... while keeping the format.
     assert end["eval/emo_synth/format"] >= 0.9, summary
     report = json.loads((workdir / "report" / "results.json").read_text())

@@ -250,6 +250,27 @@ def test_update_step_learns_and_skips_non_finite_batches(setup, logprob_fn):
     assert len(step.compiled) == 1
 
 
+def test_learning_rate_schedules():
+    optim = _optim(1e-3)
+    constant = update.learning_rate_schedule(optim)
+    assert [float(constant(s)) for s in (0, 7, 10_000)] == [1e-3] * 3
+    optim.warmup_steps, optim.schedule, optim.decay_steps, optim.min_lr_ratio = 4, "cosine", 8, 0.1
+    cosine = update.learning_rate_schedule(optim)
+    got = np.array([float(cosine(s)) for s in range(16)])
+    # Torch-style warm-up (step + 1) / warmup, then 1e-3 * (0.1 + 0.9 * (1 + cos(pi t)) / 2),
+    # t = (step - warmup) / decay_steps, held at 1e-4 after the decay.
+    warm = [1e-3 * (s + 1) / 4 for s in range(4)]
+    t = np.clip((np.arange(4, 16) - 4) / 8, 0, 1)
+    decay = list(1e-3 * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t))))
+    np.testing.assert_allclose(got, warm + decay, rtol=1e-5)
+    assert got[12:] == pytest.approx([1e-4] * 4)
+    # The optimizer applies it: AdamW's first step moves a weight by about lr(0) (sign-like).
+    opt = update.make_optimizer(optim)
+    params = {"w": jnp.zeros((3,))}
+    upd, _ = opt.update({"w": jnp.ones((3,))}, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(upd["w"]), -got[0], rtol=1e-3)
+
+
 def test_optimizer_keeps_fp32_moments_for_bf16_params():
     opt = update.make_optimizer(_optim(1e-2), moment_dtype=jnp.float32)
     params = {"w": jnp.ones((4,), jnp.bfloat16)}

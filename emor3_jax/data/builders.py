@@ -228,9 +228,10 @@ class EmoSynth(_ArrayRecordBuilder):
     The rule, nuisance and label noise are documented in emor3_jax/data/synth.py.
     """
     name = "emo_synth"
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "warm/sharp/bright cue rule, 10 % label noise.",
-                     "1.1.0": "arousal is also shown by saturation (vivid vs muted)."}
+                     "1.1.0": "arousal is also shown by saturation (vivid vs muted).",
+                     "1.2.0": "`caption`: the image's cues in words (synth.caption_of_cues)."}
     BUILDER_CONFIGS = [EmoSynthConfig(name="default",
                                       description="56x56, 2000/200/400 examples, seed 0")]
 
@@ -238,7 +239,8 @@ class EmoSynth(_ArrayRecordBuilder):
         return tfds.core.DatasetInfo(
             builder=self, description=self.__doc__,
             features=_features(synth.LABELS, {
-                "clean_label": tfds.features.ClassLabel(names=list(synth.LABELS))}),
+                "clean_label": tfds.features.ClassLabel(names=list(synth.LABELS)),
+                "caption": tfds.features.Text()}),
             metadata=tfds.core.MetadataDict())
 
     def _split_generators(self, dl_manager):
@@ -249,11 +251,11 @@ class EmoSynth(_ArrayRecordBuilder):
     def _generate_examples(self, split, num_examples):
         c = self.builder_config
         problem = base.question_text(synth.LABELS)
-        for i, image, label, clean in synth.generate_split(
+        for i, image, label, clean, caption in synth.generate_split(
                 num_examples, split, seed=c.seed, size=c.image_size, label_noise=c.label_noise):
             key = f"{split}/{i:06d}"
             yield key, {"image": images.encode_png(image), "label": label, "problem": problem,
-                        "id": key, "clean_label": clean}
+                        "id": key, "clean_label": clean, "caption": caption}
 
     def _download_and_prepare(self, dl_manager, download_config):
         super()._download_and_prepare(dl_manager, download_config)

@@ -27,6 +27,8 @@ Batch format (numpy dict; shapes are static per bucket; B = `batch_size` on this
     labels_of_dataset tuple[str]    the data set's label names (index order)
     problem          [B] object     the question text as stored in the data set
     example_id       [B] object     `id` feature (file / row / generated key)
+    caption          [B] object     `caption` feature: what the image shows, in words ("" when
+                                    the data set has none; emo_synth has one, for SFT targets)
     epoch            [B] int32      epoch the example was drawn in (-1 on padding rows)
     valid            [B] bool       False on padding rows
     num_skipped      int            examples skipped while filling this batch
@@ -169,14 +171,14 @@ class Preprocess:
         try:
             rgb = images.decode_rgb(record["image"], example_id)
             return self.example(rgb, _text(record["problem"]), int(record["label"]),
-                                example_id, epoch)
+                                example_id, epoch, _text(record.get("caption", "")))
         except images.BadImage as e:
             return _skip(e.reason, str(e), example_id)
         except ValueError as e:  # smart_resize (aspect ratio), prompt building
             return _skip("unprocessable", f"{example_id}: {e}", example_id)
 
     def example(self, rgb: np.ndarray, problem: str, label: int, example_id: str,
-                epoch: int) -> dict:
+                epoch: int, caption: str = "") -> dict:
         cfg = self.cfg
         grid = image_processing.grid_thw_for_size(*rgb.shape[:2], min_pixels=cfg.min_pixels,
                                                   max_pixels=cfg.max_pixels)
@@ -191,7 +193,7 @@ class Preprocess:
         return {"input_ids": ids, "pixel_values": pixel_values,
                 "grid_thw": np.asarray(grid, np.int32), "label": label,
                 "label_text": self.labels[label] if label >= 0 else "", "problem": problem,
-                "example_id": example_id, "epoch": epoch}
+                "example_id": example_id, "epoch": epoch, "caption": caption}
 
     def filler(self) -> dict:
         """A well-formed padding row: a grey image with the data set's own question."""
@@ -248,6 +250,7 @@ def collate(rows: Sequence[dict], valid: Sequence[bool], *, labels: Sequence[str
         "labels_of_dataset": tuple(labels),
         "problem": np.asarray([r["problem"] for r in rows], dtype=object),
         "example_id": np.asarray([r["example_id"] for r in rows], dtype=object),
+        "caption": np.asarray([r["caption"] for r in rows], dtype=object),
         "epoch": np.asarray([r["epoch"] for r in rows], np.int32),
         "valid": np.asarray(valid, bool),
     }
@@ -464,7 +467,8 @@ def batch_rows(batch: dict[str, Any]) -> list[dict]:
                      "pixel_values": batch["pixel_values"][starts[i]:starts[i + 1]],
                      "grid_thw": grid[i], "label": int(batch["label"][i]),
                      "label_text": batch["label_text"][i], "problem": batch["problem"][i],
-                     "example_id": batch["example_id"][i], "epoch": int(batch["epoch"][i])})
+                     "example_id": batch["example_id"][i], "epoch": int(batch["epoch"][i]),
+                     "caption": batch["caption"][i]})
     return rows
 
 

@@ -59,6 +59,18 @@ def label_of_cues(warm: int, sharp: int, bright: int) -> int:
     return _CUES_TO_LABEL[(int(warm), int(sharp), int(bright))]
 
 
+# Words for (absent, present) of each cue, in CUE_NAMES order.
+CUE_WORDS = (("cool", "warm"), ("muted", "vivid"), ("dark", "bright"))
+
+
+def caption_of_cues(cues: tuple[int, int, int]) -> str:
+    """What the image shows, in words (the `caption` feature): "The scene is warm, vivid and
+    bright." Built from the rule's cues, so it describes the image even when the stored label
+    is noisy; it never names an emotion."""
+    words = [pair[int(c)] for pair, c in zip(CUE_WORDS, cues)]
+    return f"The scene is {words[0]}, {words[1]} and {words[2]}."
+
+
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Vectorized HSV -> RGB, all in [0, 1] (h in turns, wrapping)."""
     h = np.mod(h, 1.0) * 6.0
@@ -144,13 +156,14 @@ def split_labels(num_examples: int, split: str, seed: int, label_noise: float
 
 def generate_split(num_examples: int, split: str, *, seed: int = 0, size: int = 56,
                    label_noise: float = 0.1):
-    """Yield (index, image uint8 [size, size, 3], label, clean_label) for one split."""
+    """Yield (index, image uint8 [size, size, 3], label, clean_label, caption) for one split."""
     if split not in SPLIT_IDS:
         raise ValueError(f"emo_synth split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
     clean, noisy = split_labels(num_examples, split, seed, label_noise)
     for i in range(num_examples):
         rng = np.random.default_rng([seed, SPLIT_IDS[split], 1, i])
-        yield i, render(rng, LABEL_CUES[LABELS[clean[i]]], size), int(noisy[i]), int(clean[i])
+        cues = LABEL_CUES[LABELS[clean[i]]]
+        yield i, render(rng, cues, size), int(noisy[i]), int(clean[i]), caption_of_cues(cues)
 
 
 # --------------------------------------------------------------------------------------------

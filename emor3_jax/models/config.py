@@ -372,7 +372,7 @@ def tiny_config(*, vocab_size: int = 512, hidden_size: int = 64, intermediate_si
 TINY_CONFIGS = {
     # ~1M parameters: unit tests.
     "tiny": dict(),
-    # ~5M parameters: the CPU demo policy (bench "small").
+    # ~5M parameters: the benchmarks' "small" model (bench/forward.py, bench/judge.py).
     "demo": dict(hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
                  num_kv_heads=2, vision_depth=4, vision_hidden_size=128,
                  vision_intermediate_size=352, vision_heads=4, fullatt_block_indexes=(3,)),

@@ -165,6 +165,9 @@ upset, worried, nervous, anxious, scared, afraid, frightened, terrified, shocked
 furious, annoyed, irritated, disgusted, sick, uncomfortable, tense, stressed or helpless about it.
 People would feel a sense of wonder, joy, love, surprise, fear, anger, sadness or disgust.
 
+The scene is warm, vivid and bright. The scene is cool, muted and dark. The colors are warm or
+cool, vivid or muted, bright or dark.
+
 The emotion is positive and the arousal is high. The emotion is positive with low arousal. The
 emotion is negative and the arousal is high. The emotion is negative with low arousal. This is a
 positive, high arousal emotion. This is a negative, low arousal emotion. So the answer is the

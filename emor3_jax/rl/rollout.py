@@ -17,7 +17,7 @@ from emor3_jax.rl import losses
 
 # Per-row fields of a pipeline batch (numpy dict, see emor3_jax/data/pipeline.py).
 _ROW_FIELDS = ("input_ids", "attention_mask", "rope_deltas", "image_grid_thw", "label",
-               "label_text", "problem", "example_id", "epoch", "valid")
+               "label_text", "problem", "example_id", "epoch", "caption", "valid")
 
 
 @dataclasses.dataclass

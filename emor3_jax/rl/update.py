@@ -353,12 +353,34 @@ def with_state_dtype(inner: optax.GradientTransformation, dtype) -> optax.Gradie
     return optax.GradientTransformation(init, update)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 def learning_rate_schedule(optim_config):
-    """Constant lr; with warmup_steps > 0, lr * min(1, (step + 1) / warmup_steps)."""
+    """lr by optimizer step: with warmup_steps > 0, lr * min(1, (step + 1) / warmup_steps); then
+    constant, or (schedule "cosine") a cosine decay over `decay_steps` steps after the warm-up
+    to lr * min_lr_ratio, which stays from there on (EasyR1's `cosine` scheduler)."""
     lr, warmup = float(optim_config.lr), int(getattr(optim_config, "warmup_steps", 0) or 0)
-    if warmup <= 0:
+    schedule = getattr(optim_config, "schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"config.optim.schedule={schedule!r}; choose one of {SCHEDULES}")
+    if schedule == "constant" and warmup <= 0:
         return optax.constant_schedule(lr)
-    return lambda count: lr * jnp.minimum(1.0, (count + 1.0) / warmup)
+    decay = int(getattr(optim_config, "decay_steps", 0) or 0)
+    if schedule == "cosine" and decay <= 0:
+        raise ValueError(f"config.optim.decay_steps={decay}: the cosine schedule needs the "
+                         "number of optimizer steps to decay over (RL steps x updates per "
+                         "rollout x ppo_epochs)")
+    floor = float(getattr(optim_config, "min_lr_ratio", 0.0) or 0.0)
+
+    def fn(count):
+        count = jnp.asarray(count, jnp.float32)
+        scale = jnp.minimum(1.0, (count + 1.0) / warmup) if warmup > 0 else 1.0
+        if schedule == "cosine":
+            t = jnp.clip((count - warmup) / decay, 0.0, 1.0)
+            scale = scale * (floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
+        return lr * scale
+    return fn
 
 
 def make_optimizer(optim_config, moment_dtype=jnp.float32) -> optax.GradientTransformation:

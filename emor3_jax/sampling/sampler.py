@@ -153,15 +153,14 @@ class Sampler:
     chunk_size: prompts per program call (a rollout of 512 prompts x 8 runs in pieces);
     None = the whole batch at once. memory_limit_bytes: per-device budget for the fit check
     (None: the device's bytes_limit, or the host RAM on CPU; 0 disables the check).
-    compile_only: the mesh is a TPU topology description (emor3_jax/aot.py): programs are only
-    traced (`trace_prefill` / `trace_decode` / `trace_score`) and compiled, never run.
+    On a TPU topology description (emor3_jax/aot.py) programs are only traced
+    (`trace_prefill` / `trace_decode` / `trace_score`) and compiled, never run.
     A mesh over several processes (multi-host): every process calls with the same host inputs
     (emor3_jax/distributed.py), places its own devices' shards and gets the whole result.
     """
 
     def __init__(self, model, *, mesh=None, buckets: SamplerBuckets = SamplerBuckets(),
-                 chunk_size: int | None = None, memory_limit_bytes: int | None = None,
-                 compile_only: bool = False):
+                 chunk_size: int | None = None, memory_limit_bytes: int | None = None):
         self.model = model
         self.config = model.config
         self.mesh = mesh
@@ -169,7 +168,6 @@ class Sampler:
         if chunk_size is not None and chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive (prompts per program call), got "
                              f"{chunk_size}")
-        self.compile_only = compile_only
         self.chunk_size = chunk_size
         self.memory_limit_bytes = memory_limit_bytes
         self.compiled = collections.Counter()     # program kind -> traces (= compilations)
