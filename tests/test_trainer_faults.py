@@ -327,6 +327,7 @@ def _demo_config(**fields):
     ({"optim.schedule": "linear"}, ValueError, ["config.optim.schedule='linear'", "cosine"]),
     ({"optim.schedule": "cosine", "optim.decay_steps": 0}, ValueError,
      ["config.optim.decay_steps=0", "updates per rollout"]),
+    ({"optim.min_lr_ratio": -0.5}, ValueError, ["config.optim.min_lr_ratio=-0.5", "[0, 1]"]),
     ({"rollout.max_new_tokens": 100}, ValueError, ["config.rollout.max_new_tokens=100", "bucket"]),
     ({"model.hf_dir": "/nonexistent/qwen"}, FileNotFoundError,
      ["config.model.hf_dir='/nonexistent/qwen'", "config.json"]),

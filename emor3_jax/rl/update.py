@@ -372,6 +372,9 @@ def learning_rate_schedule(optim_config):
                          "number of optimizer steps to decay over (RL steps x updates per "
                          "rollout x ppo_epochs)")
     floor = float(getattr(optim_config, "min_lr_ratio", 0.0) or 0.0)
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"config.optim.min_lr_ratio={floor}: the final lr / lr must be in "
+                         "[0, 1]")
 
     def fn(count):
         count = jnp.asarray(count, jnp.float32)
