@@ -1,71 +1,153 @@
-"""Evaluation report: results.json, results.md (EMO-R3.md's table layout) and curves.png."""
+"""Evaluation report: a run's results.json / results.md / curves.png, and the paper's Table 1.
+
+One run is one *setting* of the paper: setting A trains on EmoSet (in-domain EmoSet^I,
+out-of-domain Emotion6 and WebEmo), setting B on Emotion6 (in-domain Emo6^I, out EmoSet and
+WebEmo). The paper's A^I / A^O / A combine both runs, so a single run's report shows its own cells
+only; `python -m emor3_jax.report RUN_A RUN_B [--json OUT]` reads the two workdirs'
+`report/results.json` and prints the paper's row beside the published ones.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from typing import Mapping, Sequence
 
 import numpy as np
 
-# EMO-R3.md's results table: setting A trains on EmoSet, setting B on Emotion6.
+# EMO-R3.md's results table: (setting, data set, column header).
 PAPER_COLUMNS = (("A", "emoset2k", "EmoSet^I"), ("A", "emotion6", "Emo6"), ("A", "webemo", "WebEmo"),
                  ("B", "emotion6", "Emo6^I"), ("B", "emoset2k", "EmoSet"), ("B", "webemo", "WebEmo"))
 SETTING_OF_TRAIN = {"emoset2k": "A", "emotion6": "B"}
-# Published reference rows (Qwen2.5-VL-3B-Instruct, accuracy %), from EMO-R3.md.
+# Published rows (Qwen2.5-VL-3B-Instruct, accuracy %, EMO-R3.md): the six cells, A^I, A^O, A.
 PUBLISHED = {
-    "zero-shot (published)": (51.55, 50.00, 40.65, 50.00, 51.55, 40.65, 50.77, 45.71, 47.40),
-    "GRPO G=8 (published)": (75.45, 57.91, 49.40, 69.87, 60.30, 42.05, 72.66, 52.42, 59.16),
-    "EMO-R3 G=8 (published)": (76.40, 59.26, 49.70, 71.72, 61.80, 43.65, 74.06, 53.60, 60.42),
+    "zero-shot": (51.55, 50.00, 40.65, 50.00, 51.55, 40.65, 50.77, 45.71, 47.40),
+    "SFT": (77.15, 34.51, 17.75, 69.53, 26.45, 37.65, 73.34, 29.09, 43.84),
+    "GRPO G=4": (74.60, 60.10, 49.50, 70.88, 59.90, 44.85, 72.74, 53.59, 59.97),
+    "DAPO G=4": (68.99, 56.90, 49.80, 68.56, 59.95, 45.50, 68.78, 53.04, 58.28),
+    "EMO-R3 G=4": (75.50, 60.44, 50.45, 70.71, 60.70, 45.20, 73.10, 54.20, 60.50),
+    "GRPO G=8": (75.45, 57.91, 49.40, 69.87, 60.30, 42.05, 72.66, 52.42, 59.16),
+    "DAPO G=8": (70.21, 55.72, 48.80, 62.39, 58.05, 46.30, 66.30, 52.22, 56.91),
+    "EMO-R3 G=8": (76.40, 59.26, 49.70, 71.72, 61.80, 43.65, 74.06, 53.60, 60.42),
 }
-
-
-def summarize(accuracy: Mapping[str, float], in_domain: Sequence[str]) -> dict:
-    """A^I (mean in-domain), A^O (mean out-of-domain), A (mean of all), in percent."""
-    ins = [100 * v for k, v in accuracy.items() if k in in_domain]
-    outs = [100 * v for k, v in accuracy.items() if k not in in_domain]
-    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
-    return {"A_I": mean(ins), "A_O": mean(outs), "A": mean(ins + outs)}
+HEADER = [c[2] for c in PAPER_COLUMNS] + ["A^I", "A^O", "A"]
 
 
 def _fmt(x):
     return "–" if x is None else f"{x:.2f}"
 
 
-def results_markdown(accuracy: Mapping[str, float], train_set: str, method: str) -> str:
-    """The run's accuracies as a Markdown table; EMO-R3.md's layout when the data sets fit it."""
-    setting = SETTING_OF_TRAIN.get(train_set)
-    in_domain = (train_set,)
-    s = summarize(accuracy, in_domain)
-    if setting and set(accuracy) <= {"emoset2k", "emotion6", "webemo"}:
-        header = [c[2] for c in PAPER_COLUMNS] + ["A^I", "A^O", "A"]
-        cells = [_fmt(100 * accuracy[name]) if st == setting and name in accuracy else "–"
-                 for st, name, _ in PAPER_COLUMNS]
-        rows = [[method] + cells + [_fmt(s["A_I"]), _fmt(s["A_O"]), _fmt(s["A"])]]
-        rows += [[k] + [_fmt(v) for v in vals] for k, vals in PUBLISHED.items()]
-        lead = (f"Setting {setting} (trained on {train_set}); columns of the other setting are "
-                "blank. Published rows from EMO-R3.md for reference.\n\n")
-    else:
-        names = sorted(accuracy, key=lambda k: (k not in in_domain, k))
-        header = [n + ("^I" if n in in_domain else "") for n in names] + ["A^I", "A^O", "A"]
-        rows = [[method] + [_fmt(100 * accuracy[n]) for n in names]
-                + [_fmt(s["A_I"]), _fmt(s["A_O"]), _fmt(s["A"])]]
-        lead = f"Trained on {train_set}; accuracy in percent.\n\n"
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return lead + "\n".join(lines) + "\n"
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def results_markdown(accuracy: Mapping[str, float], train_set: str, method: str) -> str:
+    """One run's accuracies (percent), in-domain first, with the setting it is."""
+    setting = SETTING_OF_TRAIN.get(train_set)
+    names = sorted(accuracy, key=lambda k: (k != train_set, k))
+    header = [n + ("^I" if n == train_set else "") for n in names]
+    table = _table(header, [[method] + [_fmt(100 * accuracy[n]) for n in names]])
+    if setting:
+        lead = (f"Setting {setting} of the paper (trained on {train_set}); accuracy in percent. "
+                "The paper's A^I / A^O / A average both settings: `python -m emor3_jax.report "
+                "RUN_A RUN_B` combines this run with one of the other setting.\n\n")
+    else:
+        lead = f"Trained on {train_set}; accuracy in percent.\n\n"
+    return lead + table
 
 
 def write_report(report_dir: str, accuracy: Mapping[str, float], *, train_set: str, method: str,
                  extra: Mapping | None = None) -> dict:
     os.makedirs(report_dir, exist_ok=True)
     result = {"method": method, "train_set": train_set,
+              "setting": SETTING_OF_TRAIN.get(train_set),
               "accuracy": {k: float(v) for k, v in accuracy.items()},
-              **summarize(accuracy, (train_set,)), **(dict(extra) if extra else {})}
+              **(dict(extra) if extra else {})}
     with open(os.path.join(report_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(report_dir, "results.md"), "w") as f:
         f.write(results_markdown(accuracy, train_set, method))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Table 1 across the two settings.
+
+def table1(cells: Sequence[float]) -> dict:
+    """The six cells (percent, PAPER_COLUMNS order) -> {cells, A_I, A_O, A}: A^I the mean of the
+    two in-domain cells, A^O of the four out-of-domain cells, A of all six."""
+    if len(cells) != len(PAPER_COLUMNS):
+        raise ValueError(f"Table 1 has {len(PAPER_COLUMNS)} cells, got {len(cells)}")
+    ins = [c for c, (_, name, head) in zip(cells, PAPER_COLUMNS) if head.endswith("^I")]
+    outs = [c for c, (_, name, head) in zip(cells, PAPER_COLUMNS) if not head.endswith("^I")]
+    return {"cells": {f"{st}/{name}": float(c) for c, (st, name, _) in zip(cells, PAPER_COLUMNS)},
+            "A_I": float(np.mean(ins)), "A_O": float(np.mean(outs)),
+            "A": float(np.mean(list(cells)))}
+
+
+def combine_runs(runs: Sequence[Mapping], sources: Sequence[str]) -> dict:
+    """Two runs' results.json (any order) -> Table 1 (percent). Errors name the file and field."""
+    by_setting: dict[str, tuple[Mapping, str]] = {}
+    for run, src in zip(runs, sources):
+        train = run.get("train_set")
+        setting = SETTING_OF_TRAIN.get(train)
+        if setting is None:
+            raise ValueError(f"{src}: train_set={train!r} is neither setting A (emoset2k) nor "
+                             "setting B (emotion6) of the paper's Table 1")
+        if setting in by_setting:
+            raise ValueError(f"{src} and {by_setting[setting][1]} both train on {train} (setting "
+                             f"{setting}); Table 1 needs one run of each setting")
+        by_setting[setting] = (run, src)
+    cells = []
+    for setting, name, head in PAPER_COLUMNS:
+        run, src = by_setting[setting]
+        acc = run.get("accuracy", {})
+        if name not in acc:
+            raise ValueError(f"{src}: accuracy has no {name!r} (the {head} cell of setting "
+                             f"{setting}); evaluate that run on {name} (config.data.eval)")
+        cells.append(100.0 * float(acc[name]))
+    out = table1(cells)
+    out["methods"] = {s: by_setting[s][0].get("method") for s in ("A", "B")}
+    out["sources"] = {s: by_setting[s][1] for s in ("A", "B")}
+    return out
+
+
+def table1_markdown(result: Mapping, method: str) -> str:
+    cells = [_fmt(v) for v in result["cells"].values()]
+    rows = [[method] + cells + [_fmt(result[k]) for k in ("A_I", "A_O", "A")]]
+    rows += [[f"{k} (published)"] + [_fmt(v) for v in vals] for k, vals in PUBLISHED.items()]
+    return _table(HEADER, rows)
+
+
+def _read_results(workdir: str) -> dict:
+    path = os.path.join(workdir, "report", "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: give a run's workdir (its final "
+                                "evaluation writes report/results.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m emor3_jax.report",
+                                 description="The paper's Table 1 from one run of each setting.")
+    ap.add_argument("runs", nargs=2, metavar="RUN", help="workdirs of the setting A and B runs")
+    ap.add_argument("--json", help="write the six cells and A_I / A_O / A (percent) here")
+    a = ap.parse_args(argv)
+    try:
+        result = combine_runs([_read_results(r) for r in a.runs], a.runs)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    methods = result["methods"]
+    method = methods["A"] if methods["A"] == methods["B"] else f"{methods['A']} / {methods['B']}"
+    print(table1_markdown(result, method), end="")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
 
 
 CURVES = (("reward", ("reward/mean", "reward/format", "reward/accuracy", "reward/coherence",
@@ -96,3 +178,7 @@ def plot_curves(rows: Sequence[Mapping], path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
