@@ -140,8 +140,8 @@ def get_config():
     c.model.hf_dir = ""            # Hugging Face directory (config.json + safetensors)
     c.model.tiny = ""              # name of a built-in tiny config instead of hf_dir ("" = none)
     c.model.arch = ""              # built-in architecture (qwen2.5-vl-3b|7b) for AOT without weights
-    c.model.dtype = "bfloat16"     # activation dtype
-    c.model.param_dtype = "bfloat16"
+    c.model.dtype = "bfloat16"     # compute dtype (and the frozen reference's)
+    c.model.param_dtype = "float32"  # master weights (fp32, as released: bf16 rounds lr 2e-6 away)
     c.model.remat = "none"         # none | block | full
     c.model.attention = "einsum"   # einsum | xla | cudnn (jax.nn.dot_product_attention)
     c.model.tokenizer = ""         # tokenizer directory; "" = the one in hf_dir; "demo" = built-in

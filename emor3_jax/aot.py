@@ -716,8 +716,14 @@ def reference_programs(ctx: Context) -> list[Program]:
     prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
                    f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} tokens",
                    uses, s.mini_batches * passes, "reference")
-    compile_program(prog, fn.trace(ctx.params, batch.inputs), log=ctx.log)
+    params = _reference(ctx) if c.rl.kl_coef else ctx.params
+    compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
     return [prog]
+
+
+def _reference(ctx: Context):
+    """The frozen reference as the trainer keeps it: a copy in the compute dtype."""
+    return policy_lib.reference_params(ctx.params, ctx.config.model.dtype)
 
 
 def update_programs(ctx: Context) -> list[Program]:
@@ -748,7 +754,7 @@ def resident_bytes(ctx: Context) -> dict[str, int]:
     state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
     out = {"policy params": per_device_bytes(state.params),
            "optimizer state": per_device_bytes((state.opt_state, state.step)),
-           "reference params": per_device_bytes(ctx.params) if c.rl.kl_coef else 0,
+           "reference params": per_device_bytes(_reference(ctx)) if c.rl.kl_coef else 0,
            "judge params": 0}
     if c.reward.judge_source == "checkpoint" and ctx.shapes.judge_prompts:
         out["judge params"] = per_device_bytes(judge_model(ctx)[1])

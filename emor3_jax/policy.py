@@ -117,3 +117,40 @@ def build_policy(model_config, mesh, rng) -> Policy:
 def copy_params(params):
     """A separate copy (e.g. the frozen reference) that donation of the train state cannot touch."""
     return jax.tree.map(lambda x: x.copy(), params)
+
+
+def reference_params(params, compute_dtype):
+    """The frozen reference: a copy in the compute dtype (`model.dtype`). It is only ever run
+    forward, where every weight is cast to the compute dtype anyway, so fp32 master weights need
+    not be kept twice (the release's FSDP reference is bf16 too). Works on arrays and on
+    ShapeDtypeStructs (AOT)."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x.copy() if hasattr(x, "copy") else x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype) if x.dtype != dtype else x.copy()
+    return jax.tree.map(cast, params)
+
+
+def check_update_precision(config) -> None:
+    """Warn when the parameter dtype cannot hold the run's learning-rate steps: an AdamW step
+    moves a weight by about lr, and a weight of magnitude ~1 (every RMSNorm weight) keeps a
+    step only if lr is at least half its ulp (bf16: 2^-8 = 3.9e-3)."""
+    param_dtype = jnp.dtype(config.model.param_dtype)
+    if not jnp.issubdtype(param_dtype, jnp.floating):
+        return
+    half_ulp = float(jnp.finfo(param_dtype).eps) / 2
+    lrs = {"optim.lr": float(config.optim.lr)}
+    if config.sft.steps:
+        lrs["sft.lr"] = float(config.sft.lr)
+    for field, lr in lrs.items():
+        if 0 < lr < half_ulp:
+            log.warning(
+                "config.model.param_dtype=%s cannot represent config.%s=%g steps: a weight near "
+                "1.0 (every RMSNorm weight) has a %s ulp of %.2g, so an AdamW update of ~lr rounds "
+                "away and those weights never change. Use model.param_dtype=float32 (fp32 master "
+                "weights) with model.dtype=bfloat16 compute, as the released recipe does.",
+                param_dtype.name, field, lr, param_dtype.name, 2 * half_ulp)

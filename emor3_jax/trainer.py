@@ -174,6 +174,7 @@ class Trainer:
 
     def __init__(self, config, workdir: str):
         check_config(config)
+        policy_lib.check_update_precision(config)
         self.config = config
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
@@ -392,8 +393,8 @@ class Trainer:
         if ref_params is None and rl.kl_coef:
             # The policy RL started from: this state at RL step 0; in a resumed run without SFT
             # (reference not checkpointed) the loaded weights, not the resumed params.
-            ref_params = policy_lib.copy_params(state.params if start == 0
-                                                else self.policy.params)
+            ref_params = policy_lib.reference_params(
+                state.params if start == 0 else self.policy.params, c.model.dtype)
         judge = self._judge()
         it = self._pipeline(c.data.train, TRAIN_SPLIT, eval_mode=False).global_iter()
         if data_state is not None:
@@ -512,7 +513,9 @@ class Trainer:
             return None
         tree = {"train": state, "rng": np.asarray(jax.random.key_data(self.base_key))}
         if self.ref_in_checkpoint and self.ckpt.read_extra()["phase"] == "rl":
-            tree["ref"] = state.params      # SFT-phase checkpoints hold no reference
+            # SFT-phase checkpoints hold no reference
+            tree["ref"] = policy_lib.reference_params(ckpt_lib.abstract_like(state.params),
+                                                      self.config.model.dtype)
         restored, extra = self.ckpt.restore(ckpt_lib.abstract_like(tree))
         self._restored_history = extra.get("history") or []
         if not np.array_equal(np.asarray(restored["rng"]), tree["rng"]):

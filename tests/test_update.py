@@ -283,6 +283,62 @@ def test_optimizer_keeps_fp32_moments_for_bf16_params():
     assert new["w"].dtype == jnp.bfloat16 and float(new["w"][0]) < 1.0
 
 
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_one_recipe_update_moves_fp32_master_weights_but_not_bf16(setup, param_dtype):
+    """The shipped accelerator precision (configs/tpu_v4.py: fp32 master weights, bf16 compute)
+    with the released optimizer (AdamW lr 2e-6, wd 0.01, clip 1.0): one update moves every
+    weight that has a gradient, RMSNorm weights (= 1.0) included. The same step on bf16
+    parameters shows why: a step of ~2e-6 is below half a bf16 ulp (2^-9 at 1.0) of almost
+    every weight, so the norms never move and only weights smaller than ~5e-4 move at all."""
+    from emor3_jax.configs import tpu_v4
+    c = tpu_v4.get_config()
+    assert (c.model.param_dtype, c.model.dtype, c.optim.lr) == ("float32", "bfloat16", 2e-6)
+    s = setup
+    cfg = tiny_config(tie_word_embeddings=False, dtype=c.model.dtype, param_dtype=param_dtype)
+    model = qwen2_5_vl.build_model(cfg)
+    params = qwen2_5_vl.init_params(model, jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(param_dtype)}
+    opt = update.make_optimizer(c.optim)
+    step = update.make_update_step(model, opt, _mesh1(), c.rl, c.optim, chunk=4)
+    state = update.init_train_state(model, params, opt, _mesh1())
+    before = jax.tree.map(np.asarray, params)
+    state, metrics = step(state, _batch(s, 2))
+    assert float(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) > 0
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: (jax.tree_util.keystr(path), np.mean(np.asarray(a) != b)),
+        state.params, before)
+    moved = dict(jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)))
+    # token embeddings: only the rows of tokens in the batch have a gradient
+    dense = {k: v for k, v in moved.items() if "embed_tokens" not in k}
+    norms = {k: v for k, v in dense.items() if "norm" in k}
+    assert len(norms) >= 4
+    if param_dtype == "float32":
+        assert min(dense.values()) >= 0.99, {k: v for k, v in dense.items() if v < 0.99}
+        assert min(norms.values()) == 1.0, norms
+    else:
+        assert max(norms.values()) == 0.0, norms
+        sizes = {k: x.size for k, x in zip(moved, jax.tree.leaves(before))}
+        share = sum(moved[k] * sizes[k] for k in dense) / sum(sizes[k] for k in dense)
+        assert share < 0.05, share
+
+
+def test_run_warns_when_param_dtype_rounds_away_its_lr_steps(caplog):
+    from emor3_jax import policy
+    from emor3_jax.configs import demo_cpu, tpu_v4
+    c = tpu_v4.get_config("cold_start")
+    with caplog.at_level("WARNING", logger="emor3_jax.policy"):
+        policy.check_update_precision(c)                 # fp32 masters: silent
+        assert not caplog.records
+        c.model.param_dtype = "bfloat16"
+        policy.check_update_precision(c)
+    fields = [r.getMessage() for r in caplog.records]
+    assert len(fields) == 2 and all("config.model.param_dtype=bfloat16" in m for m in fields)
+    assert "config.optim.lr=2e-06" in fields[0] and "config.sft.lr=1e-05" in fields[1]
+    caplog.clear()
+    policy.check_update_precision(demo_cpu.get_config())    # fp32, lr 1e-3
+    assert not caplog.records
+
+
 def test_pack_rejects_bad_shapes(setup):
     s = setup
     with pytest.raises(ValueError, match="do not split into micro-batches"):
