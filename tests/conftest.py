@@ -1,11 +1,28 @@
-"""Test setup: 8 virtual CPU devices so sharding code really runs on a mesh."""
+"""Test setup: 8 virtual CPU devices so sharding code really runs on a mesh, and one persistent
+XLA compilation cache for the session.
+
+The cache is keyed by the compiled program (HLO, compile options, devices, XLA flags), so a hit
+returns exactly the executable a fresh compile would; it only saves the many recompiles of the
+same programs by different tests, and by the `python -m emor3_jax.main` child processes that
+inherit the environment. A fresh directory per session: every run still compiles everything
+once.
+"""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # set once; pytest-xdist workers inherit it
+    _cache = tempfile.mkdtemp(prefix="emor3-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

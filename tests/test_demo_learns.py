@@ -1,11 +1,20 @@
-"""The CPU demo learns: `python -m emor3_jax.main` on a reduced budget raises reward and accuracy.
+"""GRPO on the CPU demo raises reward and held-out accuracy from the reward alone, on any host.
 
-The demo config as shipped (configs/demo_cpu.py: tiny model, emo_synth, Cold-Start SFT with
-random labels, then EMO-R3 GRPO with the policy as its own score-mode judge), with 50 instead of
-100 GRPO steps (the learning-rate schedule does not depend on max_steps, so these are the full
-run's first 50 steps; about 4 minutes on 2 cores). After the random-label SFT the policy writes
-the SET format but answers at chance; GRPO must raise the training reward and the held-out
-accuracy from the reward alone. One process on 1 CPU device, as on a laptop.
+`python -m emor3_jax.main` with configs/demo_cpu.py (tiny model, emo_synth, Cold-Start SFT that
+teaches the SET format with step 1 describing the image and a *random* label, then GRPO), in a
+faster-learning variant that fits CI: the prompt is the question alone (`data.prompt_format=
+plain`: 77 tokens instead of 172, so every forward pass is ~2x cheaper and the 16 image tokens
+are a larger share of the context) and the reward is SET-only (0.9 acc + 0.1 format: no judge
+calls, and the accuracy signal is not diluted by the judge terms). Everything else is the
+demo's: model, SFT, optimizer, KL, G = 8, rollout 32 prompts, greedy held-out evaluation on 128
+images. The shipped demo itself (SET prompt, EMO-R3 judge, 100 steps) is measured across seeds
+by bench/demo_seeds.py; it does not fit a CI budget on every host.
+
+After the random-label SFT the policy writes the format but answers at chance (0.125); what GRPO
+learns it learns from the reward. Learning starts after a flat phase whose length varies with
+the seed and the host's floating-point trajectory (a run on one host is not a property), so the
+bounds below come from 5 seeds, each on this variant with these 50 steps, and sit well inside
+the weakest seed (the table above REWARD_GAIN). One process on 1 CPU device, as on a laptop.
 """
 from __future__ import annotations
 
@@ -19,8 +28,26 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RL_STEPS, WINDOW = 50, 10
-BUDGET = {"train.max_steps": RL_STEPS, "train.eval_every": RL_STEPS,
-          "train.checkpoint_every": RL_STEPS}
+SEED = int(os.environ.get("EMOR3_TEST_SEED", "0"))   # any seed of the 5 measured passes
+VARIANT = {
+    "data.prompt_format": "plain", "data.max_prompt_len": 80, "data.prompt_buckets": "(80,)",
+    "reward.preset": "set_only",
+    "train.max_steps": RL_STEPS, "train.eval_every": RL_STEPS,
+    "train.checkpoint_every": RL_STEPS, "seed": SEED,
+}
+# Measured on a 2-core AMD EPYC (AVX2) host, seeds 0-4, this variant, 50 GRPO steps (means over
+# steps 1-10 -> 41-50; held-out greedy accuracy on 128 images at GRPO step 0 -> 50):
+#   seed  reward          train accuracy   held-out accuracy   format (41-50)
+#   0     0.21 -> 0.46    0.12 -> 0.40     0.13 -> 0.51 at step 40, 0.58 at 60     0.97
+#   1     0.21 -> 0.62    0.12 -> 0.58     0.12 -> 0.66                            0.99
+#   2     0.21 -> 0.59    0.13 -> 0.55     0.13 -> 0.68                            0.97
+#   3     0.21 -> 0.69    0.13 -> 0.66     0.13 -> 0.74                            0.98
+#   4     0.22 -> 0.59    0.14 -> 0.55     0.13 -> 0.66                            0.97
+# The weakest seed gains +0.25 reward, +0.28 train accuracy and ~+0.4 held-out accuracy; the
+# bounds are about half of that. The reward is 0.9 acc + 0.1 format, so its bound is 0.9x the
+# accuracy's. A policy that learnt nothing moves these by sampling noise only: the 10-step
+# window means of 2,560 samples have a standard error of ~0.01, the held-out accuracy of 0.03.
+REWARD_GAIN, ACC_GAIN, EVAL_GAIN = 0.12, 0.14, 0.2
 
 
 def test_demo_reward_and_accuracy_rise(tmp_path):
@@ -31,7 +58,7 @@ def test_demo_reward_and_accuracy_rise(tmp_path):
     workdir = tmp_path / "demo"
     args = [sys.executable, "-m", "emor3_jax.main", f"--config={REPO / 'configs/demo_cpu.py'}",
             f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tfds'}"]
-    args += [f"--config.{k}={v}" for k, v in BUDGET.items()]
+    args += [f"--config.{k}={v}" for k, v in VARIANT.items()]
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
@@ -48,15 +75,14 @@ def test_demo_reward_and_accuracy_rise(tmp_path):
     summary = {k: (window(k, first), window(k, last)) for k in
                ("reward/mean", "reward/accuracy", "reward/format")}
     summary["eval"] = (start["eval/emo_synth/accuracy"], end["eval/emo_synth/accuracy"])
-    # Random-label SFT: the format is learnt, the emotion is not (chance is 0.125).
+    # Random-label SFT: the format is learnt, the emotion is not (chance is 0.125; 128 images
+    # give a standard error of 0.03 around it).
     assert start["eval/emo_synth/format"] >= 0.95, summary
-    assert start["eval/emo_synth/accuracy"] <= 0.2, summary
+    assert start["eval/emo_synth/accuracy"] <= 0.22, summary
     # GRPO raises the reward and the accuracy, in training and on held-out images ...
-    # (measured here, steps 41-50 vs 1-10: reward 0.30 -> 0.38, accuracy 0.13 -> 0.27; held-out
-    # accuracy 0.13 -> 0.48 at step 50; the bounds are about half of that)
-    assert summary["reward/mean"][1] >= summary["reward/mean"][0] + 0.04, summary
-    assert summary["reward/accuracy"][1] >= summary["reward/accuracy"][0] + 0.07, summary
-    assert summary["eval"][1] >= summary["eval"][0] + 0.15, summary
+    assert summary["reward/mean"][1] >= summary["reward/mean"][0] + REWARD_GAIN, summary
+    assert summary["reward/accuracy"][1] >= summary["reward/accuracy"][0] + ACC_GAIN, summary
+    assert summary["eval"][1] >= summary["eval"][0] + EVAL_GAIN, summary
     # ... while keeping the format.
     assert end["eval/emo_synth/format"] >= 0.9, summary
     report = json.loads((workdir / "report" / "results.json").read_text())

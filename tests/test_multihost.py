@@ -82,11 +82,11 @@ def test_finite_pass_host_lengths_cover_every_example(synth):
 
 # A few steps of the CPU demo, shrunk, with every value that matters for the comparison set
 # here (the demo's own defaults change). Global batch 4 prompts x G=4; 4 devices in all.
-# Seed 1: both GRPO steps have groups with a reward spread (with seed 0 and the current demo
-# tokenizer every group of step 1 ties, so its update is Adam on rounding noise).
+# The test takes seeds whose GRPO steps have groups with a reward spread (with seed 0 every
+# group of step 1 ties, so its update is Adam on rounding noise and compares nothing).
 RUN_FLAGS = {
     "model.tiny": "tiny", "model.tokenizer": "demo", "model.dtype": "float32",
-    "model.param_dtype": "float32", "seed": 1, "data.max_prompt_len": 256,
+    "model.param_dtype": "float32", "data.max_prompt_len": 256,
     "data.prompt_buckets": "(256,)", "data.min_pixels": 56 * 56, "data.max_pixels": 56 * 56,
     "rollout.batch_size": 4, "rollout.group_size": 4, "rollout.max_new_tokens": 8,
     "rollout.response_buckets": "(8,)", "rollout.temperature": 1.0, "rollout.chunk_size": 0,
@@ -103,13 +103,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, flags_, *, processes: int, devices: int, timeout: int = 600):
+def _launch(workdir, flags_, *, processes: int, devices: int, timeout: int = 300):
     """`python -m emor3_jax.main` in `processes` processes of `devices` CPU devices each;
     returns their outputs (asserting every one exits 0)."""
     args = [sys.executable, "-m", "emor3_jax.main", f"--workdir={workdir}"] + [
         f"--config.{k}={v}" for k, v in flags_.items()]
     env = {k: v for k, v in os.environ.items()     # nothing that would join another job
            if not k.startswith(("EMOR3_", "SLURM_", "TPU_WORKER", "MEGASCALE_"))}
+    if "JAX_COMPILATION_CACHE_DIR" in env:
+        # One compilation cache per process layout: jax's CPU cache key holds the device ids
+        # but not which process owns them, so 2 processes x 2 devices and 1 process x 4 share
+        # keys, and an executable compiled for in-process collectives, loaded by a two-process
+        # run, waits forever for peers that use gloo (observed: a hang in the update step).
+        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"],
+                                                        f"{processes}x{devices}")
     # CPU compile time dominates these runs; both sides use the same XLA flags
     env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
@@ -167,11 +174,39 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def _max_diffs(a: dict, b: dict) -> tuple[float, float]:
-    """(largest absolute difference, share of elements that differ at all) over all tensors."""
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    unequal = sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].size for k in a)
-    return worst, unequal
+def _movement_bound(flags_: dict) -> float:
+    """The most any parameter can move over the run: each AdamW step (no weight decay here)
+    moves an element by lr * |m_hat| / (sqrt(v_hat) + eps), and with beta1 = 0.9 <
+    sqrt(beta2) that ratio is at most 1.0014 in each of the first steps (Cauchy-Schwarz on
+    the bias-corrected moments), so by lr * 1.01 per step, SFT steps included."""
+    rl_updates = int(flags_["train.max_steps"]) * -(-int(flags_["rollout.batch_size"])
+                                                     // int(flags_["rl.mini_batch_size"]))
+    sft = int(flags_.get("sft.steps", 0)) * float(flags_.get("sft.lr", 0.0))
+    return 1.01 * (rl_updates * float(flags_["optim.lr"]) + sft)
+
+
+def _assert_same_parameters(a: dict, b: dict, flags_: dict) -> None:
+    """Two runs of the same partitioned program on the same global batches: only cross-device
+    sums may be ordered differently (gloo between processes vs in-process), so a gradient may
+    differ in its last float32 bits (relative ~1e-7 of its scale). AdamW divides by
+    sqrt(v) + eps: for |g| >> eps (1e-8) the update is lr * g / |g| and such a difference
+    changes it by ~1e-7 lr; only elements whose gradient is within a few ulps of zero (a
+    near-cancelling sum) can flip sign or size and move by up to a whole step. So:
+      * every element agrees within twice the most it can move (two opposite trajectories);
+      * all but a tiny share (these near-zero-gradient elements) agree to 1e-3 lr per step.
+    """
+    lr = float(flags_["optim.lr"])
+    steps = int(flags_["train.max_steps"]) + int(flags_.get("sft.steps", 0))
+    bound = 2 * _movement_bound(flags_)
+    tight = 1e-3 * lr * steps
+    loose, total = 0, 0
+    for name in a:
+        diff = np.abs(a[name].astype(np.float64) - b[name].astype(np.float64))
+        assert diff.max() <= bound, (name, float(diff.max()), bound)
+        loose += int((diff > tight).sum())
+        total += diff.size
+    # measured (seeds 1, 2): 0 to 2 elements of ~500k over 2 steps
+    assert loose <= max(8, 1e-4 * total), f"{loose} of {total} parameters differ by > {tight:.1g}"
 
 
 def _compare_runs(tmp_path, data_dir, flags_, *, multi_runs=None):
@@ -185,19 +220,10 @@ def _compare_runs(tmp_path, data_dir, flags_, *, multi_runs=None):
         outs = _launch(multi, {**flags_, **extra}, processes=2, devices=2)
     _launch(single, flags_, processes=1, devices=4)
 
-    # The same partitioned XLA program runs either way, on the same global batches; only
-    # cross-device sums may be ordered differently (gloo between processes vs in-process),
-    # so gradients can differ at float32 rounding level. Adam's first steps turn a gradient
-    # g with |g| ~ eps (1e-8) into an update that depends on g's last bits, so a few
-    # parameters may differ by a small fraction of the learning rate, never more.
     a, b = _export(multi), _export(single)
     assert a.keys() == b.keys() and len(a) > 10
-    lr = float(flags_["optim.lr"])
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=2e-3 * lr, err_msg=name)
-    worst, unequal = _max_diffs(a, b)
-    assert unequal < 0.2, f"{unequal:.1%} of the parameters differ (largest by {worst:.2g})"
     rows_a, rows_b = _metrics(multi), _metrics(single)
+    _assert_same_parameters(a, b, flags_)
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]   # written once, by host 0
     for ra, rb in zip(rows_a, rows_b):
         assert ra.keys() == rb.keys()
@@ -215,11 +241,13 @@ def _compare_runs(tmp_path, data_dir, flags_, *, multi_runs=None):
     return rows_a, a
 
 
-def test_two_processes_train_like_one(tmp_path, data_dir):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_two_processes_train_like_one(tmp_path, data_dir, seed):
     """Two GRPO steps (EMO-R3 rewards; the policy as judge, generating its answers; KL to the
-    reference; two micro-batches per update; checkpoints; final evaluation and export)."""
+    reference; two micro-batches per update; checkpoints; final evaluation and export). Two
+    seeds: the second run's programs come from the session's compilation cache."""
     rows, _ = _compare_runs(tmp_path, data_dir, {
-        "sft.steps": 0, "train.max_steps": 2, "reward.preset": "emor3",
+        "seed": seed, "sft.steps": 0, "train.max_steps": 2, "reward.preset": "emor3",
         "reward.judge_mode": "generate", "reward.judge_max_new_tokens": 8})
     # the comparison means something only if the updates had a learning signal
     assert [r["step"] for r in rows] == [1, 2]
