@@ -110,13 +110,12 @@ def _launch(workdir, flags_, *, processes: int, devices: int, timeout: int = 300
         f"--config.{k}={v}" for k, v in flags_.items()]
     env = {k: v for k, v in os.environ.items()     # nothing that would join another job
            if not k.startswith(("EMOR3_", "SLURM_", "TPU_WORKER", "MEGASCALE_"))}
-    if "JAX_COMPILATION_CACHE_DIR" in env:
-        # One compilation cache per process layout: jax's CPU cache key holds the device ids
-        # but not which process owns them, so 2 processes x 2 devices and 1 process x 4 share
-        # keys, and an executable compiled for in-process collectives, loaded by a two-process
-        # run, waits forever for peers that use gloo (observed: a hang in the update step).
-        env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(env["JAX_COMPILATION_CACHE_DIR"],
-                                                        f"{processes}x{devices}")
+    if processes > 1:
+        # No persistent compilation cache across processes: a multi-process CPU run that loads
+        # its executables from the cache hangs in the first cross-process collective of the
+        # update step (both processes waiting; seen with jax 0.10.2, each time). One-process
+        # runs share the session's cache: their second seed compiles nothing.
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     # CPU compile time dominates these runs; both sides use the same XLA flags
     env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
@@ -205,7 +204,8 @@ def _assert_same_parameters(a: dict, b: dict, flags_: dict) -> None:
         assert diff.max() <= bound, (name, float(diff.max()), bound)
         loose += int((diff > tight).sum())
         total += diff.size
-    # measured (seeds 1, 2): 0 to 2 elements of ~500k over 2 steps
+    # measured on an AVX2 host, seed 1: 1 element of 234,048 by 3.9e-6 (1.9 x tight, 1e-3 of the
+    # bound); the share allowed is 1e-4 of the elements (23 here), at least 8
     assert loose <= max(8, 1e-4 * total), f"{loose} of {total} parameters differ by > {tight:.1g}"
 
 
