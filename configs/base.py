@@ -48,7 +48,8 @@ MIKELS_LABELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitem
 LABELS = {
     "emoset2k": MIKELS_LABELS,
     "emotion6": ("anger", "disgust", "fear", "joy", "sadness", "surprise"),
-    "webemo": ("anger", "disgust", "fear", "joy", "love", "sadness", "surprise"),
+    # WebEmo's 7 mid-level categories of Parrott's hierarchy (it has no "disgust")
+    "webemo": ("anger", "confusion", "fear", "joy", "love", "sadness", "surprise"),
     "emo_synth": MIKELS_LABELS,
 }
 

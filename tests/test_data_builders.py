@@ -190,12 +190,15 @@ def test_single_manifest_with_split_column_and_split_aliases(tmp_path):
 
 def test_webemo_test_only_and_empty_split_is_reported(tmp_path):
     manual = tmp_path / "manual" / "webemo"  # the <name>/ subfolder of manual_dir is used
-    write_image_folder(manual, {"test": ["joy", "surprise", "fear"]})
+    write_image_folder(manual, {"test": ["joy", "surprise", "confusion"]})
     (manual / "train").mkdir()                      # an empty split folder
     builder = _prepare("webemo", tmp_path, tmp_path / "manual")
     assert set(builder.info.splits) == {"test"}
     report = data.skip_report(builder)
     assert report["empty_splits"] == ["train"] and report["splits"] == {"test": 3}
+    # WebEmo's classes (Parrott's mid level): confusion is one, disgust is not
+    assert builder.info.features["label"].names == [
+        "anger", "confusion", "fear", "joy", "love", "sadness", "surprise"]
 
 
 def test_missing_or_unusable_manual_dir_gives_clear_errors(tmp_path):

@@ -164,9 +164,9 @@ def test_coherence_prompt_rejects_a_string_label_list():
 # ---------------------------------------------------------------------------- judge scores
 @pytest.mark.parametrize("answer, label, expected", [
     ("", "fear", 0.5),              # empty -> 0.5
-    ("   \n", "fear", 0.5),         # empty after strip -> 0.5
+    ("   \n", "fear", 0.0),         # white space is not empty: compared with the label (released)
     ("None", "fear", 0.5),          # "none" case-insensitive -> 0.5
-    (" NONE\n", "fear", 0.5),       # after strip
+    (" NONE\n", "fear", 0.0),       # no stripping (released)
     ("nonesuch", "fear", 0.0),      # not exactly "none"
     ("fear", "fear", 1.0),          # equal to ground truth
     ("Fear", "fear", 1.0),          # lower-casing both

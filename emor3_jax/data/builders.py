@@ -197,8 +197,13 @@ class Emotion6(EmotionFilesBuilder):
 
 
 class Webemo(EmotionFilesBuilder):
-    """WebEmo (7 coarse emotions; test only, out of domain), from the user's files."""
+    """WebEmo (the 7 mid-level emotions of Parrott's hierarchy; test only, out of domain), from
+    the user's files."""
     name = "webemo"
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {**EmotionFilesBuilder.RELEASE_NOTES,
+                     "1.1.0": "WebEmo's classes: confusion, not disgust (1.0.0 skipped every "
+                              "confusion image as an unknown label)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _manual_instructions("webemo")
 
 

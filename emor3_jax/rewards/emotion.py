@@ -129,14 +129,13 @@ def consistency_prompt(response: str) -> str:
 
 
 def coherence_score(judge_answer: str, label: str) -> float:
-    """R_coh in {0, 0.5, 1}: empty/"none" answer (case-insensitive, after strip) -> 0.5; answer
-    equal to the ground truth after lower-casing both -> 1 (no other normalization: "Fear." or
-    " fear" score 0, as released); else 0. One deliberate difference from the release: a
-    white-space-only answer counts as empty (0.5); the release compared it with the label (0).
+    """R_coh in {0, 0.5, 1}, exactly as released (`not answer or answer.lower() == "none"`):
+    an empty or "none" answer (case-insensitive, not stripped) -> 0.5; an answer equal to the
+    ground truth after lower-casing both -> 1 (no other normalization: "Fear.", " fear" or a
+    white-space-only answer score 0); else 0.
     """
     _check_str("coherence_score: judge_answer", judge_answer)
-    stripped = judge_answer.strip()
-    if not stripped or stripped.lower() == "none":
+    if not judge_answer or judge_answer.lower() == "none":
         return 0.5
     return 1.0 if judge_answer.lower() == label.lower() else 0.0
 
