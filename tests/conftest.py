@@ -1,11 +1,11 @@
 """Test setup: 8 virtual CPU devices so sharding code really runs on a mesh, and one persistent
 XLA compilation cache for the session.
 
-The cache is keyed by the compiled program (HLO, compile options, devices, XLA flags), so a hit
-returns exactly the executable a fresh compile would; it only saves the many recompiles of the
-same programs by different tests, and by the `python -m emor3_jax.main` child processes that
-inherit the environment. A fresh directory per session: every run still compiles everything
-once.
+The cache is keyed by the compiled program (HLO, compile options, device ids, XLA flags), so a
+hit returns the executable a fresh compile would; it saves the many recompiles of the same
+programs by different tests, and by the one-process `python -m emor3_jax.main` children that
+inherit the environment. Multi-process children must not use it (tests/test_multihost.py says
+why). A fresh directory per session: every run still compiles everything once.
 """
 import atexit
 import os
