@@ -30,6 +30,18 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# The longest test files (minutes each on 2 cores, mostly subprocess runs of the trainer) go
+# first: with `-n 2 --dist loadfile` the workers take files in collection order, so the long
+# ones overlap the many short ones instead of one of them running alone at the end.
+LONG_FIRST = ("test_demo_learns.py", "test_multihost.py", "test_trainer_faults.py",
+              "test_notebook.py", "test_grpo_e2e.py", "test_update.py", "test_aot.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))   # stable
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running test, not run in CI (-m 'not slow')")
 
