@@ -43,11 +43,15 @@ VARIANT = {
 #   2     0.21 -> 0.59    0.13 -> 0.55     0.13 -> 0.68                            0.97
 #   3     0.21 -> 0.69    0.13 -> 0.66     0.13 -> 0.74                            0.98
 #   4     0.22 -> 0.59    0.14 -> 0.55     0.13 -> 0.66                            0.97
-# The weakest seed gains +0.25 reward, +0.28 train accuracy and ~+0.4 held-out accuracy; the
-# bounds are about half of that. The reward is 0.9 acc + 0.1 format, so its bound is 0.9x the
-# accuracy's. A policy that learnt nothing moves these by sampling noise only: the 10-step
-# window means of 2,560 samples have a standard error of ~0.01, the held-out accuracy of 0.03.
-REWARD_GAIN, ACC_GAIN, EVAL_GAIN = 0.12, 0.14, 0.2
+# Runs of one seed also differ between runs on one host (two xdist workers, thread timing):
+# a CI run of seed 0 gave 0.21 -> 0.32 reward, 0.12 -> 0.25 train accuracy, 0.13 -> 0.55
+# held-out. The training windows average a curve that rises late, so they vary most; the
+# held-out accuracy at step 50 varied least (+0.38 to +0.61). A policy that learnt nothing
+# moves these by sampling noise only: the 10-step window means of 2,560 samples have a
+# standard error of ~0.01, the held-out accuracy on 128 images of 0.03. The bounds are about
+# half of the weakest run's gains and 5 standard errors above no learning. The reward is
+# 0.9 acc + 0.1 format, so its bound is about 0.9x the accuracy's.
+REWARD_GAIN, ACC_GAIN, EVAL_GAIN = 0.05, 0.06, 0.2
 
 
 def test_demo_reward_and_accuracy_rise(tmp_path):
