@@ -114,21 +114,13 @@ def build_policy(model_config, mesh, rng) -> Policy:
     return Policy(model=model, params=params, tokenizer=tokenizer, ids=ids)
 
 
-def copy_params(params):
-    """A separate copy (e.g. the frozen reference) that donation of the train state cannot touch."""
-    return jax.tree.map(lambda x: x.copy(), params)
-
-
 def reference_params(params, compute_dtype):
-    """The frozen reference: a copy in the compute dtype (`model.dtype`). It is only ever run
-    forward, where every weight is cast to the compute dtype anyway, so fp32 master weights need
-    not be kept twice (the release's FSDP reference is bf16 too). Works on arrays and on
-    ShapeDtypeStructs (AOT)."""
-    dtype = jnp.dtype(compute_dtype)
-
+    """The frozen reference: a separate copy (donation of the train state cannot touch it) in
+    the compute dtype (`model.dtype`). It is only ever run forward, where every weight is cast to
+    the compute dtype anyway, so fp32 master weights need not be kept twice (the release's FSDP
+    reference is bf16 too). Works on arrays and on ShapeDtypeStructs (AOT)."""
     def cast(x):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            return x.copy() if hasattr(x, "copy") else x
+        dtype = jnp.dtype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
         return x.astype(dtype) if x.dtype != dtype else x.copy()

@@ -80,8 +80,9 @@ def table1(cells: Sequence[float]) -> dict:
     two in-domain cells, A^O of the four out-of-domain cells, A of all six."""
     if len(cells) != len(PAPER_COLUMNS):
         raise ValueError(f"Table 1 has {len(PAPER_COLUMNS)} cells, got {len(cells)}")
-    ins = [c for c, (_, name, head) in zip(cells, PAPER_COLUMNS) if head.endswith("^I")]
-    outs = [c for c, (_, name, head) in zip(cells, PAPER_COLUMNS) if not head.endswith("^I")]
+    in_domain = [head.endswith("^I") for _, _, head in PAPER_COLUMNS]
+    ins = [c for c, i in zip(cells, in_domain) if i]
+    outs = [c for c, i in zip(cells, in_domain) if not i]
     return {"cells": {f"{st}/{name}": float(c) for c, (st, name, _) in zip(cells, PAPER_COLUMNS)},
             "A_I": float(np.mean(ins)), "A_O": float(np.mean(outs)),
             "A": float(np.mean(list(cells)))}
