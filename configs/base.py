@@ -90,8 +90,11 @@ GRPO_THINK_INSTRUCTION = (
     "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final "
     "answer MUST BE put in \\boxed{}."
 )
-# Prompt formats by name: the instruction appended after the question and a blank line.
-PROMPT_FORMATS = {"set": SET_INSTRUCTION, "grpo_think": GRPO_THINK_INSTRUCTION, "plain": None}
+# Prompt formats by name: (separator, instruction) appended after the stripped question.
+# set: the release's EMO-R3 template (question, blank line, SET); grpo_think: its `math.jinja`
+# (`{{ content | trim }} You FIRST think ...`: one space); plain: the question alone.
+PROMPT_FORMATS = {"set": ("\n\n", SET_INSTRUCTION), "grpo_think": (" ", GRPO_THINK_INSTRUCTION),
+                  "plain": ("", None)}
 
 COHERENCE_TEMPLATE = ("{text}\nWhich emotion best describes the text above?\n"
                       "Answer the question using one emotional category (one word only): {labels}.")
@@ -108,10 +111,13 @@ METHODS = ("emor3", "grpo", "dapo", "sft", "cold_start")
 def apply_method(c, method: str):
     """Turn the EMO-R3 recipe into one of the paper's baselines (`--config=file.py:grpo`).
 
-    emor3: SET prompt + reflective reward (released default). grpo: `<think>` prompt and
-    0.9 acc + 0.1 format. dapo: grpo + dynamic sampling (drop zero-spread groups, resample up to
-    20 tries). sft: supervised fine-tuning on the labels (the SFT baseline). cold_start: the
-    Cold-Start-Emo SFT followed by EMO-R3.
+    emor3: SET prompt + reflective reward (released default). grpo: the release's naive GRPO
+    scripts (`math.jinja` `<think>` prompt, EasyR1 `math.py`: 0.9 acc + 0.1 format, mathruler
+    grading). dapo: grpo + EasyR1's DAPO recipe (`examples/qwen2_5_vl_7b_geo3k_dapo.sh`): online
+    filtering of groups whose mean overall reward is not strictly inside (0.01, 0.99), refilled
+    from mini rollout batches of 128 prompts up to 20 tries, clip-high 0.28, no KL. sft:
+    supervised fine-tuning on the labels (the SFT baseline). cold_start: the Cold-Start-Emo SFT
+    followed by EMO-R3.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS} "
@@ -122,6 +128,9 @@ def apply_method(c, method: str):
         c.reward.preset = "grpo_think"
     if method == "dapo":
         c.rollout.dynamic_sampling = True
+        c.rollout.mini_batch_size = 128
+        c.rl.clip_high = 0.28
+        c.rl.kl_coef = 0.0
     if method == "sft":
         c.mode = "sft"
         c.sft.steps = c.sft.steps or 500
@@ -154,6 +163,9 @@ def get_config():
     c.data.data_dir = ""           # TFDS data_dir ("" = TFDS default)
     c.data.manual_dir = ""         # where the user's files are
     c.data.prompt_format = "set"   # key of PROMPT_FORMATS
+    # another variant's label list per data set, e.g. --config.data.labels.webemo="('a','b')"
+    # (() = LABELS[name]); it gets its own prepared files (data/builders.py labels_config)
+    c.data.labels = ml_collections.ConfigDict({"emoset2k": (), "emotion6": (), "webemo": ()})
     c.data.min_pixels = MIN_PIXELS
     c.data.max_pixels = MAX_PIXELS
     c.data.max_prompt_len = 2048
@@ -171,11 +183,14 @@ def get_config():
     c.rollout.max_new_tokens = 2048
     c.rollout.response_buckets = (256, 512, 1024, 2048)
     c.rollout.chunk_size = 0       # prompts per sampler call (0 = the whole rollout batch)
-    c.rollout.dynamic_sampling = False  # DAPO: drop zero-spread groups and resample
+    c.rollout.dynamic_sampling = False  # DAPO online filtering (EasyR1 algorithm.online_filtering)
+    c.rollout.filter_low = 0.01    # keep groups whose mean overall reward is strictly inside
+    c.rollout.filter_high = 0.99   # (filter_low, filter_high), as EasyR1's filter
+    c.rollout.mini_batch_size = 0  # dynamic sampling: prompts per generation try (0 = batch_size)
     c.rollout.max_resample_tries = 20
 
     c.reward = ml_collections.ConfigDict()
-    c.reward.preset = "emor3"      # emor3 | emor3_paper | set_only | coherence_mult | valence_arousal | grpo_think
+    c.reward.preset = "emor3"      # a key of rewards/emotion.py PRESETS (each names its release file)
     c.reward.judge_source = "policy"   # policy | checkpoint
     c.reward.judge_dir = ""        # HF directory of the frozen judge (judge_source=checkpoint)
     c.reward.judge_mode = "generate"   # generate | score
@@ -196,7 +211,8 @@ def get_config():
     c.rl.micro_batch_size = 4      # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 16
     c.rl.ppo_epochs = 1
-    c.rl.recompute_old_logp = False  # True: old log-probs from a forward pass, not the sampler
+    c.rl.recompute_old_logp = True   # old log-probs from the actor's forward pass (released);
+                                     # False: the sampler's (saves one pass, differs in bf16)
     c.rl.logprob_chunk = 512       # sequence chunk for per-token log-probs
 
     c.optim = ml_collections.ConfigDict()

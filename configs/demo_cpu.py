@@ -55,6 +55,10 @@ def get_config(method: str = "cold_start"):
     c.rl.logprob_micro_batch_size = 256
     c.rl.logprob_chunk = 64
     c.rl.kl_coef = 0.1
+    # fp32 end to end on one backend: the sampler's log-probs are the actor's (same weights and
+    # dtype; only the forbidden vision tokens' tiny mass is renormalized away), so the
+    # released recomputation would be one more forward pass per update for nothing
+    c.rl.recompute_old_logp = False
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10
     c.optim.schedule = "cosine"

@@ -33,10 +33,10 @@ Exit codes: 0 fits, 1 does not fit, 2 bad usage or configuration. `cli(argv)` ru
 in-process (tests).
 
 Shape assumptions (printed with the tables):
-- Images: `--image=typical` is a 512x512 photo through smart_resize under
-  data.min/max_pixels (the recipe: 532x532 px, 38x38 = 1,444 patches, 361 tokens); `max` is
-  the largest square image a prompt can hold (data.max_pixels, shrunk until its tokens fit
-  data.max_prompt_len - PROMPT_TEXT_TOKENS); `HxW` is that image size.
+- Images: `--image=typical` is a 512x512 photo through the release's pre-resize and
+  smart_resize under data.min/max_pixels (the recipe: 532x532 px, 38x38 = 1,444 patches,
+  361 tokens); `max` is the largest square image a prompt can hold (data.max_pixels, shrunk
+  until its tokens fit data.max_prompt_len - PROMPT_TEXT_TOKENS); `HxW` is that image size.
 - Lengths are the worst case: prompts at data.max_prompt_len, responses at
   rollout.max_new_tokens, judge prompts holding a whole response (+ image + template),
   every judge prompt of a chunk with its own image.
@@ -211,8 +211,9 @@ def image_for(data_config, image: str, model: Qwen2_5_VLConfig) -> Image:
     """The image each prompt carries (see the module docstring)."""
     v = model.vision
     factor = v.patch_size * v.spatial_merge_size
-    resize = lambda h, w: image_lib.smart_resize(h, w, factor, data_config.min_pixels,
-                                                 data_config.max_pixels)
+    resize = lambda h, w: image_lib.target_size(h, w, factor=factor,
+                                                min_pixels=data_config.min_pixels,
+                                                max_pixels=data_config.max_pixels)
     if image == "typical":
         h, w = resize(*TYPICAL_IMAGE)
         what = f"typical {TYPICAL_IMAGE[0]}x{TYPICAL_IMAGE[1]} photo"
@@ -660,7 +661,8 @@ def judge_model(ctx: Context):
 def _score_continuations(ctx: Context) -> tuple[int, int]:
     """(count, longest) of the coherence candidates' continuations (the larger set)."""
     from emor3_jax.rewards import judge as judge_lib
-    labels = base.LABELS[ctx.config.data.train]
+    from emor3_jax.data import pipeline as data_lib
+    labels = data_lib.dataset_labels(ctx.config, ctx.config.data.train)
     candidates = judge_lib.coherence_candidates(labels)
     m = ctx.config.model
     if m.tiny or m.tokenizer or m.hf_dir:
@@ -701,24 +703,29 @@ def judge_programs(ctx: Context) -> list[Program]:
 
 
 def reference_programs(ctx: Context) -> list[Program]:
-    """The log-prob pass over one mini-batch (make_logprob_fn): the frozen reference's
-    (rl.kl_coef != 0) and, with rl.recompute_old_logp, the current policy's (same program)."""
+    """The log-prob passes over one mini-batch (make_logprob_fn): the frozen reference's
+    (rl.kl_coef != 0, compute-dtype params) and, with rl.recompute_old_logp, the current
+    policy's (its master params: another dtype, so another program)."""
     c, s = ctx.config, ctx.shapes
-    passes = int(bool(c.rl.kl_coef)) + int(bool(c.rl.recompute_old_logp))
+    passes = []
+    if c.rl.kl_coef:
+        passes.append(("reference log-probs", ("reference params",), _reference(ctx)))
+    if c.rl.recompute_old_logp:
+        passes.append(("old log-probs", ("policy params",), ctx.params))
     if not passes:
         return []
     fn = update_lib.make_logprob_fn(ctx.model, ctx.mesh, chunk=c.rl.logprob_chunk)
     batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.logprob_micro_rows,
                                   with_ref=False)
     m = s.mini_batch_rows // s.logprob_micro_rows
-    name = "reference log-probs" if c.rl.kl_coef else "old log-probs"
-    uses = ("reference params",) if c.rl.kl_coef else ("policy params",)
-    prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
-                   f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} tokens",
-                   uses, s.mini_batches * passes, "reference")
-    params = _reference(ctx) if c.rl.kl_coef else ctx.params
-    compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
-    return [prog]
+    programs = []
+    for name, uses, params in passes:
+        prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
+                       f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} tokens",
+                       uses, s.mini_batches, "reference")
+        compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
+        programs.append(prog)
+    return programs
 
 
 def _reference(ctx: Context):

@@ -1,4 +1,5 @@
-"""Accuracy of the policy on held-out data sets (exact match of the boxed answer).
+"""Accuracy of the policy on held-out data sets (the boxed answer, graded as the method's reward
+preset grades it: exact match for EMO-R3, mathruler's `grade_answer` for the GRPO baseline).
 
 Validation decodes as released (temperature 0.6, top-p 0.95, one sample) or greedily; the
 judge terms are not computed. With several hosts, `batches` are global (every host's shard
@@ -7,7 +8,7 @@ gathered, `Pipeline.global_iter`), so every host counts the same examples and ge
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -38,7 +39,7 @@ def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, 
             if max_examples and total >= max_examples:
                 break
             text = chat.decode_response(tokenizer, out.tokens[row], int(out.lengths[row]))
-            acc = emotion.accuracy_reward(text, batch["label_text"][row])
+            acc = preset.accuracy_fn(text, batch["label_text"][row])
             correct += acc
             formatted += preset.format_fn(text)
             length += int(out.lengths[row])
@@ -52,3 +53,43 @@ def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, 
         raise ValueError("evaluation: the data set yielded no valid examples (empty split?)")
     return {"accuracy": correct / total, "format": formatted / total,
             "response_length": length / total, "examples": int(total)}
+
+
+# --------------------------------------------------------------------------------------------
+# The validation score that picks the best checkpoint.
+
+def validation_sets(in_domain: Sequence[str], evaluated: Sequence[str], train_set: str
+                    ) -> tuple[str, ...]:
+    """The evaluated data sets the validation score averages: those of `data.in_domain`; if
+    none of them is evaluated, the training set's; if that is not evaluated either, all."""
+    evaluated = tuple(evaluated)
+    chosen = tuple(n for n in in_domain if n in evaluated)
+    if not chosen:
+        chosen = (train_set,) if train_set in evaluated else evaluated
+        log.warning("validation score: no data.in_domain set %s is in data.eval %s; the best "
+                    "checkpoint is picked by the mean accuracy on %s", tuple(in_domain),
+                    evaluated, chosen)
+    elif train_set not in chosen:
+        log.warning("validation score: the training set %s is not in data.in_domain %s; the "
+                    "best checkpoint is picked by the accuracy on %s (set data.in_domain to the "
+                    "training set for the paper's setting)", train_set, tuple(in_domain), chosen)
+    return chosen
+
+
+def validation_score(accuracy: Mapping[str, float], sets: Sequence[str]) -> float:
+    """Mean accuracy over the in-domain eval sets `sets`: what picks the best checkpoint.
+
+    The release keeps the checkpoint with the best validation reward. At validation the judge
+    terms are not computed and count as 1, so that reward is `w_acc * accuracy + w_fmt *
+    format + constant` (0.8 and 0.1 for `emor3`): accuracy dominates it, and format adds a
+    little only when the answers get no more right. We track the in-domain accuracy itself:
+    it is the number the paper reports (Table 1's ^I cells), it is the same criterion for every
+    reward preset and baseline (a method with another reward or format regex is not favoured
+    by its own format term), and the out-of-domain sets stay held out (selecting on them would
+    leak the test sets of the generalization columns into the choice of checkpoint).
+    """
+    missing = [n for n in sets if n not in accuracy]
+    if missing or not sets:
+        raise ValueError(f"validation score: no accuracy for {missing or 'any set'} among "
+                         f"{sorted(accuracy)}")
+    return float(np.mean([float(accuracy[n]) for n in sets]))

@@ -10,7 +10,10 @@
 All I/O lives here; the stages are pure functions elsewhere. A checkpoint holds the train
 state, the reference params when they are not the loaded weights, the base RNG key and the
 data iterator state, so a resumed run continues exactly. SIGTERM (TPU preemption) saves a
-checkpoint and returns normally.
+checkpoint and returns normally. Apart from the last `train.keep_checkpoints` checkpoints,
+`checkpoints_best/` keeps the params of the RL evaluation with the best validation score (mean
+in-domain accuracy, `evaluation.validation_score`), and the report gives the final and the best
+checkpoint's numbers, each with its step.
 
 Multi-host: every process runs this loop on the same global batch (each reads its block of
 it; emor3_jax/distributed.py), so the host logic is replicated and device arrays are global.
@@ -103,6 +106,16 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
                 f"a mini-batch of {rows} responses does not split into log-prob micro-batches "
                 f"of rl.logprob_micro_batch_size={rl.logprob_micro_batch_size} x {dp} "
                 "data-parallel devices; change rl.logprob_micro_batch_size")
+        if r.dynamic_sampling:
+            if not r.filter_low < r.filter_high:
+                raise ValueError(f"config.rollout.filter_low={r.filter_low} / filter_high="
+                                 f"{r.filter_high}: the DAPO filter keeps group means strictly "
+                                 "between them; give filter_low < filter_high")
+            mini = data_lib.generation_batch_size(config)
+            if mini % process_count or mini < 1:
+                raise ValueError(f"config.rollout.mini_batch_size={mini} (prompts per DAPO "
+                                 f"generation try) must be a positive multiple of the "
+                                 f"{process_count} hosts")
         emotion.get_preset(config.reward.preset)
         if config.reward.judge_source == "checkpoint" and not config.reward.judge_dir:
             raise ValueError("config.reward.judge_source='checkpoint' needs "
@@ -117,6 +130,8 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
     for name in [config.data.train, *config.data.eval]:
         if name not in base.LABELS:
             raise ValueError(f"data set {name!r} is unknown; choose from {tuple(base.LABELS)}")
+    for name in config.data.get("labels", {}):
+        data_lib.source_config(config, name)        # a bad label-list override fails here
     if config.eval.batch_size % process_count:
         raise ValueError(f"config.eval.batch_size={config.eval.batch_size} is not divisible by "
                          f"the {process_count} hosts")
@@ -192,6 +207,12 @@ class Trainer:
         self.judge = None
         self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                           keep=config.train.keep_checkpoints)
+        # the best RL evaluation's params, outside the rotation above (ckpt_lib.BestCheckpointer)
+        self.best = ckpt_lib.BestCheckpointer(os.path.join(workdir, "checkpoints_best"))
+        self.val_sets = evaluation.validation_sets(
+            config.data.in_domain, config.data.eval, config.data.train
+        ) if config.mode == "train" else ()
+        self.final_step: int | None = None     # the RL step of the params train() returns
         self.pipe_kwargs = dict(data_dir=config.data.data_dir or None,
                                 manual_dir=config.data.manual_dir or None)
         self.history: list[dict] = []
@@ -199,7 +220,8 @@ class Trainer:
     # ---------------------------------------------------------------------------- data --
     def _pipeline(self, name: str, split: str, *, eval_mode: bool):
         cfg = data_lib.from_config(self.config, eval_mode=eval_mode)
-        return data_lib.make_pipeline(name, split, self.policy.tokenizer, cfg, **self.pipe_kwargs)
+        return data_lib.make_pipeline(name, split, self.policy.tokenizer, cfg,
+                                      **self._source_kwargs(name))
 
     def _sft_pipeline(self):
         import dataclasses
@@ -208,7 +230,7 @@ class Trainer:
                                   // jax.process_count())
         name = self.config.sft.data or self.config.data.train
         return data_lib.make_pipeline(name, TRAIN_SPLIT, self.policy.tokenizer, cfg,
-                                      **self.pipe_kwargs)
+                                      **self._source_kwargs(name))
 
     # ---------------------------------------------------------------------------- eval --
     def evaluate(self, params, step: int, writer=None) -> dict[str, dict]:
@@ -350,6 +372,15 @@ class Trainer:
         return state, out
 
     # ------------------------------------------------------------------------ checkpoints --
+    def track_best(self, step: int, results: dict[str, dict], params) -> bool:
+        """Keep `params` in checkpoints_best/ if this RL evaluation has the best validation
+        score so far (mean accuracy on `self.val_sets`, evaluation.validation_score says why
+        accuracy), with its step, score and every eval set's accuracy; True if it did."""
+        acc = {k: float(v["accuracy"]) for k, v in results.items()}
+        score = evaluation.validation_score(acc, self.val_sets)
+        return self.best.offer(step, score, params,
+                               {"score_sets": list(self.val_sets), "accuracy": acc})
+
     def save(self, step: int, phase: str, state, ref_params, it, *, force: bool = True):
         # numpy, not a host-local jax.Array: orbax refuses those with several processes
         tree = {"train": state, "rng": np.asarray(jax.random.key_data(self.base_key))}
@@ -400,6 +431,7 @@ class Trainer:
         if data_state is not None:
             it.set_state(data_state)
         if start == 0 and c.train.eval_every:
+            # the starting point; not a best candidate (the best is a trained RL checkpoint)
             self.history.append({"step": 0, **self.evaluate(state.params, 0, writer)})
         bad_in_a_row = 0
         for step in range(start, total_rl):
@@ -418,36 +450,43 @@ class Trainer:
                                             c, "optim.lr")
             done = step + 1 == total_rl
             if c.train.eval_every and ((step + 1) % c.train.eval_every == 0 or done):
-                self.history.append({"step": step + 1,
-                                     **self.evaluate(state.params, step + 1, writer)})
+                results = self.evaluate(state.params, step + 1, writer)
+                self.history.append({"step": step + 1, **results})
+                self.track_best(step + 1, results, state.params)
             stop = _stop_requested()     # read once: a signal between two reads loses the save
             if stop or done or (step + 1) % c.train.checkpoint_every == 0:
                 self.save(step + 1, "rl", state, ref_params, it)
             if stop:
                 log.warning("SIGTERM: stopped after RL step %d (checkpoint saved)", step + 1)
                 self.ckpt.wait()
+                self.best.wait()
                 writer.close()
                 return None
         writer.close()
+        self.final_step = total_rl
         return state
 
     def grpo_step_with_resampling(self, state, ref_params, batch, key, judge, it):
-        """A GRPO step; with DAPO dynamic sampling, zero-spread groups are replaced first."""
+        """A GRPO step; with DAPO dynamic sampling (EasyR1's online filtering), groups whose
+        mean reward is not strictly inside (rollout.filter_low, filter_high) are dropped and
+        mini rollout batches (`batch` is one) are drawn until rollout.batch_size prompts are
+        kept, each draw one try of at most rollout.max_resample_tries."""
         c = self.config
         if not c.rollout.dynamic_sampling:
             return self.grpo_step(state, ref_params, batch, key, judge)
         r, g = c.rollout, c.rollout.group_size
         kept: list[rollout_lib.Rollout] = []
-        need = len(batch["input_ids"])
-        have, tries, t0 = 0, 0, time.time()
+        need = int(r.batch_size)
+        have, tries, dropped, t0 = 0, 0, 0, time.time()
         while have < need:
             tries += 1
             if tries > r.max_resample_tries:
                 raise RuntimeError(
                     f"DAPO dynamic sampling failed: after {r.max_resample_tries} tries only "
-                    f"{have} of {need} prompts had responses with different rewards (the rest "
-                    "were all right or all wrong). This is the failure EMO-R3 reports for DAPO; "
-                    "raise rollout.max_resample_tries or use another method.")
+                    f"{have} of {need} prompts had a mean reward strictly inside "
+                    f"({r.filter_low}, {r.filter_high}) (the rest were all right or all wrong). "
+                    "This is the failure EMO-R3 reports for DAPO; raise "
+                    "rollout.max_resample_tries, widen the filter band or use another method.")
             k = jax.random.fold_in(key, tries)
             ro = rollout_lib.sample(self.sampler, state.params, batch, k, group_size=g,
                                     max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -455,8 +494,10 @@ class Trainer:
                                     tokenizer=self.policy.tokenizer)
             ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params,
                                    rng=jax.random.fold_in(k, 1))
-            zero = rollout_lib.zero_spread_groups(ro.rewards, g, np.ones(need, bool))
-            keep = np.nonzero(~zero & np.asarray(batch["valid"], bool))[0][:need - have]
+            valid = np.asarray(batch["valid"], bool)
+            band = rollout_lib.groups_in_band(ro.rewards, g, r.filter_low, r.filter_high)
+            dropped += int((valid & ~band).sum())
+            keep = np.nonzero(band & valid)[0][:need - have]
             if len(keep):
                 kept.append(_take_rollout(ro, keep))
                 have += len(keep)
@@ -464,7 +505,8 @@ class Trainer:
                 batch = next(it)
         ro = _concat_rollouts(kept)
         out = rollout_lib.metrics(ro)
-        out.update({"dapo/tries": float(tries), "time_sample": time.time() - t0})
+        out.update({"dapo/tries": float(tries), "dapo/dropped_groups": float(dropped),
+                    "time_sample": time.time() - t0})
         return self.update(state, ref_params, ro, out)
 
     def _next_batch(self, it, state, step):
@@ -501,12 +543,22 @@ class Trainer:
                                  min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
 
     def total_rl_steps(self) -> int:
+        """`train.max_steps`, else `rl_steps_from_epochs` of the training split's size."""
         c = self.config
         if c.train.max_steps:
             return int(c.train.max_steps)
-        builder, _ = data_lib.open_source(c.data.train, TRAIN_SPLIT, **self.pipe_kwargs)
+        builder, _ = data_lib.open_source(c.data.train, TRAIN_SPLIT,
+                                          **self._source_kwargs(c.data.train))
         n = builder.info.splits[TRAIN_SPLIT].num_examples
-        return max(1, math.ceil(c.train.epochs * n / c.rollout.batch_size))
+        mini = data_lib.generation_batch_size(c)
+        if mini != c.rollout.batch_size:     # EasyR1: whole mini rollout batches per epoch
+            n = (n // mini) * mini
+        return rl_steps_from_epochs(n, c.rollout.batch_size, c.train.epochs, c.data.train)
+
+    def _source_kwargs(self, name: str) -> dict:
+        """data_dir / manual_dir, and the data set's label-list override if the config has one."""
+        config = data_lib.source_config(self.config, name)
+        return self.pipe_kwargs if config is None else {**self.pipe_kwargs, "config": config}
 
     def restore(self, state):
         if self.ckpt.latest_step() is None:
@@ -527,14 +579,19 @@ class Trainer:
                 extra.get("data"))
 
     # -------------------------------------------------------------------------- finish --
-    def finish(self, params, *, method: str):
-        """Final evaluation, report (results + curves) and Hugging Face export."""
+    def finish(self, params, *, method: str, step: int | None = None):
+        """Final evaluation of `params` (the final checkpoint, at `step`; None: the loaded
+        weights), report (results + curves) and Hugging Face export of them. After training the
+        report also holds the best checkpoint (checkpoints_best/) with its step, score and
+        accuracies, from the evaluation that made it the best."""
         c = self.config
         results = self.evaluate(params, -1)
         acc = {k: v["accuracy"] for k, v in results.items()}
+        best = self.best.record if c.mode == "train" else None
         if self.is_main:
             report_dir = os.path.join(self.workdir, "report")
             out = report.write_report(report_dir, acc, train_set=c.data.train, method=method,
+                                      step=step, best=best,
                                       extra={"eval": results, "history": self.history})
             rows = metrics_lib.read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))
             report.plot_curves(rows, os.path.join(report_dir, "curves.png"))
@@ -552,7 +609,31 @@ class Trainer:
         if self.is_main:
             self.policy.tokenizer.save_pretrained(out_dir)
             log.info("export: Hugging Face checkpoint written to %s", out_dir)
+            best = self.best.record
+            if best is not None:
+                log.info("export: these are the final params; the best validation checkpoint "
+                         "(RL step %d, score %.4f on %s) is kept in %s", best["step"],
+                         best["score"], "+".join(best.get("score_sets", [])),
+                         self.best.directory)
         return out_dir
+
+
+def rl_steps_from_epochs(num_examples: int, batch_size: int, epochs, data_set: str = "") -> int:
+    """RL steps of `epochs` passes, as released: full batches per epoch (the last partial batch
+    of an epoch is dropped) times epochs; EmoSet-2k: 2,100 // 512 = 4 per epoch, 80 in 20."""
+    per_epoch = int(num_examples) // int(batch_size)
+    if per_epoch < 1:
+        raise ValueError(
+            f"the training set {data_set!r} has {num_examples} examples, fewer than one batch of "
+            f"config.rollout.batch_size={batch_size} (an epoch's last partial batch is dropped, "
+            "as released, so an epoch would have no step): lower config.rollout.batch_size (and "
+            "config.rl.mini_batch_size with it), or set config.train.max_steps")
+    steps = int(per_epoch * epochs)
+    if steps < 1:
+        raise ValueError(f"config.train.epochs={epochs} x {per_epoch} batches per epoch of "
+                         f"{data_set!r} is less than one RL step; raise config.train.epochs or "
+                         "set config.train.max_steps")
+    return steps
 
 
 def _take_rollout(ro: rollout_lib.Rollout, prompts: np.ndarray) -> rollout_lib.Rollout:
@@ -603,6 +684,7 @@ def run(config, workdir: str):
             return _run_mode(trainer, config)
         finally:
             trainer.ckpt.close()     # waits for the last asynchronous save
+            trainer.best.close()
 
 
 def _run_mode(trainer: Trainer, config):
@@ -619,11 +701,12 @@ def _run_mode(trainer: Trainer, config):
         return trainer.finish(trainer.policy.params, method=f"{config.method} (eval only)")
     if mode == "sft":
         state = _sft_only(trainer)
-        return None if state is None else trainer.finish(state.params, method="SFT")
+        return None if state is None else trainer.finish(state.params, method="SFT",
+                                                         step=config.sft.steps)
     state = trainer.train()
     if state is None:       # stopped by SIGTERM after saving
         return None
-    return trainer.finish(state.params, method=config.method)
+    return trainer.finish(state.params, method=config.method, step=trainer.final_step)
 
 
 def _sft_only(trainer: Trainer):

@@ -44,7 +44,7 @@ TINY_CONFIG = textwrap.dedent('''
         return c
 ''')
 PROGRAMS = ("rollout prefill", "rollout decode", "judge prefill", "judge decode",
-            "reference log-probs", "update")
+            "reference log-probs", "old log-probs", "update")
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,14 @@ def test_too_little_hbm_does_not_fit(config_file):
                               "--hbm_fraction=0.0001", "--fix_attempts=1")
     assert code == 1, out + err
     assert out.rstrip().splitlines()[-1] == "fits: no"
-    (cells,) = table_rows(out, "| program | shapes").values()
-    assert cells[0] == "reference log-probs" and float(cells[6]) > 0, cells
+    rows = table_rows(out, "| program | shapes")
+    assert list(rows) == ["reference log-probs", "old log-probs"], rows
+    cells = rows["reference log-probs"]
+    assert float(cells[6]) > 0, cells
     assert "limit 0.01% = 0.0032 GiB" in out
     suggestions = out.split("does not fit; suggestions:")[1]
-    assert "reference log-probs: try a smaller rl.logprob_micro_batch_size" in suggestions
+    assert ("reference log-probs, old log-probs: try a smaller rl.logprob_micro_batch_size"
+            in suggestions)
     assert re.search(r"rl.logprob_micro_batch_size=\d: still does not fit", suggestions)
 
 

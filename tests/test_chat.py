@@ -90,7 +90,7 @@ def test_task_prompts_are_exact():
     assert base.question_text(base.MIKELS_LABELS) == EMOSET_QUESTION
     assert chat.task_prompt(question, "set") == EMOSET_QUESTION + "\n\n" + SET_TEXT
     assert chat.task_prompt(question) == chat.task_prompt(question, "set")
-    assert chat.task_prompt(question, "grpo_think") == EMOSET_QUESTION + "\n\n" + GRPO_TEXT
+    assert chat.task_prompt(question, "grpo_think") == EMOSET_QUESTION + " " + GRPO_TEXT  # math.jinja
     assert chat.task_prompt(question, "plain") == EMOSET_QUESTION
     with pytest.raises(ValueError, match="prompt_format"):
         chat.task_prompt(question, "cot")

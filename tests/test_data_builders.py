@@ -201,6 +201,26 @@ def test_webemo_test_only_and_empty_split_is_reported(tmp_path):
         "anger", "confusion", "fear", "joy", "love", "sadness", "surprise"]
 
 
+def test_a_config_overrides_a_data_sets_label_list(tmp_path):
+    """Another variant's labels (config.data.labels.<name>): its own prepared files, its labels
+    in the ClassLabel and the default question, and the base labels' images skipped."""
+    manual = tmp_path / "manual"
+    write_image_folder(manual, {"test": ["happy", "sad", "sad", "fear"]})
+    config = data.builders.labels_config(["Happy", "sad"])
+    builder = tfds.builder("webemo", data_dir=str(tmp_path / "tfds"), config=config)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    assert builder.info.features["label"].names == ["Happy", "sad"]
+    rows = _read(builder, "test")
+    assert sorted(label for label, _, _ in rows.values()) == ["Happy", "sad", "sad"]
+    assert {problem for _, problem, _ in rows.values()} == {base.question_text(("Happy", "sad"))}
+    assert data.skip_report(builder)["skipped_counts"]["by_reason"] == {"unknown_label": 1}
+    assert config.name in builder.data_dir and data.builders.labels_config(
+        ["Happy", "sad"]).name == config.name != data.builders.labels_config(["sad", "Happy"]).name
+    with pytest.raises(ValueError, match="two distinct"):
+        data.builders.labels_config(["joy", "JOY"])
+
+
 def test_missing_or_unusable_manual_dir_gives_clear_errors(tmp_path):
     with pytest.raises(AssertionError, match="(?s)does not exist or is empty.*<split>/<label>"):
         _prepare("emoset2k", tmp_path, tmp_path / "nowhere")

@@ -76,6 +76,44 @@ def test_score_log_likelihood_equals_full_forward(setup):
             logp = torch.log_softmax(torch.tensor(logits), -1).numpy()
             expected = sum(logp[len(row) - 1 + j, t] for j, t in enumerate(cont))
             np.testing.assert_allclose(ours[b, c], expected, atol=1e-4)
+    # at the judge temperature: the log-softmax of logits / T
+    hot = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts[:1],
+                              row_images=row_images, temperature=0.6)
+    row = p_ids[0][p_mask[0] == 1]
+    full = np.concatenate([row, conts[0]])[None].astype(np.int32)
+    logits = torch.tensor(hf_logits(ref, cfg, full, np.ones_like(full))[0]) / 0.6
+    logp = torch.log_softmax(logits, -1).numpy()
+    np.testing.assert_allclose(hot[0, 0], sum(logp[len(row) - 1 + j, t]
+                                              for j, t in enumerate(conts[0])), atol=1e-4)
+
+
+def test_score_mode_reward_is_the_expected_released_reward(setup):
+    """R_coh = P(label) + 0.5 P(None) and R_cons = P(yes) under the judge's distribution over
+    the candidates at T = 0.6 (spellings pooled, renormalized): the released rules' expectation."""
+    tok, ids, _, _, _, model, params, imgs = setup
+    judge = Judge(model, tok, mode="score", source="checkpoint", params=params, temperature=0.6)
+    out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
+    coh_cands = LABELS + ("None",)
+    conts, owner = judge.candidate_tokens(coh_cands)
+    p_ids, p_mask, pv, grid, rows = judge.encode(out.coherence_prompts, None)
+    logp = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts,
+                               row_images=rows, temperature=0.6)
+    mass = np.zeros((len(RESPONSES), len(coh_cands)))
+    for k, j in enumerate(owner):
+        mass[:, j] += np.exp(logp[:, k].astype(np.float64))
+    prob = mass / mass.sum(1, keepdims=True)
+    want = [prob[i, coh_cands.index(label)] + 0.5 * prob[i, -1]
+            for i, label in enumerate(TRUE_LABELS)]
+    np.testing.assert_allclose(out.coherence, want, atol=1e-5)
+    assert 0 < out.coherence.min() and out.coherence.max() < 1      # not an arg-max 0/0.5/1
+    cons = judge.candidate_probs(out.consistency_prompts, imgs, None, ("yes", "no", "None"))
+    np.testing.assert_allclose(cons.sum(1), 1.0, atol=1e-6)
+    # released R_cons of "None" is 0, not 0.5: "no" is a substring of "none"
+    assert emotion.consistency_score("None") == 0.0
+    np.testing.assert_allclose(out.consistency, cons[:, 0], atol=1e-6)
+    assert out.consistency_answers == [("yes", "no", "None")[j] for j in cons.argmax(1)]
+    total = emotion.score_responses(RESPONSES, TRUE_LABELS, "emor3", **out.score_kwargs())
+    np.testing.assert_allclose(total.components["coherence"], out.coherence)
 
 
 def _steer(model, params, judge, prompts, imgs, answer_token, eos_token, gain=40.0):
@@ -136,8 +174,7 @@ def test_unsteered_score_mode_picks_a_candidate_and_scores(setup):
     out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs, policy_params=params)
     assert set(out.coherence_answers) <= set(LABELS) | {"None"}
     assert set(out.consistency_answers) <= {"yes", "no", "None"}
-    assert out.coherence.tolist() == [emotion.coherence_score(a, l)
-                                      for a, l in zip(out.coherence_answers, TRUE_LABELS)]
+    assert out.coherence.shape == (4,) and ((0 <= out.coherence) & (out.coherence <= 1)).all()
     # 'Answer None' prompt for the response without steps; no judge on the set_only preset
     assert out.coherence_prompts[2] == base.JUDGE_NONE_TEXT_PROMPT
     none = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "set_only", imgs, policy_params=params)

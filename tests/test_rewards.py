@@ -266,7 +266,9 @@ def test_preset_needs():
              for name, p in emotion.PRESETS.items()}
     assert needs == {"emor3": (True, True, False), "emor3_paper": (True, True, False),
                      "set_only": (False, False, False), "coherence_mult": (True, False, False),
+                     "coherence_add": (True, False, False),
                      "valence_arousal": (False, False, True), "grpo_think": (False, False, False)}
+    assert all(p.release_file for p in emotion.PRESETS.values())
     assert emotion.PRESETS["coherence_mult"].components == ("format", "accuracy", "coherence")
     with pytest.raises(KeyError, match="consistency"):
         emotion.PRESETS["emor3"].overall({"accuracy": 1, "format": 1, "coherence": 1})
@@ -330,7 +332,7 @@ def test_score_responses_input_errors():
         emotion.score_responses(BATCH, LABELS, "coherence_mult", ["a"] * 4, ["yes"] * 4)
     with pytest.raises(ValueError, match="labels for 4 responses"):
         emotion.score_responses(BATCH, LABELS[:3], "set_only")
-    with pytest.raises(ValueError, match="3 coherence_answers"):
+    with pytest.raises(ValueError, match="3 coherence judge results"):
         emotion.score_responses(BATCH, LABELS, "coherence_mult", ["a"] * 3)
     with pytest.raises(ValueError, match=r"labels\[1\] is empty"):
         emotion.score_responses(BATCH[:2], ["fear", " "], "set_only")
@@ -338,6 +340,42 @@ def test_score_responses_input_errors():
         emotion.score_responses([b"bytes"], ["fear"], "set_only")
     with pytest.raises(ValueError, match="VALENCE_AROUSAL"):
         emotion.score_responses(["\\boxed{joy}"], ["joy"], "valence_arousal")
+
+
+# The release's grading per preset: exact lower-cased match for EMO-R3 and its additive coherence
+# ablation, mathruler's grade_answer for the GRPO baseline and the other ablations.
+GRADED = ["\\boxed{\\text{Awe}}", "\\boxed{awe.}", "\\boxed{ AWE }", "no box", "\\boxed{aw e}"]
+
+
+def test_each_preset_grades_as_its_release_file():
+    from mathruler.grader import extract_boxed_content, grade_answer
+    release = [1.0 if grade_answer(extract_boxed_content(r), "awe") else 0.0 for r in GRADED]
+    exact = [emotion.accuracy_reward(r, "awe") for r in GRADED]
+    assert exact == [0, 0, 1, 0, 0] and release[0] == 1 and release != exact
+    for name, preset in emotion.PRESETS.items():
+        got = [preset.accuracy_fn(r, "awe") for r in GRADED]
+        graded = name in ("grpo_think", "set_only", "coherence_mult", "valence_arousal")
+        assert got == (release if graded else exact), name
+
+
+def test_coherence_rules_of_the_ablations():
+    # released emor3 / additive ablation: empty or any-case "none" -> 0.5, exact lower-case match
+    add = emotion.PRESETS["coherence_add"].coherence_fn
+    assert [add(a, "awe") for a in ("", "NONE", "Awe", "\\text{awe}")] == [0.5, 0.5, 1, 0]
+    # multiplicative ablation (emothink_rethink.py): only "None" itself -> 0.5; grade_answer
+    mult = emotion.PRESETS["coherence_mult"].coherence_fn
+    assert [mult(a, "awe") for a in ("None", "none", "", "\\text{awe}")] == [0.5, 0, 0, 1]
+    scores = emotion.score_responses(BATCH, LABELS, "coherence_add", ["amusement", "x", "", "fear"])
+    np.testing.assert_allclose(scores.overall, [1.0, 0.1, 0.85, 0.1], atol=1e-12)
+
+
+def test_score_responses_takes_expected_judge_scores():
+    scores = emotion.score_responses(BATCH, LABELS, "emor3", coherence_scores=[0.2, 0.4, 1, 0],
+                                     consistency_scores=np.array([0.5, 0, 0, 1]))
+    np.testing.assert_allclose(scores.overall, [0.8 + 0.07 + 0.1, 0.04 + 0.1, 0.9, 0.1])
+    with pytest.raises(ValueError, match="not both"):
+        emotion.score_responses(BATCH, LABELS, "coherence_mult", ["a"] * 4,
+                                coherence_scores=[1] * 4)
 
 
 def test_judge_prompts_follow_preset_needs():

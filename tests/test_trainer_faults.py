@@ -155,11 +155,17 @@ def _final_metrics(workdir: Path) -> dict:
     return out
 
 
-def _read_state(workdir: Path, step: int) -> dict:
-    """The saved train state pytree of checkpoint `step`, as numpy arrays."""
+def _best_steps(workdir: Path) -> list[int]:
+    root = workdir / "checkpoints_best"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def _read_state(workdir: Path, step: int, root: str = "checkpoints", item: str = "state") -> dict:
+    """The saved train state pytree of checkpoint `step`, as numpy arrays (or, with
+    root="checkpoints_best" and item="params", the best checkpoint's params)."""
     import jax
     import orbax.checkpoint as ocp
-    path = (workdir / "checkpoints" / str(step) / "state").resolve()
+    path = (workdir / root / str(step) / item).resolve()
     ckptr = ocp.PyTreeCheckpointer()
     meta = ckptr.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
@@ -234,6 +240,20 @@ def test_uninterrupted_run_keeps_last_checkpoints(uninterrupted):
     state = _read_state(uninterrupted, total)
     assert int(state["train"]["step"]) == RL_STEPS          # RL optimizer steps
     assert set(state) == {"train", "rng", "ref"}            # reference saved (SFT changed it)
+    # the report: final numbers from the last step; the best RL evaluation (in-domain accuracy,
+    # earliest on ties) with its step, kept in checkpoints_best/ with that step's params
+    rep = json.loads((uninterrupted / "report" / "results.json").read_text())
+    assert rep["final"] == {"step": RL_STEPS, "accuracy": rep["accuracy"]}
+    evals = {h["step"]: h["emo_synth"]["accuracy"] for h in rep["history"] if h["step"] > 0}
+    best = max(evals, key=lambda s: (evals[s], -s))
+    assert rep["best"] == {"step": best, "score": evals[best], "score_sets": ["emo_synth"],
+                           "accuracy": {"emo_synth": evals[best]}}
+    assert _best_steps(uninterrupted) == [best]
+    _assert_trees_equal(_read_state(uninterrupted, best, "checkpoints_best", "params"),
+                        _read_state(uninterrupted, SFT_STEPS + best)["train"]["params"],
+                        "best params")
+    md = (uninterrupted / "report" / "results.md").read_text()
+    assert f"(final, step {RL_STEPS})" in md and f"(best, step {best})" in md
 
 
 def test_sigkill_then_resume_crosses_the_sft_rl_boundary(interrupted):
@@ -272,6 +292,7 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, interrupted):
     report = lambda w: json.loads((w / "report" / "results.json").read_text())  # noqa: E731
     assert report(resumed) == report(uninterrupted)
     assert [h["step"] for h in report(resumed)["history"]] == [0, 2, 4]
+    assert _best_steps(resumed) == _best_steps(uninterrupted)      # best record: in the report
 
 
 @pytest.mark.slow
@@ -337,6 +358,9 @@ def _demo_config(**fields):
     ({"data.train": "emoset3k"}, ValueError, ["'emoset3k'", "emoset2k"]),
     ({"data.prompt_format": "cot"}, ValueError, ["config.data.prompt_format='cot'"]),
     ({"mode": "serve"}, ValueError, ["config.mode='serve'"]),
+    ({"rollout.dynamic_sampling": True, "rollout.filter_low": 0.5, "rollout.filter_high": 0.5},
+     ValueError, ["config.rollout.filter_low=0.5", "filter_low < filter_high"]),
+    ({"data.labels.webemo": ("joy",)}, ValueError, ["two distinct", "config.data.labels"]),
 ])
 def test_check_config_names_the_field_and_the_fix(fields, error, words):
     with pytest.raises(error) as e:
@@ -349,6 +373,44 @@ def test_check_config_counts_hosts():
     with pytest.raises(ValueError, match="rollout.batch_size=4 is not divisible by the 3 hosts"):
         trainer.check_config(_demo_config(), num_devices=6, process_count=3)
     trainer.check_config(_demo_config(), num_devices=2, process_count=1)   # valid otherwise
+
+
+def test_rl_steps_drop_the_last_partial_batch_of_each_epoch():
+    # EmoSet-2k as released: 2,100 // 512 = 4 batches per epoch, x 20 epochs = 80 (not 83)
+    assert trainer.rl_steps_from_epochs(2100, 512, 20, "emoset2k") == 80
+    assert trainer.rl_steps_from_epochs(2048, 512, 20) == 80        # no partial batch
+    assert trainer.rl_steps_from_epochs(40, 32, 3) == 3
+    with pytest.raises(ValueError) as e:
+        trainer.rl_steps_from_epochs(300, 512, 20, "emotion6")
+    for w in ("'emotion6' has 300 examples", "config.rollout.batch_size=512",
+              "lower config.rollout.batch_size", "config.train.max_steps"):
+        assert w in str(e.value), (w, str(e.value))
+    with pytest.raises(ValueError, match="config.train.epochs=0"):
+        trainer.rl_steps_from_epochs(2100, 512, 0)
+
+
+# ------------------------------------------------------------------------------------ DAPO --
+# Dynamic sampling from mini rollout batches of 1 prompt, no KL, clip-high 0.28: each try keeps
+# its group or drops it by the group's mean reward. The untrained tiny model earns reward 0, so
+# a band around 0 keeps every group (2 tries fill the batch of 2) and the released band
+# (0.01, 0.99) keeps none (the run stops after max_resample_tries, saying why).
+DAPO = {"sft.steps": 0, "train.max_steps": 2, "train.eval_every": 0,
+        "train.checkpoint_every": 1000, "rollout.dynamic_sampling": True,
+        "rollout.mini_batch_size": 1, "rl.kl_coef": 0.0, "rl.clip_high": 0.28}
+
+
+def test_dapo_fills_the_batch_from_mini_rollout_batches(tmp_path, child):
+    rc, log = _run(child, tmp_path / "dapo", "dapo", **DAPO, **{"rollout.filter_low": -1.0})
+    assert rc == 0, log[-4000:]
+    rows = _final_metrics(tmp_path / "dapo")
+    for step in (1, 2):
+        m = rows[("rl", step)]
+        assert m["dapo/tries"] == 2 and m["dapo/dropped_groups"] == 0, m
+        assert m["reward/mean"] == 0, m
+    rc, log = _run(child, tmp_path / "band", "band", **DAPO, **{"rollout.max_resample_tries": 3})
+    assert rc != 0
+    assert "after 3 tries only 0 of 2 prompts had a mean reward strictly inside (0.01, 0.99)" \
+        in log, log[-4000:]
 
 
 def test_config_error_stops_main_before_anything_is_built(tmp_path, child):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -82,15 +83,39 @@ class _SkipLog:
                 "by_split": dict(sorted(by_split.items()))}
 
 
+@dataclasses.dataclass(eq=False)
+class EmotionFilesConfig(tfds.core.BuilderConfig):
+    """The label list of a users'-files data set; () = configs/base.py LABELS[name]."""
+    labels: tuple[str, ...] = ()
+
+
+def labels_config(labels) -> EmotionFilesConfig:
+    """A config for another variant's label list (config.data.labels.<name>), named from the
+    labels so that two lists never share prepared files."""
+    labels = tuple(str(label).strip() for label in labels)
+    if len(labels) < 2 or not all(labels) or len({l.lower() for l in labels}) != len(labels):
+        raise ValueError(f"a data set's label list needs at least two distinct, non-empty "
+                         f"labels (case-insensitive); got {labels!r} (config.data.labels)")
+    digest = hashlib.sha1("\n".join(labels).encode()).hexdigest()[:10]
+    return EmotionFilesConfig(name=f"labels_{digest}", labels=labels,
+                              description="labels: " + ", ".join(labels))
+
+
 class EmotionFilesBuilder(_ArrayRecordBuilder, skip_registration=True):
-    """Common builder for data sets that users bring as files (see `layouts` for the layouts)."""
+    """Common builder for data sets that users bring as files (see `layouts` for the layouts).
+
+    Its default config uses the data set's labels from configs/base.py; `labels_config(...)`
+    gives another list (a variant of the data set) its own prepared files.
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Parquet, manifest and image-folder layouts; skip report."}
+    BUILDER_CONFIGS = [EmotionFilesConfig(name="default",
+                                          description="the labels of configs/base.py LABELS")]
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return base.LABELS[self.name]
+        return tuple(self.builder_config.labels) or base.LABELS[self.name]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__,

@@ -2,8 +2,9 @@
 
 Stages: source (`builder.as_data_source(split)`, images left encoded) -> this host's shard
 (process index / count) -> shuffle and repeat (training; a fresh shuffle every epoch) ->
-per-example preprocessing (decode, Qwen2-VL smart_resize within the configured pixel bounds,
-the SET / GRPO-think / plain prompt through the Qwen2.5-VL chat template, token ids) in
+per-example preprocessing (decode, the release's pre-resize then Qwen2-VL smart_resize within
+the configured pixel bounds, the SET / GRPO-think / plain prompt through the Qwen2.5-VL chat
+template, token ids) in
 `num_workers` grain processes -> batching in the main process (left padding to the smallest
 prompt bucket, pixel rows padded to a patch bucket, mRoPE position ids).
 
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 
 # A skip is logged for the first few examples of each reason, then only counted.
 _LOGGED_SKIPS_PER_REASON = 20
-_FILLER_SIZE = 28  # filler image side (smart_resize grows it to min_pixels)
+_FILLER_SIZE = 28  # filler image side (pre-resize and smart_resize grow it to min_pixels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,29 @@ class PipelineConfig:
             raise ValueError(f"num_epochs must be positive or None, got {self.num_epochs}")
 
 
+def source_config(config, name: str):
+    """The TFDS builder config of data set `name` in this run: its label-list override
+    (config.data.labels.<name>), or None for the data set's own labels."""
+    from emor3_jax.data import builders
+    labels = tuple(config.data.get("labels", {}).get(name, ()) or ())
+    return builders.labels_config(labels) if labels else None
+
+
+def dataset_labels(config, name: str) -> tuple[str, ...]:
+    """Data set `name`'s label list in this run (its override, else configs/base.py LABELS)."""
+    override = source_config(config, name)
+    return tuple(override.labels) if override is not None else tuple(base.LABELS[name])
+
+
+def generation_batch_size(config) -> int:
+    """Prompts per training batch: rollout.batch_size, or with DAPO dynamic sampling the mini
+    rollout batch that each generation try draws (EasyR1 data.mini_rollout_batch_size)."""
+    r = config.rollout
+    if r.dynamic_sampling and r.get("mini_batch_size", 0):
+        return int(r.mini_batch_size)
+    return int(r.batch_size)
+
+
 def from_config(config, *, eval_mode: bool = False, process_count: int | None = None
                 ) -> PipelineConfig:
     """PipelineConfig from the run config (configs/base.py fields); batch sizes are global.
@@ -123,7 +147,7 @@ def from_config(config, *, eval_mode: bool = False, process_count: int | None = 
     """
     import jax
     count = jax.process_count() if process_count is None else process_count
-    global_batch = config.eval.batch_size if eval_mode else config.rollout.batch_size
+    global_batch = config.eval.batch_size if eval_mode else generation_batch_size(config)
     if global_batch % count:
         raise ValueError(f"global batch size {global_batch} is not divisible by the "
                          f"{count} hosts; change it so every host gets the same share")
@@ -174,7 +198,7 @@ class Preprocess:
                                 example_id, epoch, _text(record.get("caption", "")))
         except images.BadImage as e:
             return _skip(e.reason, str(e), example_id)
-        except ValueError as e:  # smart_resize (aspect ratio), prompt building
+        except ValueError as e:  # pre-resize / smart_resize (aspect ratio), prompt building
             return _skip("unprocessable", f"{example_id}: {e}", example_id)
 
     def example(self, rgb: np.ndarray, problem: str, label: int, example_id: str,

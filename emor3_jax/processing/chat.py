@@ -39,7 +39,7 @@ _TEMPLATE_DEFAULT_SYSTEM = "You are a helpful assistant."
 # Prompt texts.
 
 def task_prompt(question: str, prompt_format: str = "set") -> str:
-    """The user text of a task: question stripped, blank line, the format's instruction.
+    """The user text of a task: question stripped, the format's separator and instruction.
 
     `prompt_format` is a key of configs/base.py PROMPT_FORMATS ("set", "grpo_think", "plain");
     "plain" is the stripped question alone (zero-shot / SFT style).
@@ -47,9 +47,9 @@ def task_prompt(question: str, prompt_format: str = "set") -> str:
     if prompt_format not in base.PROMPT_FORMATS:
         raise ValueError(f"unknown prompt_format {prompt_format!r}; expected one of "
                          f"{sorted(base.PROMPT_FORMATS)} (configs/base.py PROMPT_FORMATS)")
-    instruction = base.PROMPT_FORMATS[prompt_format]
+    separator, instruction = base.PROMPT_FORMATS[prompt_format]
     question = question.strip()
-    return question if instruction is None else question + "\n\n" + instruction
+    return question if instruction is None else question + separator + instruction
 
 
 def user_content(text: str, num_images: int) -> str | list[dict[str, Any]]:

@@ -1,9 +1,17 @@
-"""Qwen2-VL image preprocessing in numpy + PIL (smart_resize, rescale, normalize, patchify).
+"""Qwen2-VL image preprocessing in numpy + PIL (pre-resize, smart_resize, rescale, normalize,
+patchify), as the authors' release (EasyR1 fork) sizes images.
 
-Numerically equal to transformers' `Qwen2VLImageProcessorPil` (same PIL bicubic resize, same
-float64-then-float32 rescale, same float32 normalize, same patch order), so pixel values made
-here feed both this project's JAX vision tower and the Hugging Face PyTorch reference. Kept
-free of transformers so the data pipeline does not import it on the training path.
+The release first pre-resizes the PIL image into [min_pixels, max_pixels] (EasyR1
+`verl/utils/dataset.py` `process_image`: `image.resize((w, h))` with PIL's default filter, sizes
+truncated with `int`, see `release_preresize`) and only then runs the Hugging Face Qwen2-VL
+image processor, whose `smart_resize` uses the same bounds. E.g. a 500x375 photo is pre-resized
+to 591x443 and smart-resized to 588x448: 21x16 merged tokens = 336 (smart_resize alone: 352).
+`process_image` (default `preresize=True`) is numerically equal to that pre-resize followed by
+transformers' `Qwen2VLImageProcessorPil` (same PIL bicubic resize, same float64-then-float32
+rescale, same float32 normalize, same patch order); with `preresize=False` it equals the
+processor alone. Pixel values made here feed both this project's JAX vision tower and the
+Hugging Face PyTorch reference. `grid_thw_for_size` gives the same grid from the size alone.
+Kept free of transformers so the data pipeline does not import it on the training path.
 """
 from __future__ import annotations
 
@@ -49,6 +57,61 @@ def smart_resize(height: int, width: int, factor: int = base.PATCH_SIZE * base.M
     return h_bar, w_bar
 
 
+def release_preresize_size(height: int, width: int, min_pixels: int = base.MIN_PIXELS,
+                           max_pixels: int = base.MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) after the release's PIL pre-resize into [min_pixels, max_pixels].
+
+    The size arithmetic of EasyR1's `process_image`: an image above max_pixels is scaled by
+    sqrt(max_pixels / area), then one (still) below min_pixels by sqrt(min_pixels / area), each
+    side truncated with `int`; so the area can end a little outside the bounds (smart_resize
+    clamps it afterwards). Sizes already within the bounds are kept.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    if width * height > max_pixels:
+        resize_factor = math.sqrt(max_pixels / (width * height))
+        width, height = int(width * resize_factor), int(height * resize_factor)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"image pre-resize to max_pixels={max_pixels} leaves a size of "
+                             f"{height}x{width} (height x width): the aspect ratio is too "
+                             "extreme; crop or drop this image")
+    if width * height < min_pixels:
+        resize_factor = math.sqrt(min_pixels / (width * height))
+        width, height = int(width * resize_factor), int(height * resize_factor)
+    return height, width
+
+
+def release_preresize(image: Image.Image, min_pixels: int = base.MIN_PIXELS,
+                      max_pixels: int = base.MAX_PIXELS) -> Image.Image:
+    """The release's pre-resize of a PIL image (EasyR1 `process_image`), in the image's own mode.
+
+    Same calls as released: `image.resize((width, height))` with PIL's default filter (BICUBIC;
+    NEAREST for modes "1" and "P"; RGBA/LA resized premultiplied), once for max_pixels and
+    then once for min_pixels. The release's `convert("RGB")` comes after; here the caller's RGB
+    conversion does (`_pil_to_rgb`), which composites transparency onto white where the
+    release's `convert("RGB")` drops alpha (the HF processor then sees an RGB image either way).
+    """
+    image.load()
+    if (image.width * image.height) > max_pixels:
+        resize_factor = math.sqrt(max_pixels / (image.width * image.height))
+        width, height = int(image.width * resize_factor), int(image.height * resize_factor)
+        image = image.resize((width, height))
+    if (image.width * image.height) < min_pixels:
+        resize_factor = math.sqrt(min_pixels / (image.width * image.height))
+        width, height = int(image.width * resize_factor), int(image.height * resize_factor)
+        image = image.resize((width, height))
+    return image
+
+
+def target_size(height: int, width: int, *, min_pixels: int = base.MIN_PIXELS,
+                max_pixels: int = base.MAX_PIXELS, factor: int = base.PATCH_SIZE * base.MERGE_SIZE,
+                preresize: bool = True) -> tuple[int, int]:
+    """(height, width) the model sees: release pre-resize (if `preresize`), then smart_resize."""
+    if preresize:
+        height, width = release_preresize_size(height, width, min_pixels, max_pixels)
+    return smart_resize(height, width, factor, min_pixels, max_pixels)
+
+
 def num_image_tokens(grid_thw: Sequence[int], merge_size: int = base.MERGE_SIZE) -> int:
     """LLM tokens (`<|image_pad|>` copies) for one image: t*h*w / merge_size^2."""
     t, h, w = (int(v) for v in grid_thw)
@@ -59,12 +122,15 @@ def num_image_tokens(grid_thw: Sequence[int], merge_size: int = base.MERGE_SIZE)
 
 def grid_thw_for_size(height: int, width: int, *, min_pixels: int = base.MIN_PIXELS,
                       max_pixels: int = base.MAX_PIXELS, patch_size: int = base.PATCH_SIZE,
-                      merge_size: int = base.MERGE_SIZE) -> tuple[int, int, int]:
+                      merge_size: int = base.MERGE_SIZE, preresize: bool = True
+                      ) -> tuple[int, int, int]:
     """The (t, h, w) patch grid an image of this size gets, without decoding its pixels.
 
-    Lets the data pipeline measure prompt lengths (and drop over-long prompts) cheaply.
+    Equals `process_image`'s grid (same `preresize`), so the data pipeline measures prompt
+    lengths (and drops over-long prompts) cheaply and exactly.
     """
-    h, w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    h, w = target_size(height, width, min_pixels=min_pixels, max_pixels=max_pixels,
+                       factor=patch_size * merge_size, preresize=preresize)
     return 1, h // patch_size, w // patch_size
 
 
@@ -168,16 +234,36 @@ def process_image(image: Image.Image | np.ndarray, *, min_pixels: int = base.MIN
                   max_pixels: int = base.MAX_PIXELS, patch_size: int = base.PATCH_SIZE,
                   merge_size: int = base.MERGE_SIZE,
                   temporal_patch_size: int = base.TEMPORAL_PATCH_SIZE,
-                  mean: Sequence[float] = base.IMAGE_MEAN, std: Sequence[float] = base.IMAGE_STD
-                  ) -> tuple[np.ndarray, tuple[int, int, int]]:
+                  mean: Sequence[float] = base.IMAGE_MEAN, std: Sequence[float] = base.IMAGE_STD,
+                  preresize: bool = True) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (pixel_values [n_patches, 3*T*P*P] float32, grid_thw (1, h, w)).
+
+    With `preresize` (the release's behaviour) the image is first pre-resized into
+    [min_pixels, max_pixels] (`release_preresize`): a PIL image in its own mode, before the RGB
+    conversion, as released; an array after its conversion to RGB uint8 (the data pipeline's
+    stored images are RGB already). Then the HF processor's steps (smart_resize, bicubic resize,
+    rescale, normalize, patchify). Sizes (and the aspect-ratio check) are settled before any
+    pixel is resized.
 
     Arrays are channels-last ([H, W], [H, W, C] with C in 1/3/4); uint8, integer values in
     [0, 255], or float in [0, 1] (quantized to uint8 first, exactly as HF's PIL path does).
     """
-    rgb = to_rgb_uint8(image)
+    factor = patch_size * merge_size
+    if isinstance(image, Image.Image):
+        # Raises (aspect ratio) before any resize; equal to the size after the resizes below.
+        new_h, new_w = target_size(image.height, image.width, min_pixels=min_pixels,
+                                   max_pixels=max_pixels, factor=factor, preresize=preresize)
+        if preresize:
+            image = release_preresize(image, min_pixels, max_pixels)
+        rgb = to_rgb_uint8(image)
+    else:
+        rgb = to_rgb_uint8(image)
+        new_h, new_w = target_size(*rgb.shape[:2], min_pixels=min_pixels,
+                                   max_pixels=max_pixels, factor=factor, preresize=preresize)
+        if preresize:
+            rgb = np.asarray(release_preresize(Image.fromarray(rgb), min_pixels, max_pixels))
     height, width = rgb.shape[:2]
-    new_h, new_w = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
+    assert (new_h, new_w) == smart_resize(height, width, factor, min_pixels, max_pixels)
     resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), resample=Image.BICUBIC))
     chw = resized.transpose(2, 0, 1)
     # HF: rescale in float64 then cast to float32; normalize in float32.

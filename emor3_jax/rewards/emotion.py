@@ -90,6 +90,17 @@ def accuracy_reward(response: str, label: str) -> float:
     return 1.0 if answer is not None and answer.lower() == label.lower() else 0.0
 
 
+def graded_accuracy_reward(response: str, label: str) -> float:
+    """mathruler's grading in {0, 1}, as the release's baseline and ablation reward files do:
+    `grade_answer(extract_boxed_content(response), label)` on the normalized response.
+
+    More lenient than `accuracy_reward` (mathruler normalizes `\\text{awe}`, units, spacing and
+    compares expressions with sympy) and stricter on nothing; a missing box reads "None".
+    """
+    from mathruler.grader import extract_boxed_content, grade_answer
+    return 1.0 if grade_answer(extract_boxed_content(normalize_tags(response)), label) else 0.0
+
+
 def coherence_span(response: str) -> str | None:
     """`<step1>` through the first `</step2>` of the raw response (tags kept, stripped), or None."""
     match = _COHERENCE_SPAN.search(response)
@@ -138,6 +149,17 @@ def coherence_score(judge_answer: str, label: str) -> float:
     if not judge_answer or judge_answer.lower() == "none":
         return 0.5
     return 1.0 if judge_answer.lower() == label.lower() else 0.0
+
+
+def graded_coherence_score(judge_answer: str, label: str) -> float:
+    """R_coh of the release's multiplicative ablation (`emothink_rethink.py`): exactly "None"
+    (case-sensitive; an empty answer is not special) -> 0.5; else mathruler's
+    `grade_answer(answer, label)` -> 1 or 0."""
+    _check_str("graded_coherence_score: judge_answer", judge_answer)
+    if judge_answer == "None":
+        return 0.5
+    from mathruler.grader import grade_answer
+    return 1.0 if grade_answer(judge_answer, label) else 0.0
 
 
 def consistency_score(judge_answer: str) -> float:
@@ -212,8 +234,10 @@ COMPONENTS = ("format", "accuracy", "coherence", "consistency", "valence_arousal
 class RewardPreset:
     """A named overall reward. `combine` maps a dict of components (floats or arrays) to the total.
 
-    `needs_*` tell the trainer which judge passes / extra rules to run; `format_fn` is the format
-    rule whose value goes under the "format" component.
+    `needs_*` tell the trainer which judge passes / extra rules to run; `format_fn`,
+    `accuracy_fn` and `coherence_fn` are the rules whose values go under "format", "accuracy"
+    (in training and in evaluation) and "coherence"; `release_file` names the file of the
+    authors' release (SeerRay-Lab/emo-r3, EasyR1 for the GRPO baseline) the preset reproduces.
     """
     name: str
     combine: Callable[[Mapping[str, float | np.ndarray]], float | np.ndarray]
@@ -221,6 +245,9 @@ class RewardPreset:
     needs_consistency: bool
     needs_valence_arousal: bool = False
     format_fn: Callable[[str], float] = format_reward
+    accuracy_fn: Callable[[str, str], float] = accuracy_reward
+    coherence_fn: Callable[[str, str], float] = coherence_score
+    release_file: str = ""
     description: str = ""
 
     @property
@@ -245,36 +272,59 @@ def paper_preset(lambda1: float = 0.1, lambda2: float = 0.1) -> RewardPreset:
         return ((1.0 - lambda1 - lambda2) * c["accuracy"]
                 + lambda1 * (c["coherence"] + c["consistency"]) / 2.0 + lambda2 * c["format"])
     return RewardPreset("emor3_paper", combine, needs_coherence=True, needs_consistency=True,
+                        release_file="(paper, Eq. of the overall reward; not in the release)",
                         description=f"paper: (1-{lambda1}-{lambda2})*acc + {lambda1}*(coh+cons)/2 "
                                     f"+ {lambda2}*format")
 
 
+# Each preset grades as its release file does: exact lower-cased match (`accuracy_reward`) for
+# the released EMO-R3 reward and its additive coherence ablation, mathruler's `grade_answer`
+# (`graded_accuracy_reward`) for the GRPO baseline and the other ablations.
+_RELEASE = "SeerRay-Lab/emo-r3 examples/reward_function/"
 PRESETS: dict[str, RewardPreset] = {
     "emor3": RewardPreset(
         "emor3",
         lambda c: 0.8 * c["accuracy"] + 0.1 * (c["coherence"] + c["consistency"])
         + 0.1 * c["format"],
         needs_coherence=True, needs_consistency=True,
-        description="released default: 0.8*acc + 0.1*(coh+cons) + 0.1*format (max 1.1)"),
+        release_file=_RELEASE + "emor3.py (examples/qwen2_5_vl_3b_emor3.sh)",
+        description="released default: 0.8*acc + 0.1*(coh+cons) + 0.1*format (max 1.1), "
+                    "exact-match accuracy"),
     "emor3_paper": paper_preset(0.1, 0.1),
     "set_only": RewardPreset(
         "set_only", lambda c: 0.9 * c["accuracy"] + 0.1 * c["format"],
-        needs_coherence=False, needs_consistency=False,
-        description="SET only: 0.9*acc + 0.1*format"),
+        needs_coherence=False, needs_consistency=False, accuracy_fn=graded_accuracy_reward,
+        release_file=_RELEASE + "new/emothink_new.py",
+        description="SET only: 0.9*acc + 0.1*format, mathruler grading"),
     "coherence_mult": RewardPreset(
         "coherence_mult", lambda c: 0.9 * c["accuracy"] * c["coherence"] + 0.1 * c["format"],
+        needs_coherence=True, needs_consistency=False, accuracy_fn=graded_accuracy_reward,
+        coherence_fn=graded_coherence_score,
+        release_file=_RELEASE + "new/emothink_rethink.py",
+        description="coherence-only multiplicative: 0.9*acc*coh + 0.1*format, mathruler grading "
+                    "of the answer and of the judge's (exactly 'None' -> 0.5)"),
+    "coherence_add": RewardPreset(
+        "coherence_add", lambda c: 0.8 * c["accuracy"] + 0.1 * c["coherence"] + 0.1 * c["format"],
         needs_coherence=True, needs_consistency=False,
-        description="coherence-only multiplicative: 0.9*acc*coh + 0.1*format"),
+        release_file=_RELEASE + "new/emothink_rethink_image_nocoh.py (its active branch)",
+        description="coherence-only additive: 0.8*acc + 0.1*coh + 0.1*format, exact-match "
+                    "accuracy, released R_coh"),
     "valence_arousal": RewardPreset(
         "valence_arousal",
         lambda c: 0.9 * c["accuracy"] + 0.1 * c["format"] + 0.1 * c["valence_arousal"],
         needs_coherence=False, needs_consistency=False, needs_valence_arousal=True,
+        accuracy_fn=graded_accuracy_reward,
+        release_file=_RELEASE + "new/emothink_think_reward.py (valence/arousal words detected "
+                                "as in valence_arousal_reward, not by its substring test)",
         description="SET-only base plus 0.1*valence/arousal score: 0.9*acc + 0.1*format + 0.1*va "
-                    "(max 1.1)"),
+                    "(max 1.1), mathruler grading"),
     "grpo_think": RewardPreset(
         "grpo_think", lambda c: 0.9 * c["accuracy"] + 0.1 * c["format"],
         needs_coherence=False, needs_consistency=False, format_fn=think_format_reward,
-        description="GRPO baseline: 0.9*acc + 0.1*think-format"),
+        accuracy_fn=graded_accuracy_reward,
+        release_file="EasyR1 examples/reward_function/math.py with examples/format_prompt/"
+                     "math.jinja (the release's naive GRPO scripts)",
+        description="GRPO baseline: 0.9*acc + 0.1*think-format, mathruler grading"),
 }
 
 
@@ -317,38 +367,47 @@ def judge_prompts(responses: Sequence[str], dataset_labels: Sequence[str],
     return coherence, consistency
 
 
-def _judge_column(name: str, answers: Sequence[str] | None, labels: Sequence[str], needed: bool,
-                  validation: bool, score: Callable[[str, str], float]) -> np.ndarray | None:
-    """Scores of one judge term, JUDGE_SKIPPED in validation, None if the preset does not use it."""
+def _judge_column(name: str, answers: Sequence[str] | None, scores, labels: Sequence[str],
+                  needed: bool, validation: bool, score: Callable[[str, str], float]
+                  ) -> np.ndarray | None:
+    """Scores of one judge term (from the judge's answers, or given: the score mode's expected
+    values), JUDGE_SKIPPED in validation, None if the preset does not use it."""
     n = len(labels)
+    given = answers if scores is None else scores
+    if answers is not None and scores is not None:
+        raise ValueError(f"score_responses: pass {name}_answers or {name}_scores, not both")
     if not needed:
-        if answers is not None:
-            raise ValueError(f"score_responses: {name}_answers were given but the preset does not "
-                             f"use {name}; drop them (or pick a preset that needs them)")
+        if given is not None:
+            raise ValueError(f"score_responses: {name} judge results were given but the preset "
+                             f"does not use {name}; drop them (or pick a preset that needs them)")
         return None
     if validation:
-        if answers is not None:
+        if given is not None:
             raise ValueError(f"score_responses: validation=True treats {name} as "
-                             f"{JUDGE_SKIPPED}; do not pass {name}_answers")
+                             f"{JUDGE_SKIPPED}; do not pass {name} judge results")
         return np.full(n, JUDGE_SKIPPED, dtype=np.float64)
-    if answers is None:
+    if given is None:
         raise ValueError(f"score_responses: the preset needs the {name} judge; pass "
-                         f"{name}_answers (one decoded judge answer per response) or "
-                         f"validation=True")
-    if len(answers) != n:
-        raise ValueError(f"score_responses: {len(answers)} {name}_answers for {n} responses")
+                         f"{name}_answers (one decoded judge answer per response), "
+                         f"{name}_scores, or validation=True")
+    if len(given) != n:
+        raise ValueError(f"score_responses: {len(given)} {name} judge results for {n} responses")
+    if scores is not None:
+        return np.asarray(scores, dtype=np.float64).reshape(n)
     return np.array([score(a, l) for a, l in zip(answers, labels)], dtype=np.float64)
 
 
 def score_responses(responses: Sequence[str], labels: Sequence[str], preset: str | RewardPreset,
                     coherence_answers: Sequence[str] | None = None,
                     consistency_answers: Sequence[str] | None = None, *,
+                    coherence_scores=None, consistency_scores=None,
                     validation: bool = False) -> RewardScores:
     """Score a batch: components the preset needs and the overall reward, as numpy arrays.
 
     `responses` are raw decoded responses (special tokens skipped), `labels` the ground-truth
     label of each response (rows aligned; prompt-major b*G+g in training). Judge answers are the
-    decoded judge outputs for the prompts of `judge_prompts`, aligned with `responses`. With
+    decoded judge outputs for the prompts of `judge_prompts`, aligned with `responses`; the
+    judge's score mode gives `*_scores` instead (expected R_coh / R_cons per response). With
     `validation=True` the judge terms are not computed and count as JUDGE_SKIPPED (= 1).
     """
     preset = get_preset(preset)
@@ -364,14 +423,14 @@ def score_responses(responses: Sequence[str], labels: Sequence[str], preset: str
 
     components = {
         "format": np.array([preset.format_fn(r) for r in responses], dtype=np.float64),
-        "accuracy": np.array([accuracy_reward(r, l) for r, l in zip(responses, labels)],
+        "accuracy": np.array([preset.accuracy_fn(r, l) for r, l in zip(responses, labels)],
                              dtype=np.float64),
     }
     judged = {
-        "coherence": _judge_column("coherence", coherence_answers, labels, preset.needs_coherence,
-                                   validation, coherence_score),
-        "consistency": _judge_column("consistency", consistency_answers, labels,
-                                     preset.needs_consistency, validation,
+        "coherence": _judge_column("coherence", coherence_answers, coherence_scores, labels,
+                                   preset.needs_coherence, validation, preset.coherence_fn),
+        "consistency": _judge_column("consistency", consistency_answers, consistency_scores,
+                                     labels, preset.needs_consistency, validation,
                                      lambda answer, _label: consistency_score(answer)),
     }
     components.update({k: v for k, v in judged.items() if v is not None})

@@ -4,6 +4,7 @@
     out = judge.rewards(responses, labels, dataset_labels, "emor3", images, rng,
                         policy_params=params)
     scores = emotion.score_responses(responses, labels, "emor3", **out.score_kwargs())
+    # out.coherence / out.consistency: R_coh, R_cons per response; out.*_answers: what it said
 
 Prompts (rewards/emotion.py, EMO-R3.md "Rewards") go through the Qwen2.5-VL chat template with
 the default system prompt and WITHOUT the SET instruction (`chat.encode_prompt`); coherence
@@ -19,8 +20,10 @@ Modes:
   * "score": one prefill per prompt, then the judge's log-likelihood of every candidate answer
     (coherence: the data set's labels and "None"; consistency: "yes", "no", "None"), each
     in its lower-case and capitalised spelling followed by the end-of-turn token, in one
-    multi-token call over the grouped cache (`Sampler.score`); the best candidate (spellings
-    pooled with logsumexp) goes to the same scoring functions.
+    multi-token call over the grouped cache (`Sampler.score`) at the judge temperature;
+    spellings are pooled and the reward is its expectation under that distribution over the
+    candidates (`Judge.rewards`), with no sampling noise. Answers off the candidate list,
+    which the generate mode can give, are not modelled.
 No gradient reaches the judge: its programs are separate jits that stop gradients at the params,
 and its answers are host strings.
 
@@ -70,10 +73,9 @@ class JudgeRewards:
     coherence: np.ndarray | None
     consistency: np.ndarray | None
 
-    def score_kwargs(self) -> dict[str, list[str] | None]:
-        """The answers as `emotion.score_responses(...)` keyword arguments."""
-        return {"coherence_answers": self.coherence_answers,
-                "consistency_answers": self.consistency_answers}
+    def score_kwargs(self) -> dict[str, np.ndarray | None]:
+        """The judge scores as `emotion.score_responses(...)` keyword arguments."""
+        return {"coherence_scores": self.coherence, "consistency_scores": self.consistency}
 
 
 def coherence_candidates(dataset_labels: Sequence[str]) -> tuple[str, ...]:
@@ -100,7 +102,8 @@ class Judge:
     generate mode's sampling (released 0.6 / 0.95 / 2048). mesh, chunk_size, buckets,
     memory_limit_bytes: as for `sampling.Sampler` (prompts are sorted by length before
     chunking, so a chunk pads only to its own length bucket). min_pixels/max_pixels: processing of raw
-    images (ProcessedImage inputs are used as they are).
+    images (release pre-resize + smart_resize, `image.process_image`; ProcessedImage inputs are
+    used as they are).
     """
 
     def __init__(self, model, tokenizer, *, mode: str = "generate", source: str = "policy",
@@ -237,42 +240,65 @@ class Judge:
 
     def answer(self, prompts: Sequence[str], images: Sequence[Any] | None = None, rng=None,
                policy_params=None, candidates: Sequence[str] | None = None) -> list[str]:
-        """The judge's answer to every prompt (generate: decoded text; score: the candidate
-        with the highest log-likelihood, `candidates` required)."""
+        """The judge's answer to every prompt (generate: decoded text; score: the most likely
+        candidate, `candidates` required)."""
+        if self.mode == "score":
+            probs = self.candidate_probs(prompts, images, policy_params, candidates)
+            return [candidates[j] for j in probs.argmax(1)] if len(probs) else []
         if not prompts:
             return []
+        if self.temperature > 0 and rng is None:
+            raise ValueError("judge mode 'generate' with temperature > 0 needs rng")
         params = self._judge_params(policy_params)
-        ids, mask, pv, grid, row_images = self.encode(prompts, images)
-        order = np.argsort(mask.sum(1), kind="stable")        # similar lengths share a chunk
-        ids, mask = ids[order], mask[order]
-        row_images = [row_images[i] for i in order]
-        self.stats["prompts"] += len(prompts)
-        if self.mode == "generate":
-            if self.temperature > 0 and rng is None:
-                raise ValueError("judge mode 'generate' with temperature > 0 needs rng")
-            res = self.sampler.generate(
-                params, ids, mask, pv, grid, max_new_tokens=self.max_new_tokens,
-                num_samples=1, temperature=self.temperature, top_p=self.top_p,
-                eos_token_ids=self.ids.eos, forbidden_token_ids=self.ids.forbidden,
-                pad_token_id=self.ids.pad, valid_vocab_size=self.ids.vocab_size, rng=rng,
-                row_images=row_images)
-            self.stats["generated_tokens"] += int(res.lengths.sum())
-            texts = [chat.decode_response(self.tokenizer, res.tokens[i], res.lengths[i])
-                     for i in range(len(prompts))]
-        else:
-            if not candidates:
-                raise ValueError("judge mode 'score' needs candidates (the answers to compare)")
-            conts, owner = self.candidate_tokens(candidates)
-            logp = self.sampler.score(params, ids, mask, pv, grid, continuations=conts,
-                                      pad_token_id=self.ids.pad, row_images=row_images)
-            pooled = np.full((len(prompts), len(candidates)), -np.inf)
-            for k, j in enumerate(owner):
-                pooled[:, j] = np.logaddexp(pooled[:, j], logp[:, k])
-            texts = [candidates[j] for j in pooled.argmax(1)]
+        order, ids, mask, pv, grid, row_images = self._encode_sorted(prompts, images)
+        res = self.sampler.generate(
+            params, ids, mask, pv, grid, max_new_tokens=self.max_new_tokens,
+            num_samples=1, temperature=self.temperature, top_p=self.top_p,
+            eos_token_ids=self.ids.eos, forbidden_token_ids=self.ids.forbidden,
+            pad_token_id=self.ids.pad, valid_vocab_size=self.ids.vocab_size, rng=rng,
+            row_images=row_images)
+        self.stats["generated_tokens"] += int(res.lengths.sum())
+        texts = [chat.decode_response(self.tokenizer, res.tokens[i], res.lengths[i])
+                 for i in range(len(prompts))]
         out = [""] * len(prompts)
         for pos, i in enumerate(order):
             out[i] = texts[pos]
         return out
+
+    def candidate_probs(self, prompts: Sequence[str], images: Sequence[Any] | None,
+                        policy_params, candidates: Sequence[str] | None) -> np.ndarray:
+        """[N, C]: the judge's distribution over `candidates` at its temperature, each
+        candidate's spellings pooled, renormalized over the list (answers off the list, which
+        a sampled judge could give, are ignored: the score mode's stated approximation).
+        Temperature 0 puts all the mass on the likeliest candidate (the greedy judge)."""
+        if not candidates:
+            raise ValueError("judge mode 'score' needs candidates (the answers to compare)")
+        if not prompts:
+            return np.zeros((0, len(candidates)))
+        params = self._judge_params(policy_params)
+        order, ids, mask, pv, grid, row_images = self._encode_sorted(prompts, images)
+        conts, owner = self.candidate_tokens(candidates)
+        logp = self.sampler.score(params, ids, mask, pv, grid, continuations=conts,
+                                  pad_token_id=self.ids.pad, row_images=row_images,
+                                  temperature=self.temperature or 1.0)
+        pooled = np.full((len(prompts), len(candidates)), -np.inf)
+        for k, j in enumerate(owner):
+            pooled[:, j] = np.logaddexp(pooled[:, j], logp[:, k])
+        if self.temperature > 0:
+            probs = np.exp(pooled - pooled.max(1, keepdims=True))
+            probs /= probs.sum(1, keepdims=True)
+        else:                                   # greedy judge: all mass on the likeliest
+            probs = np.eye(len(candidates))[pooled.argmax(1)]
+        out = np.empty_like(probs)
+        out[order] = probs
+        return out
+
+    def _encode_sorted(self, prompts, images):
+        """Encoded prompts sorted by length (similar lengths share a chunk) and their order."""
+        ids, mask, pv, grid, row_images = self.encode(prompts, images)
+        order = np.argsort(mask.sum(1), kind="stable")
+        self.stats["prompts"] += len(prompts)
+        return (order, ids[order], mask[order], pv, grid, [row_images[i] for i in order])
 
     def rewards(self, responses: Sequence[str], labels: Sequence[str],
                 dataset_labels: Sequence[str], preset, images: Sequence[Any], rng=None,
@@ -281,30 +307,46 @@ class Judge:
 
         labels: ground truth per response; images: the rollout image of each response (a raw
         image or a ProcessedImage; the same object for the G responses of a prompt is
-        processed once).
+        processed once). Scores use the preset's coherence rule (`preset.coherence_fn`); in
+        score mode they are the expected released reward under the judge's distribution over
+        the candidates (R_coh = P(label) + 0.5 P(None); R_cons = P(yes), since the released
+        rule scores "None" 0: it contains "no") and the answers are the likeliest candidates.
         """
         if not (len(responses) == len(labels) == len(images)):
             raise ValueError(f"judge.rewards: {len(responses)} responses, {len(labels)} labels, "
                              f"{len(images)} images; give one label and image per response")
+        preset = emotion.get_preset(preset)
         coh_prompts, cons_prompts = emotion.judge_prompts(responses, dataset_labels, preset)
-        coh_answers = cons_answers = None
-        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-        if self.mode == "generate" and coh_prompts and cons_prompts:
-            # one batch: text-only and image prompts together (fewer compiled programs)
-            both = self.answer(coh_prompts + cons_prompts,
-                               [None] * len(coh_prompts) + list(images), rng, policy_params)
-            coh_answers, cons_answers = both[:len(coh_prompts)], both[len(coh_prompts):]
-        else:
+        coh_answers = cons_answers = coherence = consistency = None
+        if self.mode == "score":
             if coh_prompts is not None:
-                coh_answers = self.answer(coh_prompts, None, rngs[0], policy_params,
-                                          candidates=coherence_candidates(dataset_labels))
+                cands = coherence_candidates(dataset_labels)
+                probs = self.candidate_probs(coh_prompts, None, policy_params, cands)
+                coh_answers = [cands[j] for j in probs.argmax(1)]
+                coherence = np.array([probs[i] @ [preset.coherence_fn(c, label) for c in cands]
+                                      for i, label in enumerate(labels)])
             if cons_prompts is not None:
-                cons_answers = self.answer(cons_prompts, images, rngs[1], policy_params,
-                                           candidates=CONSISTENCY_CANDIDATES)
-        coherence = None if coh_answers is None else np.array(
-            [emotion.coherence_score(a, l) for a, l in zip(coh_answers, labels)])
-        consistency = None if cons_answers is None else np.array(
-            [emotion.consistency_score(a) for a in cons_answers])
+                cands = CONSISTENCY_CANDIDATES
+                probs = self.candidate_probs(cons_prompts, images, policy_params, cands)
+                cons_answers = [cands[j] for j in probs.argmax(1)]
+                consistency = probs @ np.array([emotion.consistency_score(c) for c in cands])
+        else:
+            rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+            if coh_prompts and cons_prompts:
+                # one batch: text-only and image prompts together (fewer compiled programs)
+                both = self.answer(coh_prompts + cons_prompts,
+                                   [None] * len(coh_prompts) + list(images), rng, policy_params)
+                coh_answers, cons_answers = both[:len(coh_prompts)], both[len(coh_prompts):]
+            else:
+                if coh_prompts is not None:
+                    coh_answers = self.answer(coh_prompts, None, rngs[0], policy_params)
+                if cons_prompts is not None:
+                    cons_answers = self.answer(cons_prompts, images, rngs[1], policy_params)
+            if coh_answers is not None:
+                coherence = np.array([preset.coherence_fn(a, label)
+                                      for a, label in zip(coh_answers, labels)])
+            if cons_answers is not None:
+                consistency = np.array([emotion.consistency_score(a) for a in cons_answers])
         return JudgeRewards(coh_prompts, cons_prompts, coh_answers, cons_answers, coherence,
                             consistency)
 

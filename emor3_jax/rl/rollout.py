@@ -159,6 +159,14 @@ def zero_spread_groups(rewards: np.ndarray, group_size: int, valid: np.ndarray) 
     return (r.max(1) == r.min(1)) & np.asarray(valid, bool).reshape(-1, group_size)[:, 0]
 
 
+def groups_in_band(rewards: np.ndarray, group_size: int, low: float, high: float) -> np.ndarray:
+    """[B] bool: groups whose mean reward lies strictly inside (low, high): EasyR1's online
+    filter (DAPO dynamic sampling). All-right groups fall out at the top; all-wrong groups
+    fall out only if their mean is <= low (a well-formed all-wrong group, 0.1, stays)."""
+    mean = np.asarray(rewards, np.float64).reshape(-1, group_size).mean(1)
+    return (mean > low) & (mean < high)
+
+
 def metrics(rollout: Rollout) -> dict[str, float]:
     """Reward mean and components, format/accuracy, lengths, share of zero-spread groups."""
     valid = rollout.valid

@@ -302,14 +302,16 @@ class Sampler:
         _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
         return state, tokens, logprobs, lengths
 
-    def _score_impl(self, params, state: PromptState, cont_tokens, cont_lengths):
-        """log p(continuation c | prompt b) [B, C]: token log-probs under the full softmax."""
+    def _score_impl(self, params, state: PromptState, cont_tokens, cont_lengths, temperature):
+        """log p(continuation c | prompt b) [B, C]: token log-probs under the full softmax of
+        logits / temperature (a traced scalar: one program for every temperature)."""
         self.compiled["score"] += 1
         model = self.model
         params = jax.lax.stop_gradient(params)
         n_cont, width = cont_tokens.shape
         b = state.logits.shape[0]
-        first = jax.nn.log_softmax(state.logits, -1)[:, cont_tokens[:, 0]]          # [B, C]
+        inv_t = 1.0 / temperature
+        first = jax.nn.log_softmax(state.logits * inv_t, -1)[:, cont_tokens[:, 0]]   # [B, C]
         if width == 1:
             return state, first
         cache = self._grouped_cache(state, n_cont, width - 1)
@@ -319,7 +321,8 @@ class Sampler:
                                                  tokens, positions, cache, 0)
         logits = model.apply({"params": params}, hidden, method=lambda m, h: m.logits(h))
         targets = jnp.tile(cont_tokens[:, 1:], (b, 1))
-        rest = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+        rest = jnp.take_along_axis(jax.nn.log_softmax(logits * inv_t, -1), targets[..., None],
+                                   -1)[..., 0]
         used = jnp.arange(1, width)[None, :] < cont_lengths[:, None]                # [C, S-1]
         rest = jnp.where(used, rest.reshape(b, n_cont, width - 1), 0.0).sum(-1)
         return state, first + rest
@@ -598,7 +601,8 @@ class Sampler:
         width = _round(width, self.buckets.new_tokens_score, "new_tokens_score")
         return self._score.trace(params, state,
                                  self._abstract((num_continuations, width), np.int32, (None, None)),
-                                 self._abstract((num_continuations,), np.int32, (None,)))
+                                 self._abstract((num_continuations,), np.int32, (None,)),
+                                 jax.ShapeDtypeStruct((), jnp.float32))
 
     # -- public --------------------------------------------------------------------------------
     def generate(self, params, input_ids, attention_mask=None, pixel_values=None,
@@ -660,11 +664,13 @@ class Sampler:
     def score(self, params, input_ids, attention_mask=None, pixel_values=None,
               image_grid_thw=None, *, continuations: Sequence[Sequence[int]],
               position_ids=None, rope_deltas=None, pad_token_id: int | None = None,
-              row_images: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+              row_images: Sequence[Sequence[int]] | None = None,
+              temperature: float = 1.0) -> np.ndarray:
         """log p(continuation | prompt) for every prompt x continuation -> [B, C] float32.
 
-        The sum of the continuation's token log-probs under the model's full softmax (no
-        temperature, nothing forbidden). Each prompt is prefilled once; its C continuations
+        The sum of the continuation's token log-probs under the full softmax of the logits
+        divided by `temperature` (1 = the model's own distribution; nothing forbidden, no
+        top-p: every candidate keeps a probability). Each prompt is prefilled once; its C continuations
         are its group (the grouped cache) and run through the decoder in ONE multi-token
         call, so scoring costs one prefill plus one short forward, whatever C.
         """
@@ -677,13 +683,16 @@ class Sampler:
         for i, cont in enumerate(conts):
             tokens[i, :len(cont)] = cont
         lengths = np.asarray([len(cont) for cont in conts], np.int32)
+        if not temperature > 0:
+            raise ValueError(f"score: temperature must be > 0, got {temperature}")
         tokens_d, lengths_d = self._put(tokens, (None, None)), self._put(lengths, (None,))
+        temp_d = jnp.float32(temperature)
         outs = []
         for _, real, state in self.prefill_chunks(
                 params, input_ids, attention_mask, pixel_values, image_grid_thw,
                 position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
                 group=len(conts), new_tokens=width, logit_positions=width):
-            _, logp = self._score(params, state, tokens_d, lengths_d)
+            _, logp = self._score(params, state, tokens_d, lengths_d, temp_d)
             outs.append((logp, real))
         return np.concatenate([shd.to_host(lp)[:r] for lp, r in outs]).astype(np.float32)
 
