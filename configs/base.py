@@ -145,6 +145,8 @@ def get_config():
     c.mode = "train"  # train | sft | eval | export
     c.method = "emor3"  # see METHODS / apply_method
     c.seed = 1
+    c.compile_cache_dir = ""       # persistent XLA cache: "" = $JAX_COMPILATION_CACHE_DIR or
+                                   # <workdir>/../jax_cache (local or gs://); "none" = off
 
     c.model = ml_collections.ConfigDict()
     c.model.hf_dir = ""            # Hugging Face directory (config.json + safetensors)
@@ -153,7 +155,7 @@ def get_config():
     c.model.dtype = "bfloat16"     # compute dtype (and the frozen reference's)
     c.model.param_dtype = "float32"  # master weights (fp32, as released: bf16 rounds lr 2e-6 away)
     c.model.remat = "none"         # none | block | full
-    c.model.attention = "einsum"   # einsum | xla | cudnn (jax.nn.dot_product_attention)
+    c.model.attention = "einsum"   # einsum (reference) | blockwise (any) | splash (TPU) | xla | cudnn
     c.model.tokenizer = ""         # tokenizer directory; "" = the one in hf_dir; "demo" = built-in
 
     c.data = ml_collections.ConfigDict()

@@ -1,17 +1,21 @@
 """Run metrics: TensorBoard event files, a JSONL log, and a console progress bar with ETA.
 
 Only process 0 writes; other hosts get a writer that does nothing, so the driver never
-branches on the process index.
+branches on the process index. The workdir may be local or gs:// (emor3_jax/fileio.py): the
+JSONL rows are kept in memory and the file is rewritten whole after each row (a GCS object
+cannot be appended to; metrics are a few hundred rows). A resumed run first drops the rows
+its checkpoint does not cover (`resume`), so no row is lost or written twice.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Mapping
 
 import numpy as np
+
+from emor3_jax import fileio
 
 
 def _scalar(v):
@@ -26,24 +30,45 @@ def _scalar(v):
 
 
 class MetricWriter:
-    """Appends one JSON line per `write` and mirrors the scalars to TensorBoard."""
+    """One JSON row per `write` in `<workdir>/metrics.jsonl`, the scalars mirrored to
+    TensorBoard (`<workdir>/tensorboard`, local or gs://, as tensorboardX writes both)."""
 
     def __init__(self, workdir: str, *, total_steps: int | None = None, enabled: bool = True,
                  progress: bool = True, start_step: int = 0, filename: str = "metrics.jsonl"):
         self.enabled = enabled
-        self.path = os.path.join(workdir, filename)
+        self.path = fileio.join(workdir, filename)
         self._tb = None
         self._bar = None
+        self._rows: list[dict] = []
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        fileio.makedirs(workdir)
+        self._rows = read_jsonl(self.path)
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(fileio.join(workdir, "tensorboard"))
         if progress and total_steps:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                              desc="train", mininterval=1.0)
         self._t0 = time.time()
+
+    def resume(self, phase: str, step: int) -> int:
+        """Keep only the rows a checkpoint of `phase` ("sft" | "rl") at `step` covers (SFT rows
+        are 0-based steps, RL and eval rows the RL step they follow); returns how many rows
+        were dropped (written after that checkpoint by the run that was stopped)."""
+        if not self.enabled:
+            return 0
+        def covered(row):
+            kind = _kind(row)
+            if phase == "sft":
+                return kind == "sft" and row["step"] < step
+            return kind == "sft" or row["step"] <= step
+        kept = [r for r in self._rows if covered(r)]
+        dropped = len(self._rows) - len(kept)
+        if dropped:
+            self._rows = kept
+            fileio.write_atomic(self.path, _dumps(self._rows))
+        return dropped
 
     def write(self, step: int, metrics: Mapping[str, object], prefix: str = "") -> None:
         if not self.enabled:
@@ -55,9 +80,16 @@ class MetricWriter:
                 continue
             row[prefix + k] = s
             self._tb.add_scalar(prefix + k, s, int(step))
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._rows.append(row)
+        fileio.write_atomic(self.path, _dumps(self._rows))
         self._tb.flush()
+
+    def hparams(self, config: Mapping[str, object]) -> None:
+        """The run's config as TensorBoard hparams (flat dotted names; values as text or numbers)."""
+        if self.enabled:
+            values = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+                      for k, v in config.items()}
+            self._tb.add_hparams(values, {}, name="hparams")
 
     def progress(self, step: int, summary: Mapping[str, float]) -> None:
         if self._bar is None:
@@ -72,8 +104,21 @@ class MetricWriter:
             self._tb.close()
 
 
+def _kind(row: dict) -> str:
+    """"sft", "eval" or "rl": what a row logs (from its metric names' prefix)."""
+    for key in row:
+        if key.startswith("sft/"):
+            return "sft"
+        if key.startswith("eval/"):
+            return "eval"
+    return "rl"
+
+
+def _dumps(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 def read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
+    if not fileio.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]

@@ -17,12 +17,15 @@ checkpoint's (`accuracy_checkpoint`), as before. Table 1 uses the final checkpoi
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from emor3_jax import fileio
 
 # EMO-R3.md's results table: (setting, data set, column header).
 PAPER_COLUMNS = (("A", "emoset2k", "EmoSet^I"), ("A", "emotion6", "Emo6"), ("A", "webemo", "WebEmo"),
@@ -96,7 +99,6 @@ def write_report(report_dir: str, accuracy: Mapping[str, float], *, train_set: s
     """results.json and results.md of one run: `accuracy` of the final checkpoint (the params
     at `step`, None = not recorded, e.g. the loaded weights of an eval-only run) and `best`,
     the best validation checkpoint's record (checkpoint.BestCheckpointer), or None."""
-    os.makedirs(report_dir, exist_ok=True)
     accuracy = {k: float(v) for k, v in accuracy.items()}
     result = {"method": method, "train_set": train_set,
               "setting": SETTING_OF_TRAIN.get(train_set),
@@ -104,10 +106,9 @@ def write_report(report_dir: str, accuracy: Mapping[str, float], *, train_set: s
               "final": {"step": step, "accuracy": dict(accuracy)},
               "best": None if best is None else dict(best),
               **(dict(extra) if extra else {})}
-    with open(os.path.join(report_dir, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(report_dir, "results.md"), "w") as f:
-        f.write(results_markdown(accuracy, train_set, method, step=step, best=best))
+    fileio.write_atomic(fileio.join(report_dir, "results.json"), json.dumps(result, indent=2))
+    fileio.write_atomic(fileio.join(report_dir, "results.md"),
+                        results_markdown(accuracy, train_set, method, step=step, best=best))
     return result
 
 
@@ -199,12 +200,11 @@ def table1_markdown(result: Mapping, method: str) -> str:
 
 
 def _read_results(workdir: str) -> dict:
-    path = os.path.join(workdir, "report", "results.json")
-    if not os.path.exists(path):
+    path = fileio.join(workdir, "report", "results.json")
+    if not fileio.exists(path):
         raise FileNotFoundError(f"{path} does not exist: give a run's workdir (its final "
                                 "evaluation writes report/results.json)")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(fileio.read_text(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,8 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     method = methods["A"] if methods["A"] == methods["B"] else f"{methods['A']} / {methods['B']}"
     print(checkpoint_line(result) + table1_markdown(result, method), end="")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=2)
+        fileio.write_atomic(a.json, json.dumps(result, indent=2))
     return 0
 
 
@@ -255,9 +254,10 @@ def plot_curves(rows: Sequence[Mapping], path: str) -> None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(path)[1][1:] or "png", dpi=110)
     plt.close(fig)
+    fileio.write_atomic(path, buf.getvalue())
 
 
 if __name__ == "__main__":

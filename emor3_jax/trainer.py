@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from emor3_jax import checkpoint as ckpt_lib
-from emor3_jax import distributed
+from emor3_jax import distributed, fileio
 from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, report
-from emor3_jax import sharding, sft
+from emor3_jax import provenance, sharding, sft
 from emor3_jax.configs import base
 from emor3_jax.data import pipeline as data_lib
 from emor3_jax.rewards import emotion
@@ -193,6 +193,9 @@ class Trainer:
         self.config = config
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
+        provenance.check_resume(workdir, config)   # before anything is built
+        if self.is_main:
+            provenance.record(workdir, config)
         self.mesh = sharding.mesh_from_config(config.mesh)
         self.base_key = jax.random.key(config.seed)
         self.policy = policy_lib.build_policy(config.model, self.mesh,
@@ -205,10 +208,10 @@ class Trainer:
         self.sampler = Sampler(self.model, mesh=self.mesh, buckets=buckets,
                                chunk_size=r.chunk_size or None)
         self.judge = None
-        self.ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+        self.ckpt = ckpt_lib.Checkpointer(fileio.join(workdir, "checkpoints"),
                                           keep=config.train.keep_checkpoints)
         # the best RL evaluation's params, outside the rotation above (ckpt_lib.BestCheckpointer)
-        self.best = ckpt_lib.BestCheckpointer(os.path.join(workdir, "checkpoints_best"))
+        self.best = ckpt_lib.BestCheckpointer(fileio.join(workdir, "checkpoints_best"))
         self.val_sets = evaluation.validation_sets(
             config.data.in_domain, config.data.eval, config.data.train
         ) if config.mode == "train" else ()
@@ -401,6 +404,7 @@ class Trainer:
         total_rl = self.total_rl_steps()
         writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
                                           total_steps=c.sft.steps + total_rl)
+        writer.hparams(provenance.flat_config(c))
         rl_optimizer = update_lib.make_optimizer(c.optim)
         self.update_fn = update_lib.make_update_step(self.model, rl_optimizer, self.mesh, rl,
                                                      chunk=rl.logprob_chunk, optim_config=c.optim)
@@ -413,6 +417,7 @@ class Trainer:
         if restored is not None:
             state, ref_params, phase, start, data_state = restored
             log.info("resumed: phase %s step %d", phase, start)
+            _drop_rows_after(writer, phase, start)
             self.history = list(self._restored_history)
         if phase == "sft":
             state, stopped = self.run_sft(state, writer, start, data_state)
@@ -517,7 +522,7 @@ class Trainer:
         if step not in tuple(self.config.profile.steps):
             yield
             return
-        path = os.path.join(self.workdir, "profile")
+        path = fileio.join(self.workdir, "profile")
         jax.profiler.start_trace(path)
         try:
             yield
@@ -589,14 +594,13 @@ class Trainer:
         acc = {k: v["accuracy"] for k, v in results.items()}
         best = self.best.record if c.mode == "train" else None
         if self.is_main:
-            report_dir = os.path.join(self.workdir, "report")
+            report_dir = fileio.join(self.workdir, "report")
             out = report.write_report(report_dir, acc, train_set=c.data.train, method=method,
                                       step=step, best=best,
                                       extra={"eval": results, "history": self.history})
-            rows = metrics_lib.read_jsonl(os.path.join(self.workdir, "metrics.jsonl"))
-            report.plot_curves(rows, os.path.join(report_dir, "curves.png"))
-            with open(os.path.join(report_dir, "results.md")) as f:
-                print(f.read())
+            rows = metrics_lib.read_jsonl(fileio.join(self.workdir, "metrics.jsonl"))
+            report.plot_curves(rows, fileio.join(report_dir, "curves.png"))
+            print(fileio.read_text(fileio.join(report_dir, "results.md")))
         else:
             out = None
         self.export(params)
@@ -604,7 +608,7 @@ class Trainer:
 
     def export(self, params):
         from emor3_jax.models import qwen2_5_vl
-        out_dir = os.path.join(self.workdir, "export")
+        out_dir = fileio.join(self.workdir, "export")
         qwen2_5_vl.save_hf(params, self.model.config, out_dir)   # every process (gathers)
         if self.is_main:
             self.policy.tokenizer.save_pretrained(out_dir)
@@ -677,7 +681,8 @@ def _left_pad(batch: dict, width: int) -> dict:
 # --------------------------------------------------------------------------------------------
 def run(config, workdir: str):
     """Everything `python -m emor3_jax.main` does for `config.mode`."""
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)
+    use_compile_cache(config, workdir)
     with _sigterm_saves():
         trainer = Trainer(config, workdir)
         try:
@@ -709,10 +714,50 @@ def _run_mode(trainer: Trainer, config):
     return trainer.finish(state.params, method=config.method, step=trainer.final_step)
 
 
+def compile_cache_dir(config, workdir: str) -> str | None:
+    """Where XLA executables persist across runs: config.compile_cache_dir, "" = the
+    JAX_COMPILATION_CACHE_DIR environment variable if set, else `jax_cache` beside the
+    workdir (a resumed spot run then loads its programs instead of compiling them for
+    minutes); "none" = off."""
+    choice = config.get("compile_cache_dir", "")
+    if choice == "none":
+        return None
+    if choice:
+        return choice
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or fileio.join(
+        os.fspath(fileio.path(workdir).parent), "jax_cache")
+
+
+def use_compile_cache(config, workdir: str) -> None:
+    """Turn on the persistent compilation cache, except for several CPU processes: jax's CPU
+    cache key does not record which process owns a device, and executables loaded from it
+    hang in their first cross-process collective (seen with jax 0.10)."""
+    path = compile_cache_dir(config, workdir)
+    if path is None:
+        return
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        log.info("compilation cache off: %d CPU processes (loaded executables hang in "
+                 "cross-process collectives)", jax.process_count())
+        jax.config.update("jax_compilation_cache_dir", None)
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    log.info("compilation cache: %s", path)
+
+
+def _drop_rows_after(writer, phase: str, step: int) -> None:
+    dropped = writer.resume(phase, step)
+    if dropped:
+        log.info("metrics: dropped %d row(s) logged after the checkpoint (%s step %d); the "
+                 "resumed run writes those steps again", dropped, phase, step)
+
+
 def _sft_only(trainer: Trainer):
     c = trainer.config
     writer = metrics_lib.MetricWriter(trainer.workdir, enabled=trainer.is_main,
                                       total_steps=c.sft.steps)
+    writer.hparams(provenance.flat_config(c))
     optimizer = sft.make_sft_optimizer(c.sft, c.optim)
     state = update_lib.init_train_state(trainer.model, trainer.policy.params, optimizer,
                                         trainer.mesh)
@@ -721,6 +766,7 @@ def _sft_only(trainer: Trainer):
     restored = trainer.restore(state)
     if restored is not None:
         state, _, _, start, data_state = restored
+        _drop_rows_after(writer, "sft", start)
     state, stopped = trainer.run_sft(state, writer, start, data_state)
     writer.close()
     return None if stopped else state

@@ -282,6 +282,14 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, interrupted):
     assert sorted(got) == sorted(want)
     for key in want:
         assert got[key] == want[key], f"metrics of {key} differ"
+    # ... each row exactly once, in order: rows after a checkpoint are dropped on resume
+    untimed = lambda w: [{k: v for k, v in r.items() if not any(t in k for t in _TIMING)}  # noqa
+                         for r in _metric_rows(w)]
+    assert untimed(resumed) == untimed(uninterrupted)
+    # the run's config and provenance are recorded
+    recorded = json.loads((resumed / "run" / "config.json").read_text())
+    assert recorded["train.max_steps"] == RL_STEPS and recorded["method"] == "cold_start"
+    assert "git_revision" in json.loads((resumed / "run" / "provenance.json").read_text())
     # the whole train state: params, optimizer moments and counts, step, reference, RNG
     _assert_trees_equal(_read_state(resumed, total), _read_state(uninterrupted, total),
                         "checkpoint")
@@ -308,12 +316,28 @@ def test_resume_without_sft_keeps_the_loaded_weights_as_reference(tmp_path, chil
     assert _final_metrics(tmp_path / "b") == _final_metrics(tmp_path / "a")
 
 
-def test_resume_with_another_seed_is_refused(tmp_path, child, uninterrupted):
+def test_resume_with_another_recipe_is_refused_before_anything_is_built(tmp_path, child,
+                                                                        uninterrupted):
     workdir = tmp_path / "copy"
     shutil.copytree(uninterrupted, workdir)
-    rc, log = _run(child, workdir, "other_seed", seed=1)
+    rc, log = _run(child, workdir, "other_seed", seed=1, **{"rl.kl_coef": 0.02})
     assert rc != 0
-    assert "another config.seed than 1; resume with that run's seed" in log, log[-3000:]
+    assert "holds a run with another config (rl.kl_coef: 0.1 -> 0.02; seed: 0 -> 1)" in log, \
+        log[-3000:]
+    assert "policy:" not in log
+
+
+def test_resume_check_allows_cadence_and_split_changes(tmp_path):
+    from emor3_jax import provenance
+    c = _demo_config()
+    provenance.record(str(tmp_path), c)
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    c.train.eval_every, c.rl.micro_batch_size, c.data.manual_dir = 7, 1, "/elsewhere"
+    assert provenance.check_resume(str(tmp_path), c) == [
+        "data.manual_dir", "rl.micro_batch_size", "train.eval_every"]
+    c.data.labels.webemo = ("joy", "sadness")
+    with pytest.raises(ValueError, match=r"data.labels.webemo: \[\] -> \['joy', 'sadness'\]"):
+        provenance.check_resume(str(tmp_path), c)
 
 
 # ------------------------------------------------------------------------- config errors --

@@ -1,0 +1,77 @@
+"""One I/O layer for the run's files, local or gs:// alike (`etils.epath`).
+
+The driver writes metrics, TensorBoard events, the report, curves, the export and the run's
+provenance through these functions, so `--workdir=gs://bucket/run` behaves as a local
+directory does (orbax and jax.profiler already speak gs://). GCS objects cannot be appended
+to, so files that grow (metrics.jsonl) are rewritten whole, atomically: a reader or a killed
+writer never sees half a file.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+from etils import epath
+
+
+def is_remote(path) -> bool:
+    return "://" in os.fspath(path)
+
+
+def path(p) -> epath.Path:
+    """An epath.Path (gs:// kept intact; `pathlib.Path("gs://b/x")` would collapse it)."""
+    return epath.Path(os.fspath(p))
+
+
+def join(*parts) -> str:
+    """String join of path parts that keeps a gs:// prefix."""
+    return os.fspath(path(parts[0]).joinpath(*map(os.fspath, parts[1:])))
+
+
+def makedirs(p) -> None:
+    path(p).mkdir(parents=True, exist_ok=True)
+
+
+def exists(p) -> bool:
+    return path(p).exists()
+
+
+def read_text(p) -> str:
+    return path(p).read_text()
+
+
+def write_atomic(p, data: str | bytes) -> None:
+    """Write the whole file so that it appears complete or not at all: a GCS object upload
+    is atomic by itself; a local file goes through a temporary sibling and a rename."""
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target if is_remote(p) else target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    if tmp != target:
+        tmp.replace(target)
+
+
+def walk_files(p) -> list[str]:
+    """Every file under `p`, recursively (GCS has no recursive glob in epath)."""
+    root, out = path(p), []
+    if not root.exists():
+        return out
+    for child in root.iterdir():
+        if child.is_dir():
+            out += walk_files(child)
+        else:
+            out.append(os.fspath(child))
+    return sorted(out)
+
+
+def upload_dir(local_dir, dst) -> None:
+    """Copy every file under `local_dir` to `dst` (a local or gs:// directory)."""
+    src = path(local_dir)
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            out = path(dst) / os.path.relpath(os.fspath(f), os.fspath(src))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(f.read_bytes())
