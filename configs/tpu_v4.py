@@ -11,14 +11,15 @@ for v4-8 by XLA's TPU compiler). The recipe is unchanged (rollout 512 prompts x 
 is set, each against 32 GiB per chip with the train state (fp32 params, fp32 AdamW moments) and
 the bf16 reference resident (12.25 GiB/chip).
 
-DOES NOT FIT v4-8 YET with fp32 master weights: the update needs 32.1 GiB per chip at
-rl.micro_batch_size=2 (33.9 at 1) + the reference, against 30.4 usable; every other program
-fits. The einsum attention materializes fp32 [T, S] scores; the fused attention kernel of the
-speed issue is what frees that memory. Until then run it on a v4-16 (8 chips, 2 hosts), where
-the update needs 19.9 GiB (20.7 live):
+DOES NOT FIT v4-8 YET with fp32 master weights: the update needs 31.2 GiB per chip at
+rl.micro_batch_size=2 + the reference (1.75) = 33.0 live, against 30.4 usable; every other
+program fits. model.attention = "splash" (the TPU Pallas kernel: no [T, S] scores) took it
+from 32.1 GiB with einsum; the rest of its 18.9 GiB of temporaries is not attention. Until
+then run it on a v4-16 (8 chips, 2 hosts), where the update needs 19.9 GiB (20.7 live, einsum):
     --config.aot.topology=v4:2x2x2 --config.mesh.fsdp=8
 (a two-host slice: its workdir must be one both hosts see, gs://, which the pod-I/O issue makes
-work everywhere). Knobs (measured with bf16 masters unless said):
+work everywhere). Knobs (measured with bf16 masters and einsum attention unless said; the
+splash kernel drops the fp32 attention scores below, so re-run AOT before raising a chunk):
 - model.remat = "full": the update keeps only each layer's input for the backward pass.
 - rl.micro_batch_size = 2 (responses/device per accumulation step): at 4 the update needs
   30.7 GiB + the reference params > HBM.
@@ -39,6 +40,7 @@ def get_config(method: str = "emor3"):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"     # fp32 master weights: bf16 would round lr-2e-6 steps away
     c.model.remat = "full"
+    c.model.attention = "splash"        # TPU Pallas flash kernel (layers.splash_attention)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1   # v4-8: 4 chips
     c.aot.topology = "v4:2x2x1"
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe

@@ -9,7 +9,8 @@ Fit (checked before renting: `python -m emor3_jax.aot --config=configs/tpu_v4_7b
 program of a step compiled for v4-32 by XLA's TPU compiler). The recipe is unchanged (rollout
 512 prompts x G 8, mini-batch 256, prompt/response 2048/2048); only how it is split into
 device programs is set, each against 32 GiB per chip with the train state (params, fp32 AdamW
-moments) and the reference params resident (5.8 GiB/chip, FSDP over all 16 chips):
+moments) and the reference params resident (5.8 GiB/chip, FSDP over all 16 chips); measured
+with einsum attention, before model.attention = "splash" (no fp32 [T, S] scores):
 - model.remat = "full": the update keeps only each layer's input for the backward pass.
 - rl.micro_batch_size = 2 (responses/device per accumulation step): 23.8 GiB in the update.
 - rl.logprob_micro_batch_size = 4: the reference pass needs 22.3 GiB + 4.8 resident.
@@ -28,6 +29,7 @@ def get_config(method: str = "emor3"):
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"     # fp32 master weights: bf16 would round lr-2e-6 steps away
     c.model.remat = "full"
+    c.model.attention = "splash"        # TPU Pallas flash kernel (layers.splash_attention)
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 1  # v4-32: 16 chips
     c.aot.topology = "v4:2x2x4"
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe

@@ -36,6 +36,7 @@ import numpy as np
 from emor3_jax.models.config import (Qwen2_5_VLConfig, TextConfig, VisionConfig,  # noqa: F401
                                      get_tiny_config, qwen2_5_vl_3b_config, tiny_config,
                                      TINY_CONFIGS)
+from emor3_jax.models.layers import Mask  # noqa: F401  (re-export)
 from emor3_jax.models.text import (DECODE, FORWARD, PREFILL, KVCache, TextModel,  # noqa: F401
                                    cache_bytes, cache_logical_axes, cache_shardings, init_cache,
                                    repeat_cache)
@@ -82,11 +83,16 @@ def scatter_image_embeds(inputs_embeds, image_mask, image_embeds, source_index=N
     return jnp.where(flat[:, None], gathered, inputs_embeds.reshape(-1, d)).reshape(b, length, d)
 
 
-def causal_mask(attention_mask):
-    """[B, 1, L, L] bool: key j visible to query i iff j <= i and j is not padding."""
-    length = attention_mask.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    return causal[None, None] & (attention_mask != 0)[:, None, None, :]
+def causal_mask(attention_mask) -> Mask:
+    """Key j visible to query i iff j <= i and j is not padding (or j == i), in O(B*L) form
+    (`layers.Mask`; `.dense(L)` is the [B, 1, L, L] bool array)."""
+    return Mask(attention_mask != 0)
+
+
+def decode_mask(key_mask, write_index) -> Mask:
+    """New token t (written at cache slot write_index + t) sees the valid slots up to its own,
+    and always itself; key_mask [B, max_len] already marks the new tokens."""
+    return Mask(key_mask, write_index)
 
 
 class Qwen2_5_VLModel(nn.Module):
@@ -252,12 +258,8 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         write_index = jnp.asarray(write_index, jnp.int32)
         new_valid = jnp.ones((b, s), bool) if token_mask is None else token_mask != 0
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, new_valid, (0, write_index))
-        slots = jnp.arange(cache.max_len)
-        upto = write_index + jnp.arange(s)
-        mask = (slots[None, :] <= upto[:, None])[None, None] & key_mask[:, None, None, :]
-        # a token always sees itself, even when masked for the future
-        mask = mask | (slots[None, :] == upto[:, None])[None, None]
-        hidden, (k, v) = self.model(tokens, jnp.asarray(position_ids, jnp.int32), mask,
+        hidden, (k, v) = self.model(tokens, jnp.asarray(position_ids, jnp.int32),
+                                    decode_mask(key_mask, write_index),
                                     kv=(cache.k, cache.v), write_index=write_index, mode=DECODE)
         return self.logits(hidden), KVCache(k=k, v=v, key_mask=key_mask)
 
@@ -272,16 +274,22 @@ def _dummy_inputs(config: Qwen2_5_VLConfig):
     return ids, np.ones_like(ids)
 
 
+def _init_model(model: Qwen2_5_VLForConditionalGeneration):
+    """The model to trace `init` with: parameters do not depend on the attention op, and with
+    einsum no kernel (splash: TPU only, shard_mapped) has to run on the dummy input."""
+    return Qwen2_5_VLForConditionalGeneration(model.config.replace(attention_impl="einsum"))
+
+
 def abstract_params(model: Qwen2_5_VLForConditionalGeneration) -> Any:
     """Boxed (nn.LogicallyPartitioned) ShapeDtypeStructs of every parameter, without allocating."""
     ids, mask = _dummy_inputs(model.config)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, mask))["params"]
+    return jax.eval_shape(lambda: _init_model(model).init(jax.random.key(0), ids, mask))["params"]
 
 
 def init_params(model: Qwen2_5_VLForConditionalGeneration, rng, mesh=None) -> Any:
     """Random parameters (unboxed); placed on `mesh` with param_shardings when given."""
     ids, mask = _dummy_inputs(model.config)
-    init = lambda r: nn.unbox(model.init(r, ids, mask)["params"])
+    init = lambda r: nn.unbox(_init_model(model).init(r, ids, mask)["params"])
     if mesh is None:
         return jax.jit(init)(rng)
     from emor3_jax import sharding

@@ -159,7 +159,8 @@ class TextModel(nn.Module):
 
     def __call__(self, inputs_embeds, position_ids, mask, *, kv=None, write_index=0,
                  mode: str = FORWARD):
-        """inputs_embeds [B, L, D], position_ids [3, B, L], mask bool [B, 1, L, S].
+        """inputs_embeds [B, L, D], position_ids [3, B, L], mask a `layers.Mask` (or bool
+        [B, 1, L, S]; the splash kernel needs a Mask).
 
         mode "forward": no cache (S = L). "prefill": also writes this step's k/v into `kv`
         (a (k, v) pair of [layers, B, T, kv_heads, hd]) at `write_index`, attending to the fresh

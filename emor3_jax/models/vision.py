@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from emor3_jax.models.config import VisionConfig
-from emor3_jax.models.layers import (GatedMLP, RMSNorm, activation, apply_rotary, attention,
-                                     dense, remat_policy, vision_rotary)
+from emor3_jax.models.layers import (GatedMLP, Mask, RMSNorm, activation, apply_rotary,
+                                     attention, dense, remat_policy, vision_rotary)
 from emor3_jax.processing.vision import VisionInputs
 
 
@@ -52,10 +52,13 @@ def grouped_attention(q, k, v, index, valid, slot, patch_valid, impl: str):
 
     q, k, v [P, heads, head_dim]; index/valid [G, S] (slots of each group); slot [P] (where
     each patch sits in the flattened [G*S] layout). Memory is O(G * S^2), not O(P^2).
+    Grouping already exploits the block-diagonal structure, so "splash" runs blockwise here:
+    windows hold 64 patches (half a kernel block) and the head dim (80) is not lane-aligned.
     """
     g, s = index.shape
     group = lambda x: gather_rows(x, index, slot, patch_valid)          # [G, S, heads, hd]
-    out = attention(group(q), group(k), group(v), valid[:, None, None, :], impl=impl)
+    impl = "blockwise" if impl == "splash" else impl
+    out = attention(group(q), group(k), group(v), Mask(valid, causal=False), impl=impl)
     out = out.reshape((g * s,) + out.shape[2:])
     return gather_rows(out, slot, index.reshape(-1), valid.reshape(-1))  # [P, heads, hd]
 

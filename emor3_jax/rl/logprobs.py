@@ -30,7 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from emor3_jax.models.qwen2_5_vl import DECODE, PREFILL, causal_mask, init_cache
+from emor3_jax.models.qwen2_5_vl import DECODE, PREFILL, causal_mask, decode_mask, init_cache
 from emor3_jax.processing.vision import VisionInputs
 
 
@@ -133,12 +133,8 @@ def _predicting_hidden(module, inputs: PolicyInputs):
     tokens = inputs.response_ids[:, :-1]
     key_mask = jnp.concatenate([jnp.take(inputs.prompt_mask, rows, axis=0) != 0,
                                 inputs.response_mask[:, :-1] != 0], axis=1)  # [n, max_len]
-    slots = jnp.arange(max_len)
-    upto = lp + jnp.arange(t - 1)
-    mask = (slots[None, :] <= upto[:, None])[None, None] & key_mask[:, None, None, :]
-    mask = mask | (slots[None, :] == upto[:, None])[None, None]   # padding sees itself: finite
-    hidden, _ = module.model(tokens, inputs.response_position_ids[:, :, :-1], mask,
-                             kv=(k, v), write_index=lp, mode=DECODE)
+    hidden, _ = module.model(tokens, inputs.response_position_ids[:, :, :-1],
+                             decode_mask(key_mask, lp), kv=(k, v), write_index=lp, mode=DECODE)
     return jnp.concatenate([first.astype(hidden.dtype), hidden], axis=1)
 
 

@@ -51,7 +51,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emor3_jax import sharding
-from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models import layers, qwen2_5_vl
 from emor3_jax.processing import vision as vision_lib
 from emor3_jax.processing.vision import VisionInputs, VisionPadding
 from emor3_jax.rl import losses
@@ -446,7 +446,8 @@ def make_logprob_fn(model, mesh, *, chunk: int):
     def run(params, inputs):
         params = jax.lax.stop_gradient(params)
         one = lambda mb: response_logprobs(model, params, mb, chunk=chunk, with_entropy=False)[0]
-        return jax.lax.map(one, inputs)
+        with layers.kernel_mesh(mesh):
+            return jax.lax.map(one, inputs)
 
     def jitted(inputs: PolicyInputs):
         _check_rows(mesh, inputs.response_ids.shape[1], "make_logprob_fn")
@@ -564,7 +565,8 @@ def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
     compiled = {}
 
     def step(state: TrainState, batch: UpdateBatch):
-        loss, metrics, grads = loss_and_grad(state.params, batch)
+        with layers.kernel_mesh(mesh):
+            loss, metrics, grads = loss_and_grad(state.params, batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

@@ -51,7 +51,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emor3_jax import sharding as shd
-from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models import layers, qwen2_5_vl
 from emor3_jax.processing import rope_index
 from emor3_jax.processing import vision as vision_lib
 from emor3_jax.sampling import grouped_decode, rules
@@ -226,8 +226,10 @@ class Sampler:
                 write_index=0, mode=qwen2_5_vl.PREFILL)
             return m.logits(hidden[:, -1]), qwen2_5_vl.KVCache(k=k, v=v, key_mask=mask != 0)
 
-        logits, cache = model.apply({"params": params}, input_ids, attention_mask, position_ids,
-                                    pixel_values, vision_inputs, image_slot, method=forward)
+        with layers.kernel_mesh(self.mesh):
+            logits, cache = model.apply({"params": params}, input_ids, attention_mask,
+                                        position_ids, pixel_values, vision_inputs, image_slot,
+                                        method=forward)
         prompt_k, prompt_v = grouped_decode.prompt_part(cache)
         kv = grouped_decode.logical_axes()
         return PromptState(prompt_k=tuple(self._constrain(x, kv) for x in prompt_k),
@@ -457,7 +459,8 @@ class Sampler:
         rows = num_prompts * group
         tokens = num_prompts * prompt_len
         prefill = tokens * (4 * t.hidden_size + 3 * t.intermediate_size) * item
-        prefill += num_prompts * t.num_attention_heads * prompt_len ** 2 * 4   # fp32 scores
+        prefill += num_prompts * t.num_attention_heads * 4 * layers.score_elements(  # fp32 scores
+            c.attention_impl, prompt_len, prompt_len)
         prefill += 2 * num_prompts * t.vocab_size * 4
         v = c.vision
         prefill_vision = num_patches * (4 * v.hidden_size + 3 * v.intermediate_size) * item
