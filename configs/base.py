@@ -155,7 +155,7 @@ def get_config():
     c.model.dtype = "bfloat16"     # compute dtype (and the frozen reference's)
     c.model.param_dtype = "float32"  # master weights (fp32, as released: bf16 rounds lr 2e-6 away)
     c.model.remat = "none"         # none | block | full
-    c.model.attention = "einsum"   # einsum (reference) | blockwise (any) | splash (TPU) | xla | cudnn
+    c.model.attention = "einsum"   # einsum (reference) | blockwise | splash (TPU) | xla | cudnn
     c.model.tokenizer = ""         # tokenizer directory; "" = the one in hf_dir; "demo" = built-in
 
     c.data = ml_collections.ConfigDict()

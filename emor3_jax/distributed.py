@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from typing import Any
 
 import jax
@@ -46,10 +47,31 @@ def _requested() -> bool:
     return os.environ.get("EMOR3_DISTRIBUTED", "").lower() in ("1", "true", "yes")
 
 
+CPU_COLLECTIVE_ORDER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _serialize_cpu_collectives() -> None:
+    """Make XLA:CPU issue a program's collectives in program order on every device, when a
+    CPU run has several devices (virtual ones, or other processes).
+
+    Its concurrency-optimized scheduler may start two independent collectives of one program
+    (e.g. an all-to-all and an all-reduce) in different orders on different devices; each
+    device then waits in a different collective for ever (the Cold-Start SFT step hung this
+    way across 2 processes, and a 4-device process aborted on the rendezvous timeout). Only
+    XLA:CPU reads the flag; XLA_FLAGS is read when a backend starts, which is after this.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    count = re.search(r"xla_force_host_platform_device_count=(\d+)", flags)
+    several = (count is not None and int(count.group(1)) > 1) or _explicit_env() is not None
+    if several and "concurrency_optimized_scheduler" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + CPU_COLLECTIVE_ORDER_FLAG).strip()
+
+
 def initialize() -> None:
     """Join the job's other processes if there are any; a no-op when already joined."""
     if jax.distributed.is_initialized():
         return
+    _serialize_cpu_collectives()
     explicit = _explicit_env()
     if explicit is not None:
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):

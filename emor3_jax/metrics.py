@@ -54,8 +54,9 @@ class MetricWriter:
 
     def resume(self, phase: str, step: int) -> int:
         """Keep only the rows a checkpoint of `phase` ("sft" | "rl") at `step` covers (SFT rows
-        are 0-based steps, RL and eval rows the RL step they follow); returns how many rows
-        were dropped (written after that checkpoint by the run that was stopped)."""
+        are 0-based steps, RL and eval rows the RL step they follow; ("sft", 0) = no
+        checkpoint: none); returns how many rows were dropped (written after that checkpoint
+        by the run that was stopped)."""
         if not self.enabled:
             return 0
         def covered(row):

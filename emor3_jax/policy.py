@@ -1,6 +1,7 @@
 """The policy a run trains: model, parameters and tokenizer, built from `config.model`.
 
-Three sources: a Hugging Face directory (`model.hf_dir`, weights streamed onto the mesh), a
+Three sources: a Hugging Face model (`model.hf_dir`: a local or gs:// directory or a hub repo id,
+model_source.resolve; weights streamed onto the mesh), a
 built-in tiny config with random weights and the package's demo tokenizer (`model.tiny`, the
 CPU demo), or a built-in architecture without weights (`model.arch`, shapes only, for AOT).
 """
@@ -14,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from emor3_jax import model_source
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.processing import tokenizer as tok_lib
@@ -49,15 +51,17 @@ def _check_vocab(config: Qwen2_5_VLConfig, ids: tok_lib.TokenIds, where: str) ->
                          f"image_token_id {config.image_token_id}; tokenizer and model disagree")
 
 
-def load_tokenizer(model_config):
-    """`model.tokenizer`: "demo" (built-in), a directory, or "" (the one in hf_dir)."""
+def load_tokenizer(model_config, hf_dir: str | None = None):
+    """`model.tokenizer`: "demo" (built-in), a model source (local/gs:// directory, hub id), or ""
+    (the one in hf_dir; `hf_dir`: model.hf_dir already resolved to a local directory)."""
     name = model_config.tokenizer
     if name == "demo" or (not name and model_config.tiny):
         return tok_lib.build_demo_tokenizer()
-    path = name or model_config.hf_dir
-    if not path:
+    if name:
+        return tok_lib.load_tokenizer(name, field="config.model.tokenizer")
+    if not model_config.hf_dir:
         raise ValueError("config.model: set hf_dir (a Qwen2.5-VL directory) or tokenizer")
-    return tok_lib.load_tokenizer(path)
+    return tok_lib.load_tokenizer(hf_dir or model_config.hf_dir, field="config.model.hf_dir")
 
 
 def tiny_model_config(model_config, ids: tok_lib.TokenIds) -> Qwen2_5_VLConfig:
@@ -82,8 +86,11 @@ def arch_config(model_config) -> Qwen2_5_VLConfig:
 
 def check_model_config(model_config) -> None:
     """Fail before anything is compiled or loaded when the model source is unusable."""
+    if model_config.tokenizer and model_config.tokenizer != "demo":
+        model_source.check(model_config.tokenizer, "config.model.tokenizer")
     if model_config.hf_dir:
-        if "://" not in model_config.hf_dir and not os.path.isfile(
+        model_source.check(model_config.hf_dir, "config.model.hf_dir")
+        if model_source.classify(model_config.hf_dir) == "local" and not os.path.isfile(
                 os.path.join(model_config.hf_dir, "config.json")):
             raise FileNotFoundError(
                 f"config.model.hf_dir={model_config.hf_dir!r} has no config.json; point it at a "
@@ -96,10 +103,12 @@ def check_model_config(model_config) -> None:
 def build_policy(model_config, mesh, rng) -> Policy:
     """Model + params (placed on `mesh`) + tokenizer from `config.model`."""
     check_model_config(model_config)
-    tokenizer = load_tokenizer(model_config)
+    hf_dir = model_config.hf_dir and model_source.resolve(model_config.hf_dir,
+                                                          "config.model.hf_dir")
+    tokenizer = load_tokenizer(model_config, hf_dir)
     ids = tok_lib.token_ids(tokenizer)
     if model_config.hf_dir:
-        model, params = qwen2_5_vl.load_hf(model_config.hf_dir, mesh=mesh,
+        model, params = qwen2_5_vl.load_hf(hf_dir, mesh=mesh,
                                            dtype=jnp.dtype(model_config.dtype),
                                            param_dtype=jnp.dtype(model_config.param_dtype),
                                            remat=model_config.remat,

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emor3_jax import checkpoint as ckpt_lib
-from emor3_jax import distributed, fileio
+from emor3_jax import distributed, fileio, model_source
 from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, report
 from emor3_jax import provenance, sharding, sft
 from emor3_jax.configs import base
@@ -120,6 +120,8 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
         if config.reward.judge_source == "checkpoint" and not config.reward.judge_dir:
             raise ValueError("config.reward.judge_source='checkpoint' needs "
                              "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
+        if config.reward.judge_source == "checkpoint":
+            model_source.check(config.reward.judge_dir, "config.reward.judge_dir")
         update_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
         if r.max_new_tokens > max(r.response_buckets):
             raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
@@ -419,6 +421,8 @@ class Trainer:
             log.info("resumed: phase %s step %d", phase, start)
             _drop_rows_after(writer, phase, start)
             self.history = list(self._restored_history)
+        else:       # a run killed before its first checkpoint left rows that start again
+            _drop_rows_after(writer, "sft", 0)
         if phase == "sft":
             state, stopped = self.run_sft(state, writer, start, data_state)
             if stopped:
@@ -609,9 +613,10 @@ class Trainer:
     def export(self, params):
         from emor3_jax.models import qwen2_5_vl
         out_dir = fileio.join(self.workdir, "export")
-        qwen2_5_vl.save_hf(params, self.model.config, out_dir)   # every process (gathers)
+        qwen2_5_vl.save_hf(params, self.model.config, out_dir,   # every process (gathers)
+                           tokenizer=self.policy.tokenizer, min_pixels=self.config.data.min_pixels,
+                           max_pixels=self.config.data.max_pixels)
         if self.is_main:
-            self.policy.tokenizer.save_pretrained(out_dir)
             log.info("export: Hugging Face checkpoint written to %s", out_dir)
             best = self.best.record
             if best is not None:
@@ -766,7 +771,7 @@ def _sft_only(trainer: Trainer):
     restored = trainer.restore(state)
     if restored is not None:
         state, _, _, start, data_state = restored
-        _drop_rows_after(writer, "sft", start)
+    _drop_rows_after(writer, "sft", start)
     state, stopped = trainer.run_sft(state, writer, start, data_state)
     writer.close()
     return None if stopped else state

@@ -15,6 +15,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig, qwen2_5_vl_3b_config, tiny_config
+from gcs_testutil import gcs  # noqa: F401  (fixture)
 from qwen_testutil import chat_row, hf_logits, hf_model, images, left_pad, max_diff_valid
 
 
@@ -192,3 +193,101 @@ def test_config_layouts():
     assert Qwen2_5_VLConfig.from_hf_dict(HFConfig(**RELEASED_3B).to_dict()) == cfg
     tiny = tiny_config(tie_word_embeddings=False, dtype="bfloat16")
     assert Qwen2_5_VLConfig.from_hf_dict(tiny.to_hf_dict(), dtype="bfloat16") == tiny
+
+
+# ------------------------------------------------------------------------------------------
+# Exports a user can serve (transformers 4.57 / 5.x, vLLM) and gs:// directories.
+
+def test_export_is_servable(tmp_path):
+    """save_hf with the tokenizer writes every file a server reads, in both schemas."""
+    from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
+    from emor3_jax.processing import chat
+    from emor3_jax.processing import tokenizer as tk
+    tok = tk.build_demo_tokenizer()
+    ids = tk.token_ids(tok)
+    special = {"image_token_id": ids.image_pad, "video_token_id": ids.video_pad,
+               "vision_start_token_id": ids.vision_start, "vision_end_token_id": ids.vision_end,
+               "bos_token_id": ids.pad, "eos_token_id": ids.im_end, "pad_token_id": ids.pad}
+    # head_dim 128 as in Qwen2.5-VL-3B/7B, so mrope_section is the real [16, 24, 24]
+    cfg = tiny_config(vocab_size=ids.vocab_size, hidden_size=256, num_heads=2, num_kv_heads=1,
+                      num_layers=1, vision_depth=1, fullatt_block_indexes=(),
+                      special_token_ids=special)
+    hf = hf_model(cfg, seed=5)
+    hf.save_pretrained(str(tmp_path / "src"))
+    model, params = qwen2_5_vl.load_hf(str(tmp_path / "src"))
+    out = qwen2_5_vl.save_hf(params, model.config, str(tmp_path / "export"), tokenizer=tok,
+                             min_pixels=3136, max_pixels=401408)
+    read = lambda name: json.load(open(os.path.join(out, name)))  # noqa: E731
+    conf = read("config.json")
+    # transformers 4.57 / vLLM: released (flat) layout, rope_scaling with type == rope_type
+    assert conf["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
+    assert conf["model_type"] == "qwen2_5_vl" and conf["torch_dtype"] == conf["dtype"] == "float32"
+    assert conf["rope_scaling"] == {"type": "default", "rope_type": "default",
+                                    "mrope_section": [16, 24, 24]}
+    assert conf["rope_theta"] == cfg.text.rope_theta
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                "max_position_embeddings", "tie_word_embeddings"):
+        assert key in conf, key
+    assert {k: conf[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                 "vision_end_token_id")} == {
+        k: special[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                "vision_end_token_id")}
+    assert conf["vision_config"]["spatial_merge_size"] == 2
+    # transformers 5: rope_parameters next to it
+    assert conf["rope_parameters"]["mrope_section"] == [16, 24, 24]
+    assert read("generation_config.json")["eos_token_id"] == [ids.im_end, ids.pad]
+    pre = read("preprocessor_config.json")
+    assert pre["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert (pre["min_pixels"], pre["max_pixels"]) == (3136, 401408)
+    assert pre["size"] == {"shortest_edge": 3136, "longest_edge": 401408}
+    assert (pre["patch_size"], pre["merge_size"], pre["temporal_patch_size"]) == (14, 2, 2)
+    assert open(os.path.join(out, "chat_template.jinja")).read() == chat.QWEN2_5_VL_CHAT_TEMPLATE
+    tok_conf = read("tokenizer_config.json")
+    assert tok_conf["chat_template"] == chat.QWEN2_5_VL_CHAT_TEMPLATE
+    assert tok_conf["tokenizer_class"] == "PreTrainedTokenizerFast"   # 4.x can load it
+    # transformers 5 loads all of it
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()
+    assert reloaded.config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+    assert reloaded.config.text_config.rope_parameters["rope_theta"] == cfg.text.rope_theta
+    pv, grid = images([("chelsea", (120, 150))])
+    rng = np.random.default_rng(3)
+    batch_ids, mask = left_pad([chat_row(cfg, rng, [3, "img", 5], grid)], ids.pad)
+    np.testing.assert_allclose(hf_logits(reloaded, cfg, batch_ids, mask, pv, grid),
+                               hf_logits(hf, cfg, batch_ids, mask, pv, grid), atol=1e-6)
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (3136, 401408)
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [ids.im_end, ids.pad]
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        chat.render_chat(messages)
+    assert tk.token_ids(hf_tok) == ids
+
+
+def test_gcs_load_and_save(ref, gcs, tmp_path, monkeypatch):
+    """load_hf("gs://...") loads exactly the local copy; save_hf writes to gs:// and reads back."""
+    import fsspec
+    from gcs_testutil import clear_filesystem_caches
+    monkeypatch.setenv("EMOR3_CACHE", str(tmp_path / "cache"))
+    src = ref[2]
+    bucket = gcs[1]("models")
+    fs = fsspec.filesystem("gs")
+    for name in os.listdir(src):
+        fs.put(os.path.join(src, name), f"models/src/{name}")
+    model, params = qwen2_5_vl.load_hf(f"{bucket}/src")
+    local_model, local_params = qwen2_5_vl.load_hf(src)
+    # the same config and bit-identical parameters: the same logits (test_save_hf_then_from_
+    # pretrained checks those of the local copy against transformers)
+    assert model.config == local_model.config
+    jax.tree.map(np.testing.assert_array_equal, params, local_params)
+    # sharded, then single-file, to the same gs:// directory: no stale shards or index remain
+    qwen2_5_vl.save_hf(params, model.config, f"{bucket}/export", max_shard_size="200KB")
+    assert fs.exists("models/export/model.safetensors.index.json")
+    qwen2_5_vl.save_hf(params, model.config, f"{bucket}/export")
+    clear_filesystem_caches()
+    names = sorted(os.path.basename(p) for p in fsspec.filesystem("gs").find("models/export"))
+    assert names == ["config.json", "generation_config.json", "model.safetensors",
+                     "preprocessor_config.json"]
+    _, back = qwen2_5_vl.load_hf(f"{bucket}/export")
+    jax.tree.map(np.testing.assert_array_equal, params, back)

@@ -1,8 +1,8 @@
 """Multi-host training: host data blocks, and two real JAX processes (gloo collectives on
 localhost) that train to the same parameters as one process with the same global batch.
 
-Runtime on 2 idle CPU cores: about 80 s (the two-process comparison 75 s, mostly XLA compiles
-in three processes); the slow resume variant about 135 s more.
+Runtime on 2 idle CPU cores: about 80 s for the two-process comparison (mostly XLA compiles in
+three processes), about 215 s for the SFT + resume variant.
 """
 import json
 import os
@@ -232,47 +232,56 @@ def _compare_runs(tmp_path, data_dir, flags_, *, multi_runs=None):
         for r in rows_b:
             if "update/grad_norm" in r:
                 assert r["update/grad_norm"] > 1e-4, (
-                    f"seed {flags_['seed']}: every group of step {r['step']} ties (grad norm "
+                    f"seed {flags_.get('seed')}: every group of step {r['step']} ties (grad norm "
                     f"{r['update/grad_norm']:.1g}): no learning signal; choose another seed")
     _assert_same_parameters(a, b, flags_)
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]   # written once, by host 0
     for ra, rb in zip(rows_a, rows_b):
         assert ra.keys() == rb.keys()
         for key in ra:
-            if key.startswith(("reward/", "response/", "groups/", "judge/", "sft/loss")):
+            if key.startswith(("reward/", "response/", "groups/", "judge/")) and not (
+                    flags_.get("reward.judge_mode") == "score" and key.startswith("reward/")):
                 assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-            elif key.startswith(("loss/", "update/grad_norm", "sft/grad_norm")):
+            elif key.startswith("reward/"):
+                # score mode: R_coh / R_cons are probabilities, computed on another mesh
+                np.testing.assert_allclose(ra[key], rb[key], rtol=1e-5,
+                                           err_msg=f"step {ra['step']} {key}")
+            elif key.startswith(("loss/", "update/grad_norm", "sft/loss", "sft/grad_norm")):
+                # sums over devices: another device grouping adds in another order
                 np.testing.assert_allclose(ra[key], rb[key], rtol=1e-3, atol=1e-6,
                                            err_msg=f"step {ra['step']} {key}")
     # only process 0 writes the report, metrics and TensorBoard; every process checkpoints
     assert "| method |" in outs[0] and "| method |" not in outs[1]
     runs = len(multi_runs or [{}])        # one event file per run, not per process
-    assert len(os.listdir(os.path.join(multi, "tensorboard"))) == runs
+    events = [f for f in os.listdir(os.path.join(multi, "tensorboard")) if f.startswith("events")]
+    assert len(events) == runs
     assert os.path.exists(os.path.join(multi, "report", "results.json"))
     return rows_a, a
 
 
-@pytest.mark.parametrize("seed, kl_coef", [(1, 0.0), (2, 0.01)])
-def test_two_processes_train_like_one(tmp_path, data_dir, seed, kl_coef):
+def test_two_processes_train_like_one(tmp_path, data_dir):
     """Two GRPO steps (EMO-R3 rewards; the policy as judge, generating its answers; two
-    micro-batches per update; checkpoints; final evaluation and export), on two seeds: without
-    KL (a step whose groups all tie has an exactly zero gradient and update, so any seed
-    compares) and with KL to the reference (the reference log-prob pass across processes)."""
+    micro-batches per update; checkpoints; final evaluation and export) with KL to the
+    reference (the reference log-prob pass across processes)."""
     rows, _ = _compare_runs(tmp_path, data_dir, {
-        "seed": seed, "rl.kl_coef": kl_coef, "sft.steps": 0, "train.max_steps": 2, "reward.preset": "emor3",
-        "reward.judge_mode": "generate", "reward.judge_max_new_tokens": 8})
+        "seed": 2, "rl.kl_coef": 0.01, "sft.steps": 0, "train.max_steps": 2,
+        "reward.preset": "emor3", "reward.judge_mode": "generate",
+        "reward.judge_max_new_tokens": 8})
     # the comparison means something only if the updates had a learning signal
     assert [r["step"] for r in rows] == [1, 2]
     assert min(r["groups/zero_spread"] for r in rows) < 1
     assert max(r["update/grad_norm"] for r in rows) > 0.1
 
 
-@pytest.mark.slow
 def test_two_processes_resume_sft_and_judge_scores_like_one(tmp_path, data_dir):
-    """Cold-Start SFT (2 steps) then GRPO with the judge in score mode; the two-process run
-    stops after SFT + 1 step and resumes from its checkpoint (each host's data position)."""
-    flags_ = {"sft.steps": 2, "sft.batch_size": 8, "sft.lr": 1e-3, "train.max_steps": 2,
-              "reward.preset": "emor3", "reward.judge_mode": "score"}
+    """Cold-Start SFT (2 steps) then GRPO with the judge in score mode, without KL (a step
+    whose groups all tie then has an exactly zero update, so any seed compares); the
+    two-process run stops after SFT + 1 step and resumes from its checkpoint (each host's data
+    position). Its SFT step once hung in XLA:CPU's collective order (distributed.py
+    `_serialize_cpu_collectives`); `_launch`'s timeout makes a hang fail."""
+    flags_ = {"seed": 1, "rl.kl_coef": 0.0, "sft.steps": 2, "sft.batch_size": 8,
+              "sft.lr": 1e-3, "train.max_steps": 2, "reward.preset": "emor3",
+              "reward.judge_mode": "score"}
     rows, _ = _compare_runs(tmp_path, data_dir, flags_,
                             multi_runs=[{"train.max_steps": 1}, {}])
     assert [r["step"] for r in rows].count(2) >= 1

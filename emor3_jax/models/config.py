@@ -3,8 +3,8 @@
 `Qwen2_5_VLConfig.from_hf_dict` reads both layouts transformers has written over time: the
 flat one of the released checkpoints (text fields at the top level, `rope_scaling` with
 `mrope_section`) and the nested one of transformers 5 (`text_config`, `rope_parameters`).
-`to_hf_dict` writes the nested layout, which `Qwen2_5_VLForConditionalGeneration.from_pretrained`
-loads. Runtime fields (dtype, remat, attention implementation) are not HF fields and are
+`to_hf_dict` writes the flat layout with both rope spellings, which transformers 4.57 and 5.x
+and vLLM load. Runtime fields (dtype, remat, attention implementation) are not HF fields and are
 never written to `config.json`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_POLICIES = ("none", "block", "full")
-ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+ATTENTION_IMPLS = ("einsum", "blockwise", "splash", "xla", "cudnn")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu")
 
 
@@ -124,7 +124,7 @@ class Qwen2_5_VLConfig:
     dtype: str = "float32"            # activation / compute dtype
     param_dtype: str = "float32"      # parameter storage dtype
     remat: str = "none"               # none | block (save matmuls) | full (save only layer inputs)
-    attention_impl: str = "einsum"    # einsum | xla | cudnn (jax.nn.dot_product_attention)
+    attention_impl: str = "einsum"    # einsum | blockwise | splash | xla | cudnn (layers.attention)
 
     @property
     def compute_dtype(self):
@@ -230,10 +230,13 @@ class Qwen2_5_VLConfig:
             raise ValueError(f"{path}: {e}") from e
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """Nested transformers-5 layout; `from_pretrained` reads it back to the same model."""
+        """The released checkpoints' layout, which transformers 4.57 and 5.x and vLLM all read:
+        text fields at the top level with both rope spellings (4.57/vLLM `rope_scaling` +
+        `rope_theta`, v5 `rope_parameters`; a nested `text_config` would make v5 warn about the
+        legacy keys), `vision_config` nested, `dtype` and `torch_dtype`."""
         t, v = self.text, self.vision
         eos = list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id
-        return {
+        d = {
             "architectures": ["Qwen2_5_VLForConditionalGeneration"],
             "model_type": "qwen2_5_vl",
             "dtype": str(jnp.dtype(self.param_dtype)),
@@ -286,6 +289,14 @@ class Qwen2_5_VLConfig:
                 "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
             },
         }
+        text = d.pop("text_config")
+        del text["model_type"]
+        # "mrope" is spelled "default" + mrope_section, as 4.57 rewrites it (vLLM refuses a
+        # `type` that differs from `rope_type`)
+        text["rope_scaling"] = {"type": "default", "rope_type": "default",
+                                "mrope_section": list(t.mrope_section)}
+        text["rope_theta"] = t.rope_theta
+        return {**text, **d, "torch_dtype": d["dtype"]}
 
     def write_json(self, out_dir: str) -> str:
         path = os.path.join(out_dir, "config.json")

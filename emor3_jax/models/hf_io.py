@@ -15,6 +15,11 @@ Linear weights transpose ([out, in] -> kernel [in, out]); norms, biases and the 
 Scanned layers stack on a leading axis. With a mesh, every tensor is read shard by shard
 straight onto its NamedSharding (`jax.make_array_from_callback` + safetensors `get_slice`), so
 no host ever holds the whole model.
+
+`load_hf` takes any model source (local dir, gs:// dir, hub id; model_source.resolve), and
+`save_hf` writes a directory transformers (4.57 and 5.x) and vLLM can serve: weights,
+config.json, generation_config.json, preprocessor_config.json and, given the tokenizer, its
+files with the Qwen2.5-VL chat template; to a local or a gs:// directory.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,7 +39,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from emor3_jax import sharding
+from emor3_jax import model_source, sharding
+from emor3_jax.configs import base
 from emor3_jax.models.config import Qwen2_5_VLConfig
 
 log = logging.getLogger(__name__)
@@ -208,12 +215,15 @@ def _reader(ckpt: _Checkpoint, spec: TensorSpec, cfg: Qwen2_5_VLConfig, dtype
 def load_hf(hf_dir: str, dtype=jnp.float32, mesh=None, *, param_dtype=None, **runtime):
     """Load a Hugging Face Qwen2.5-VL directory -> (model, params).
 
-    dtype: compute dtype (and parameter dtype unless param_dtype is given). mesh: when given,
+    hf_dir: a local directory, a gs:// directory (copied once per host into the cache) or a
+    hub repo id `org/name[@revision]` (model_source.resolve). dtype: compute dtype (and
+    parameter dtype unless param_dtype is given). mesh: when given,
     every tensor is placed onto its NamedSharding from emor3_jax.sharding.param_shardings, read
     shard by shard. runtime: further Qwen2_5_VLConfig runtime fields (remat, attention_impl).
     """
     from emor3_jax.models import qwen2_5_vl
     param_dtype = dtype if param_dtype is None else param_dtype
+    hf_dir = model_source.resolve(hf_dir, "hf_dir")
     cfg = Qwen2_5_VLConfig.from_json_file(
         os.path.join(hf_dir, "config.json"), dtype=jnp.dtype(dtype).name,
         param_dtype=jnp.dtype(param_dtype).name, **runtime)
@@ -291,14 +301,40 @@ def _parse_size(size) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def save_hf(params, config: Qwen2_5_VLConfig, out_dir: str, *, max_shard_size="5GB") -> str:
-    """Write config.json + safetensors (sharded with an index when over max_shard_size).
+def save_hf(params, config: Qwen2_5_VLConfig, out_dir: str, *, max_shard_size="5GB",
+            tokenizer=None, min_pixels: int = base.MIN_PIXELS,
+            max_pixels: int = base.MAX_PIXELS) -> str:
+    """Write a servable Hugging Face directory: safetensors (sharded with an index when over
+    max_shard_size), config.json, generation_config.json, preprocessor_config.json (images
+    resized to [min_pixels, max_pixels], as in the run) and, given `tokenizer`, the tokenizer
+    files with the Qwen2.5-VL chat template (`write_serving_files`).
 
     Tensors keep the parameters' dtype (bf16 or fp32). Only process 0 writes; every process
-    must call it when parameters are sharded across hosts (the gather is collective).
+    must call it when parameters are sharded across hosts (the gather is collective). A gs://
+    out_dir is written to a local temporary directory first, then uploaded.
     """
-    limit = _parse_size(max_shard_size)
     writer = jax.process_index() == 0
+    remote = model_source.is_remote(out_dir)
+    tmp = None
+    if remote and writer:
+        os.makedirs(model_source.cache_root(), exist_ok=True)
+        tmp = tempfile.TemporaryDirectory(prefix="export-", dir=model_source.cache_root())
+    local = tmp.name if tmp else os.fspath(out_dir)
+    try:
+        _write_weights(params, config, local, _parse_size(max_shard_size), writer)
+        if writer:
+            config.write_json(local)
+            write_serving_files(local, config, tokenizer, min_pixels, max_pixels)
+            if remote:
+                model_source.upload(local, out_dir)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return out_dir
+
+
+def _write_weights(params, config: Qwen2_5_VLConfig, out_dir: str, limit: int, writer: bool):
+    """The safetensors files (+ index); every process iterates (gathers), process 0 writes."""
     if writer:
         os.makedirs(out_dir, exist_ok=True)
         for f in os.listdir(out_dir):  # stale shards of an earlier export would confuse loaders
@@ -327,17 +363,57 @@ def save_hf(params, config: Qwen2_5_VLConfig, out_dir: str, *, max_shard_size="5
         total += arr.nbytes
     if shard:
         flush()
-    if writer:
-        n = len(tmp_names)
-        if n == 1:
-            os.replace(os.path.join(out_dir, tmp_names[0]), os.path.join(out_dir, SINGLE_FILE))
-        else:
-            final = {t: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, t in enumerate(tmp_names)}
-            for t, f in final.items():
-                os.replace(os.path.join(out_dir, t), os.path.join(out_dir, f))
-            with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total},
-                           "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}},
-                          f, indent=2)
-        config.write_json(out_dir)
-    return out_dir
+    if not writer:
+        return
+    n = len(tmp_names)
+    if n == 1:
+        os.replace(os.path.join(out_dir, tmp_names[0]), os.path.join(out_dir, SINGLE_FILE))
+        return
+    final = {t: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, t in enumerate(tmp_names)}
+    for t, f in final.items():
+        os.replace(os.path.join(out_dir, t), os.path.join(out_dir, f))
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total},
+                   "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}},
+                  f, indent=2)
+
+
+def write_serving_files(out_dir: str, config: Qwen2_5_VLConfig, tokenizer=None,
+                        min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS):
+    """What a server needs besides weights and config.json, as Qwen2.5-VL-*-Instruct has it.
+
+    generation_config.json: stop at any of configs/base.py EOS_TOKENS (`<|im_end|>`,
+    `<|endoftext|>`; the model's eos without a tokenizer), no sampling defaults (the run's
+    sampling is a client choice). preprocessor_config.json: Qwen2VLImageProcessor with the
+    model's patch/merge geometry and the run's pixel budget (both the v5 `size` and the 4.x
+    `min_pixels`/`max_pixels` spelling). Tokenizer: `tokenizer.save_portable` (loadable by
+    4.57 and 5.x) with the chat template the run's prompts were rendered with
+    (processing/chat.py), as chat_template.jinja and in tokenizer_config.json.
+    """
+    from emor3_jax.processing import chat
+    from emor3_jax.processing import tokenizer as tok_lib
+
+    t, v = config.text, config.vision
+    if tokenizer is not None:
+        eos = [int(tokenizer.convert_tokens_to_ids(x)) for x in base.EOS_TOKENS]
+        pad = int(tokenizer.convert_tokens_to_ids(base.PAD_TOKEN))
+    else:
+        eos = list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else [t.eos_token_id]
+        pad = t.pad_token_id
+    generation = {"bos_token_id": t.bos_token_id, "eos_token_id": eos, "pad_token_id": pad}
+    preprocessor = {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(base.IMAGE_MEAN),
+        "image_std": list(base.IMAGE_STD),
+        "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
+        "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+        "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+        "merge_size": v.spatial_merge_size}
+    for name, d in (("generation_config.json", generation),
+                    ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(d, f, indent=2)
+            f.write("\n")
+    if tokenizer is not None:
+        tok_lib.save_portable(tokenizer, out_dir, chat_template=chat.QWEN2_5_VL_CHAT_TEMPLATE)

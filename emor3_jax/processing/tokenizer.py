@@ -51,19 +51,27 @@ def response_tag_tokens() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-def load_tokenizer(path: str | os.PathLike):
-    """An HF tokenizer from a directory (a model dir or a saved tokenizer), Qwen2.5-VL-checked.
+def load_tokenizer(path: str | os.PathLike, *, field: str = "tokenizer directory"):
+    """An HF tokenizer from a model source (a model dir or a saved tokenizer: local, gs://, or a
+    hub id `org/name[@rev]`; only tokenizer files are fetched), Qwen2.5-VL-checked.
 
     Fails early, naming the directory and the tokens, when a Qwen2.5-VL special token is
     missing or not a single special id: image tokens would otherwise be silently mis-counted.
+    field: the config field `path` came from, for error messages.
     """
     from transformers import AutoTokenizer  # heavy import, only where a tokenizer is loaded
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist: pass a Hugging "
-                                "Face model directory or a directory written by "
+    from emor3_jax import model_source
+
+    source = os.fspath(path)
+    if model_source.classify(source) == "missing":
+        raise FileNotFoundError(f"{field} {source!r} does not exist: pass a Hugging Face model "
+                                "directory (local or gs://), a hub repo id such as "
+                                "Qwen/Qwen2.5-VL-3B-Instruct, or a directory written by "
                                 "build_demo_tokenizer(out_dir)")
+    path = Path(model_source.resolve(source, field, model_source.TOKENIZER_FILES))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{field} {source!r} is not a directory")
     if not any((path / name).exists() for name in _TOKENIZER_FILES):
         raise FileNotFoundError(f"no tokenizer files in {str(path)!r} (expected one of "
                                 f"{', '.join(_TOKENIZER_FILES)}): pass the Qwen2.5-VL model "
@@ -263,14 +271,20 @@ def build_demo_tokenizer(out_dir: str | os.PathLike | None = None):
     return tokenizer
 
 
-def save_portable(tokenizer, out_dir: str | os.PathLike) -> None:
+def save_portable(tokenizer, out_dir: str | os.PathLike, chat_template: str | None = None
+                  ) -> None:
     """save_pretrained, with a tokenizer_config.json that transformers 4.x can read as well.
 
     transformers 5 writes `tokenizer_class: TokenizersBackend` and a list-valued
     `extra_special_tokens`, which 4.x (and serving stacks pinned to it) cannot load; the
     classic `PreTrainedTokenizerFast` + `additional_special_tokens` spelling loads in both.
+    chat_template (else the tokenizer's own) goes to chat_template.jinja, which 4.57 and 5.x
+    tokenizers and processors read, and into tokenizer_config.json for older readers.
     """
     tokenizer.save_pretrained(str(out_dir))
+    chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+    if isinstance(chat_template, str):
+        (Path(out_dir) / "chat_template.jinja").write_text(chat_template)
     config_path = Path(out_dir) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -279,4 +293,6 @@ def save_portable(tokenizer, out_dir: str | os.PathLike) -> None:
         config["additional_special_tokens"] = extra
     elif extra:
         config["extra_special_tokens"] = extra
+    if isinstance(chat_template, str):
+        config["chat_template"] = chat_template
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

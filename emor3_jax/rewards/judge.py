@@ -147,9 +147,12 @@ class Judge:
         if reward_config.judge_source == "checkpoint":
             if not reward_config.judge_dir:
                 raise ValueError("config.reward.judge_source='checkpoint' needs "
-                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
+                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL model: a "
+                                 "local or gs:// directory or a hub repo id)")
+            from emor3_jax import model_source
+            judge_dir = model_source.resolve(reward_config.judge_dir, "config.reward.judge_dir")
             model, params = qwen2_5_vl.load_hf(
-                reward_config.judge_dir, dtype=dtype or policy_model.config.compute_dtype,
+                judge_dir, dtype=dtype or policy_model.config.compute_dtype,
                 mesh=mesh)
         return cls(model, tokenizer, mode=reward_config.judge_mode,
                    source=reward_config.judge_source, params=params,
