@@ -65,13 +65,3 @@ def walk_files(p) -> list[str]:
         else:
             out.append(os.fspath(child))
     return sorted(out)
-
-
-def upload_dir(local_dir, dst) -> None:
-    """Copy every file under `local_dir` to `dst` (a local or gs:// directory)."""
-    src = path(local_dir)
-    for f in sorted(src.rglob("*")):
-        if f.is_file():
-            out = path(dst) / os.path.relpath(os.fspath(f), os.fspath(src))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(f.read_bytes())

@@ -30,6 +30,10 @@ MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tikt
 # What a tokenizer needs (config.json: AutoTokenizer may read the model type from it).
 TOKENIZER_FILES = ("config.json", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template*", "*.tiktoken")
+# A data set's files (config.data.manual_dir): everything under a gs:// directory; the parquet
+# exports of a hub dataset repo (TFDS' first layout, data/<split>-*.parquet).
+DATA_FILES = ("*",)
+HUB_DATA_FILES = ("*.parquet",)
 MANIFEST = ".emor3_manifest.json"
 # org/name[@revision]; a path starting with "/" or "." is never a hub id.
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?")
@@ -62,15 +66,17 @@ def check(source, field: str) -> None:
             "Qwen/Qwen2.5-VL-3B-Instruct[@revision]")
 
 
-def resolve(source, field: str = "model source", patterns=MODEL_FILES) -> str:
-    """A local directory holding `source`'s files (those matching `patterns` for remote ones)."""
+def resolve(source, field: str = "model source", patterns=MODEL_FILES,
+            repo_type: str = "model") -> str:
+    """A local directory holding `source`'s files (those matching `patterns` for remote ones;
+    repo_type "dataset" for a hub dataset repo, e.g. config.data.manual_dir)."""
     s = os.fspath(source)
     kind = classify(s)
     check(s, field)
     if kind == "remote":
         return _mirror_remote(s, field, tuple(patterns))
     if kind == "hub":
-        return _hub_snapshot(s, field, tuple(patterns))
+        return _hub_snapshot(s, field, tuple(patterns), repo_type)
     return s
 
 
@@ -210,7 +216,7 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or env.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_snapshot(source: str, field: str, patterns) -> str:
+def _hub_snapshot(source: str, field: str, patterns, repo_type: str = "model") -> str:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -220,7 +226,7 @@ def _hub_snapshot(source: str, field: str, patterns) -> str:
     where = f"{repo}" + (f" at revision {rev}" if rev else "")
     try:
         path = snapshot_download(repo, revision=rev, allow_patterns=list(patterns),
-                                 local_files_only=offline)
+                                 local_files_only=offline, repo_type=repo_type)
     except LocalEntryNotFoundError as e:
         if offline:
             raise FileNotFoundError(

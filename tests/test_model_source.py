@@ -159,3 +159,49 @@ def test_hub_id_missing_offline(hub_cache):
     with pytest.raises(FileNotFoundError, match=r"config\.reward\.judge_dir='org/other'.*not in "
                                                 r"the local hub cache"):
         model_source.resolve("org/other", "config.reward.judge_dir")
+
+
+# ------------------------------------------------------------------------------------------
+# Data sets: config.data.manual_dir as a gs:// directory or a hub dataset repo id.
+
+def test_manual_dir_on_gcs_prepares_like_the_local_copy(gcs, tmp_path):
+    from emor3_jax.data import pipeline
+    from emor3_jax.data.sample_files import write_image_folder
+    _, make_bucket = gcs
+    bucket = make_bucket("data")
+    local = tmp_path / "emotion"
+    write_image_folder(local, {"test": ["joy", "fear", "anger", "love"]})
+    model_source.upload(local, f"{bucket}/emotion")
+    names = lambda b: sorted(str(e["id"]) for e in b.as_data_source("test"))  # noqa: E731
+    remote, _ = pipeline.open_source("webemo", "test", data_dir=str(tmp_path / "tfds_gs"),
+                                     manual_dir=f"{bucket}/emotion")
+    mirror = pipeline.local_manual_dir(f"{bucket}/emotion")
+    assert mirror.startswith(os.environ["EMOR3_CACHE"])
+    here, _ = pipeline.open_source("webemo", "test", data_dir=str(tmp_path / "tfds_local"),
+                                   manual_dir=str(local))
+    assert names(remote) == names(here) and len(names(here)) == 4
+
+
+def test_manual_dir_as_hub_dataset_downloads_its_parquet(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from emor3_jax.data import pipeline
+    from emor3_jax.data.sample_files import encode, photo
+    cache = tmp_path / "hub"
+    snapshot = cache / "datasets--org--emo6" / "snapshots" / COMMIT
+    (snapshot / "data").mkdir(parents=True)
+    rows = [{"image": {"bytes": encode(photo(i, 40, 56)), "path": f"{i}.jpg"},
+             "problem": "Which emotion?", "answer": label}
+            for i, label in enumerate(["joy", "fear", "sadness"])]
+    pq.write_table(pa.Table.from_pylist(rows), snapshot / "data" / "test-00000-of-00001.parquet")
+    (snapshot / "README.md").write_text("not downloaded")
+    (cache / "datasets--org--emo6" / "refs").mkdir()
+    (cache / "datasets--org--emo6" / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    builder, source = pipeline.open_source("emotion6", "test", data_dir=str(tmp_path / "tfds"),
+                                           manual_dir="org/emo6")
+    labels = builder.info.features["label"].names
+    assert sorted(labels[e["label"]] for e in source) == ["fear", "joy", "sadness"]
+    with pytest.raises(FileNotFoundError, match=r"config\.data\.manual_dir='org/nothing'"):
+        pipeline.local_manual_dir("org/nothing")

@@ -1,8 +1,8 @@
 """Multi-host training: host data blocks, and two real JAX processes (gloo collectives on
 localhost) that train to the same parameters as one process with the same global batch.
 
-Runtime on 2 idle CPU cores: about 80 s for the two-process comparison (mostly XLA compiles in
-three processes), about 215 s for the SFT + resume variant.
+Runtime on 2 idle CPU cores: about 215 s for the two-process comparison (mostly XLA compiles in
+three processes).
 """
 import json
 import os
@@ -259,29 +259,20 @@ def _compare_runs(tmp_path, data_dir, flags_, *, multi_runs=None):
     return rows_a, a
 
 
-def test_two_processes_train_like_one(tmp_path, data_dir):
-    """Two GRPO steps (EMO-R3 rewards; the policy as judge, generating its answers; two
-    micro-batches per update; checkpoints; final evaluation and export) with KL to the
-    reference (the reference log-prob pass across processes)."""
-    rows, _ = _compare_runs(tmp_path, data_dir, {
-        "seed": 2, "rl.kl_coef": 0.01, "sft.steps": 0, "train.max_steps": 2,
-        "reward.preset": "emor3", "reward.judge_mode": "generate",
-        "reward.judge_max_new_tokens": 8})
-    # the comparison means something only if the updates had a learning signal
-    assert [r["step"] for r in rows] == [1, 2]
-    assert min(r["groups/zero_spread"] for r in rows) < 1
-    assert max(r["update/grad_norm"] for r in rows) > 0.1
-
-
-def test_two_processes_resume_sft_and_judge_scores_like_one(tmp_path, data_dir):
-    """Cold-Start SFT (2 steps) then GRPO with the judge in score mode, without KL (a step
-    whose groups all tie then has an exactly zero update, so any seed compares); the
-    two-process run stops after SFT + 1 step and resumes from its checkpoint (each host's data
-    position). Its SFT step once hung in XLA:CPU's collective order (distributed.py
-    `_serialize_cpu_collectives`); `_launch`'s timeout makes a hang fail."""
-    flags_ = {"seed": 1, "rl.kl_coef": 0.0, "sft.steps": 2, "sft.batch_size": 8,
+def test_two_processes_resume_sft_and_grpo_like_one(tmp_path, data_dir):
+    """Cold-Start SFT (2 steps), then two GRPO steps (EMO-R3 rewards, the policy as judge
+    generating its answers, KL to the reference: its log-prob pass across processes; two micro-batches per
+    update; checkpoints; final evaluation and export); the two-process run stops after SFT + 1
+    step and resumes from its checkpoint (each host's data position). Its SFT step once hung
+    in XLA:CPU's collective order (distributed.py `_serialize_cpu_collectives`); `_launch`'s
+    timeout makes a hang fail."""
+    flags_ = {"seed": 2, "rl.kl_coef": 0.01, "sft.steps": 2, "sft.batch_size": 8,
               "sft.lr": 1e-3, "train.max_steps": 2, "reward.preset": "emor3",
-              "reward.judge_mode": "score"}
+              "reward.judge_mode": "generate", "reward.judge_max_new_tokens": 8}
     rows, _ = _compare_runs(tmp_path, data_dir, flags_,
                             multi_runs=[{"train.max_steps": 1}, {}])
-    assert [r["step"] for r in rows].count(2) >= 1
+    # the comparison means something only if the updates had a learning signal
+    rl = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in rl] == [1, 2]
+    assert min(r["groups/zero_spread"] for r in rl) < 1
+    assert max(r["update/grad_norm"] for r in rl) > 0.1

@@ -585,6 +585,21 @@ def open_source(name: str, split: str, *, data_dir: str | None = None,
     return builder, source
 
 
+def local_manual_dir(manual_dir: str | None) -> str | None:
+    """config.data.manual_dir as a local directory: as it is, a gs:// directory copied once per
+    host into the cache, or a Hugging Face dataset repo id (org/name[@revision]) whose parquet
+    files are downloaded (emor3_jax/model_source.py). Only needed while preparing."""
+    if not manual_dir:
+        return None
+    from emor3_jax import model_source
+    kind = model_source.classify(manual_dir)
+    if kind not in ("remote", "hub"):       # TFDS names a missing folder and the layouts
+        return manual_dir
+    patterns = model_source.HUB_DATA_FILES if kind == "hub" else model_source.DATA_FILES
+    return model_source.resolve(manual_dir, "config.data.manual_dir", patterns,
+                                repo_type="dataset")
+
+
 def _prepare(builder, reopen, manual_dir):
     import jax
     import tensorflow_datasets as tfds
@@ -592,7 +607,7 @@ def _prepare(builder, reopen, manual_dir):
     def run(b):
         if not b.is_prepared():
             b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir or None))
+                manual_dir=local_manual_dir(manual_dir)))
         return b
     if jax.process_count() == 1:
         return run(builder)

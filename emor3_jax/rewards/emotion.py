@@ -14,6 +14,7 @@ Two views of one response are used, as in the release:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable, Mapping, Sequence
 
@@ -97,8 +98,16 @@ def graded_accuracy_reward(response: str, label: str) -> float:
     More lenient than `accuracy_reward` (mathruler normalizes `\\text{awe}`, units, spacing and
     compares expressions with sympy) and stricter on nothing; a missing box reads "None".
     """
-    from mathruler.grader import extract_boxed_content, grade_answer
-    return 1.0 if grade_answer(extract_boxed_content(normalize_tags(response)), label) else 0.0
+    from mathruler.grader import extract_boxed_content
+    return _grade(extract_boxed_content(normalize_tags(response)), label)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _grade(answer: str, label: str) -> float:
+    """mathruler's `grade_answer`, memoized: it costs milliseconds (LaTeX parsing, sympy
+    checks) and a rollout repeats the same few boxed answers thousands of times."""
+    from mathruler.grader import grade_answer
+    return 1.0 if grade_answer(answer, label) else 0.0
 
 
 def coherence_span(response: str) -> str | None:
@@ -158,8 +167,7 @@ def graded_coherence_score(judge_answer: str, label: str) -> float:
     _check_str("graded_coherence_score: judge_answer", judge_answer)
     if judge_answer == "None":
         return 0.5
-    from mathruler.grader import grade_answer
-    return 1.0 if grade_answer(judge_answer, label) else 0.0
+    return _grade(judge_answer, label)
 
 
 def consistency_score(judge_answer: str) -> float:
