@@ -117,10 +117,10 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
                                  f"generation try) must be a positive multiple of the "
                                  f"{process_count} hosts")
         emotion.get_preset(config.reward.preset)
-        if config.reward.judge_source == "checkpoint" and not config.reward.judge_dir:
-            raise ValueError("config.reward.judge_source='checkpoint' needs "
-                             "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
         if config.reward.judge_source == "checkpoint":
+            if not config.reward.judge_dir:
+                raise ValueError("config.reward.judge_source='checkpoint' needs "
+                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
             model_source.check(config.reward.judge_dir, "config.reward.judge_dir")
         update_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
         if r.max_new_tokens > max(r.response_buckets):
@@ -559,9 +559,8 @@ class Trainer:
         builder, _ = data_lib.open_source(c.data.train, TRAIN_SPLIT,
                                           **self._source_kwargs(c.data.train))
         n = builder.info.splits[TRAIN_SPLIT].num_examples
-        mini = data_lib.generation_batch_size(c)
-        if mini != c.rollout.batch_size:     # EasyR1: whole mini rollout batches per epoch
-            n = (n // mini) * mini
+        mini = data_lib.generation_batch_size(c)   # DAPO draws whole mini batches (EasyR1)
+        n = (n // mini) * mini
         return rl_steps_from_epochs(n, c.rollout.batch_size, c.train.epochs, c.data.train)
 
     def _source_kwargs(self, name: str) -> dict:
