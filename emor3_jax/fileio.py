@@ -32,6 +32,22 @@ def makedirs(p) -> None:
     path(p).mkdir(parents=True, exist_ok=True)
 
 
+def check_writable(p, field: str = "--workdir") -> None:
+    """Create directory `p` and write (then delete) a probe file in it, so that a run whose
+    workdir it cannot write fails at once, naming the path and what to do (credentials,
+    bucket), rather than at its first checkpoint."""
+    probe = path(p) / f".write_probe.{uuid.uuid4().hex[:8]}"
+    try:
+        makedirs(p)
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise many types; classified)
+        from emor3_jax.model_source import remote_error
+        if not is_remote(p):
+            raise
+        raise remote_error(os.fspath(p), field, e, write=True) from e
+
+
 def exists(p) -> bool:
     return path(p).exists()
 

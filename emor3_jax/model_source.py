@@ -91,23 +91,25 @@ def _remote_fs(uri: str):
         raise ImportError(f"reading {uri}: {e}; `pip install gcsfs` for gs:// paths") from e
 
 
-def remote_error(uri: str, field: str, error: Exception) -> Exception:
-    """The exception to raise for a failed read of `uri`, saying what to do."""
+def remote_error(uri: str, field: str, error: Exception, write: bool = False) -> Exception:
+    """The exception to raise for a failed read (or write) of `uri`, saying what to do."""
     what = f"{type(error).__name__}: {error}".strip()
     if isinstance(error, FileNotFoundError):
         return FileNotFoundError(f"{field}={uri!r}: not found (no such bucket, or nothing under "
                                  f"this path); check it with `gcloud storage ls {uri}` ({what})")
     code = getattr(error, "code", None)
     text = what.lower()
+    verb, role = ("write to", "objectUser") if write else ("read", "objectViewer")
     if code in (401, 403) or any(k in text for k in (
             "forbidden", "unauthorized", "credential", "anonymous caller", "permission",
             "refresherror", "401", "403")):
         return PermissionError(
-            f"{field}={uri!r}: cannot read it: no Google Cloud credentials, or they lack "
-            "permission. On a TPU/GCE VM give the VM's service account read access to the "
-            "bucket (roles/storage.objectViewer); elsewhere run `gcloud auth application-default "
-            f"login` or set GOOGLE_APPLICATION_CREDENTIALS to a key file ({what})")
-    return OSError(f"{field}={uri!r}: reading it failed ({what})")
+            f"{field}={uri!r}: cannot {verb} it: no Google Cloud credentials, or they lack "
+            f"permission. On a TPU/GCE VM give the VM's service account {verb.split()[0]} "
+            f"access to the bucket (roles/storage.{role}); elsewhere run `gcloud auth "
+            f"application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a key file "
+            f"({what})")
+    return OSError(f"{field}={uri!r}: {'writing' if write else 'reading'} it failed ({what})")
 
 
 def _version(info: dict) -> str:
@@ -153,12 +155,17 @@ def _write_manifest(dest: Path, files: dict) -> None:
     os.replace(tmp, dest / MANIFEST)
 
 
+def mirror_dir(uri: str) -> Path:
+    """Where the cache mirrors the remote directory `uri` (the same relative layout below)."""
+    scheme, rest = uri.split("://", 1)
+    return cache_root() / "remote" / scheme / rest.strip("/")
+
+
 def _mirror_remote(uri: str, field: str, patterns) -> str:
     from filelock import FileLock
     fs, root = _remote_fs(uri)
     remote = _list_remote(fs, root, uri, field, patterns)
-    scheme = uri.split("://", 1)[0]
-    dest = cache_root() / "remote" / scheme / root.strip("/")
+    dest = mirror_dir(uri)
     dest.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         have = _read_manifest(dest)

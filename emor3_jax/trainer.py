@@ -685,7 +685,7 @@ def _left_pad(batch: dict, width: int) -> dict:
 # --------------------------------------------------------------------------------------------
 def run(config, workdir: str):
     """Everything `python -m emor3_jax.main` does for `config.mode`."""
-    fileio.makedirs(workdir)
+    fileio.check_writable(workdir)
     use_compile_cache(config, workdir)
     with _sigterm_saves():
         trainer = Trainer(config, workdir)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from emor3_jax import model_source
+from emor3_jax import fileio, model_source
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import tokenizer as tk
@@ -83,6 +83,10 @@ def test_gcs_errors_name_the_path(gcs):
         model_source.resolve("gs://empty/m", "config.model.hf_dir")
     with pytest.raises(FileNotFoundError, match=r"'gs://missing-bucket/m': not found"):
         qwen2_5_vl.load_hf("gs://missing-bucket/m")
+    with pytest.raises(FileNotFoundError, match=r"--workdir='gs://missing-bucket/run': not found"):
+        fileio.check_writable("gs://missing-bucket/run")
+    fileio.check_writable("gs://empty/run")
+    assert fileio.walk_files("gs://empty/run") == []
 
 
 class _Deny(http.server.BaseHTTPRequestHandler):
@@ -97,6 +101,8 @@ class _Deny(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    do_POST = do_PUT = do_GET
 
     def log_message(self, *args):
         pass
@@ -114,6 +120,9 @@ def test_gcs_without_credentials(code, monkeypatch):
                                                   r"cannot read it: no Google Cloud credentials"
                                                   r".*gcloud auth application-default login"):
             model_source.resolve("gs://private/m", "config.model.hf_dir")
+        with pytest.raises(PermissionError, match=r"--workdir='gs://private/run': cannot write "
+                                                  r"to it: .*roles/storage\.objectUser"):
+            fileio.check_writable("gs://private/run")
     finally:
         server.shutdown()
         server.server_close()
@@ -205,3 +214,25 @@ def test_manual_dir_as_hub_dataset_downloads_its_parquet(tmp_path, monkeypatch):
     assert sorted(labels[e["label"]] for e in source) == ["fear", "joy", "sadness"]
     with pytest.raises(FileNotFoundError, match=r"config\.data\.manual_dir='org/nothing'"):
         pipeline.local_manual_dir("org/nothing")
+
+
+def test_data_dir_on_gcs_is_prepared_once_and_mirrored(gcs, tmp_path, cache):
+    """array_record reads local files only: a gs:// data_dir is prepared once, uploaded, and
+    every later open (another host, a resumed run) mirrors the bucket's copy into the cache."""
+    import shutil
+    from emor3_jax import fileio
+    from emor3_jax.data import pipeline
+    from emor3_jax.data.sample_files import write_image_folder
+    _, make_bucket = gcs
+    bucket = make_bucket("data")
+    write_image_folder(tmp_path / "emotion", {"test": ["joy", "fear", "anger", "love"]})
+    ids = lambda src: sorted(str(e["id"]) for e in src)  # noqa: E731
+    builder, first = pipeline.open_source("webemo", "test", data_dir=f"{bucket}/tfds",
+                                          manual_dir=str(tmp_path / "emotion"))
+    assert builder.data_dir.startswith(str(cache))
+    version = f"{bucket}/tfds/webemo/default/{builder.version}"
+    assert fileio.exists(f"{version}/dataset_info.json")
+    assert fileio.exists(f"{version}/skipped.json")
+    shutil.rmtree(cache)          # a fresh host: no local copy, no manual_dir
+    _, again = pipeline.open_source("webemo", "test", data_dir=f"{bucket}/tfds")
+    assert ids(again) == ids(first) and len(ids(first)) == 4

@@ -58,6 +58,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import threading
 from typing import Any, Sequence
@@ -571,13 +572,18 @@ def open_source(name: str, split: str, *, data_dir: str | None = None,
     first and the others wait (a shared data_dir is prepared once; host-local ones afterwards).
     """
     import tensorflow_datasets as tfds  # the builders are registered: this is emor3_jax.data
+    from emor3_jax.fileio import is_remote
 
+    remote = data_dir if data_dir and is_remote(data_dir) else None
+    if remote:      # array_record reads local files only: a per-host mirror of the bucket's copy
+        from emor3_jax import model_source
+        data_dir = str(model_source.mirror_dir(remote))
     kwargs = {"data_dir": data_dir or None}
     if config is not None:
         kwargs["config"] = config
     builder = tfds.builder(name, **kwargs)
     if prepare:
-        builder = _prepare(builder, lambda: tfds.builder(name, **kwargs), manual_dir)
+        builder = _prepare(builder, lambda: tfds.builder(name, **kwargs), manual_dir, remote)
     if split not in builder.info.splits:
         raise ValueError(f"{name} has no split {split!r}; the prepared splits are "
                          f"{sorted(builder.info.splits)} (see {builder.data_dir})")
@@ -600,23 +606,52 @@ def local_manual_dir(manual_dir: str | None) -> str | None:
                                 repo_type="dataset")
 
 
-def _prepare(builder, reopen, manual_dir):
+def _prepare(builder, reopen, manual_dir, remote: str | None = None):
+    """Prepare `builder` unless it is. `remote`: the gs:// data_dir that `builder`'s local
+    data_dir mirrors; a version prepared there is fetched (only what changed), otherwise it is
+    prepared locally and uploaded, so hosts and later runs prepare it once."""
     import jax
     import tensorflow_datasets as tfds
+    from emor3_jax import model_source
+
+    version_uri = None
+    if remote:
+        rel = os.path.relpath(builder.data_dir, model_source.mirror_dir(remote))
+        version_uri = f"{remote.rstrip('/')}/{rel}"
+
+    def fetch(b):
+        if version_uri and _remote_prepared(version_uri):
+            model_source.resolve(version_uri, "config.data.data_dir", model_source.DATA_FILES)
+            return reopen()
+        return b
 
     def run(b):
+        b = fetch(b)
         if not b.is_prepared():
             b.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=local_manual_dir(manual_dir)))
+            if version_uri:
+                log.info("uploading the prepared %s to %s", b.name, version_uri)
+                model_source.upload(b.data_dir, version_uri, replace=("*",))
         return b
     if jax.process_count() == 1:
         return run(builder)
     from jax.experimental import multihost_utils
     if jax.process_index() == 0:
-        run(builder)
+        builder = run(builder)
     multihost_utils.sync_global_devices(f"emor3_jax: prepared {builder.name}")
     # a builder made before the data existed has no split info: open it again
     return builder if jax.process_index() == 0 else run(reopen())
+
+
+def _remote_prepared(version_uri: str) -> bool:
+    """Whether a prepared TFDS version directory exists at `version_uri` (its dataset_info)."""
+    from emor3_jax import fileio, model_source
+    uri = fileio.join(version_uri, "dataset_info.json")
+    try:
+        return fileio.exists(uri)
+    except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise many types; classified)
+        raise model_source.remote_error(uri, "config.data.data_dir", e) from e
 
 
 def make_pipeline(name: str, split: str, tokenizer, cfg: PipelineConfig, **source_kwargs
