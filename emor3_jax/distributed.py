@@ -3,7 +3,7 @@
 `initialize()` runs `jax.distributed.initialize()` when the environment says we are one of
 several processes (TPU VM pods, SLURM, or explicit EMOR3_* variables), nothing otherwise.
 
-How a multi-host run works (DESIGN.md): every host reads its shard of the data and the host
+How a multi-host run works (docs/architecture.md): every host reads its shard of the data and the host
 batches are gathered (`allgather_objects`), so every process holds the same global batch and
 runs the same host logic (sampling loop, rewards, judge prompts, advantages, packing). Device
 arrays are global (`sharding.put_global` / `sharding.to_host`), so one process and N processes

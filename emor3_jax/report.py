@@ -27,11 +27,11 @@ import numpy as np
 
 from emor3_jax import fileio
 
-# EMO-R3.md's results table: (setting, data set, column header).
+# docs/method.md's results table: (setting, data set, column header).
 PAPER_COLUMNS = (("A", "emoset2k", "EmoSet^I"), ("A", "emotion6", "Emo6"), ("A", "webemo", "WebEmo"),
                  ("B", "emotion6", "Emo6^I"), ("B", "emoset2k", "EmoSet"), ("B", "webemo", "WebEmo"))
 SETTING_OF_TRAIN = {"emoset2k": "A", "emotion6": "B"}
-# Published rows (Qwen2.5-VL-3B-Instruct, accuracy %, EMO-R3.md): the six cells, A^I, A^O, A.
+# Published rows (Qwen2.5-VL-3B-Instruct, accuracy %, docs/method.md): the six cells, A^I, A^O, A.
 PUBLISHED = {
     "zero-shot": (51.55, 50.00, 40.65, 50.00, 51.55, 40.65, 50.77, 45.71, 47.40),
     "SFT": (77.15, 34.51, 17.75, 69.53, 26.45, 37.65, 73.34, 29.09, 43.84),

@@ -6,6 +6,7 @@ logical name lands on is decided here only, as in MaxText. The same code runs on
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -13,6 +14,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -66,10 +69,14 @@ def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
     return nn.logical_to_mesh_axes(tuple(names), rules)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """Drop mesh axes from dimensions they do not divide (e.g. 2 KV heads on tensor=4)."""
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str | None = None) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. 2 KV heads on tensor=4).
+
+    Activations and batches meet this routinely (a chunk of one prompt); for a parameter
+    (`what` = its path) a dropped axis means it is replicated over that axis, which costs memory
+    a user should know about: logged as a warning, once per parameter and mesh."""
     out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for i, (dim, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
         if axes is None:
             out.append(None)
             continue
@@ -79,18 +86,35 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
             size = mesh.shape[a] * math.prod(mesh.shape[k] for k in kept)
             if dim % size == 0:
                 kept.append(a)
+            elif what is not None and mesh.shape[a] > 1:
+                _warn_once(what, mesh, f"parameter {what} {tuple(shape)}: dimension {i} ({dim}) "
+                           f"is not divisible by mesh axis {a!r} (x{size}); it is replicated "
+                           f"over {a!r} instead of sharded (choose a mesh whose {a} size "
+                           f"divides {dim})")
         out.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
     return P(*out)
 
 
+_WARNED: set = set()
+
+
+def _warn_once(what: str, mesh: Mesh, message: str) -> None:
+    key = (what, tuple(mesh.shape.items()))
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning("sharding: %s", message)
+
+
 def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
     """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` parameters."""
-    def one(x):
+    def one(path, x):
         if isinstance(x, nn.LogicallyPartitioned):
             spec = logical_to_spec(x.names, rules)
-            return NamedSharding(mesh, _fit_spec(spec, x.value.shape, mesh))
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            return NamedSharding(mesh, _fit_spec(spec, x.value.shape, mesh, what=name))
         return NamedSharding(mesh, P())
-    return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree_util.tree_map_with_path(
+        one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> NamedSharding:

@@ -15,7 +15,7 @@ from emor3_jax.processing import chat
 from emor3_jax.processing import image as im
 from emor3_jax.processing import tokenizer as tk
 
-# The EMO-R3 prompts as written in docs/EMO-R3.md (not read from configs/base.py, so a drift of
+# The EMO-R3 prompts as written in docs/method.md (not read from configs/base.py, so a drift of
 # the constants fails here).
 SET_TEXT = (
     "You First think the emotional meaning step by step, and then provide the final answer.\n"

@@ -24,7 +24,7 @@ def reference_advantages(rewards, group_size, eps=1e-6):
 
 
 def reference_token_terms(logp, old, ref, adv, clip_low=0.2, clip_high=0.3, dual=3.0):
-    """Per-token (pg, kl) of EMO-R3.md "RL update", one token at a time."""
+    """Per-token (pg, kl) of docs/method.md "RL update", one token at a time."""
     log_ratio = logp - old
     ratio = math.exp(min(max(log_ratio, -20.0), 20.0))
     clipped = math.exp(min(max(log_ratio, math.log(1 - clip_low)), math.log(1 + clip_high)))

@@ -1,4 +1,6 @@
 """fsdp 2 x tensor 4 on 8 virtual CPU devices gives the same logits as one device."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -83,3 +85,15 @@ def test_init_params_on_mesh(devices8):
     up = params["model"]["visual"]["blocks"]["mlp"]["up_proj"]["kernel"]
     assert up.shape == (cfg.vision.depth, cfg.vision.hidden_size, cfg.vision.intermediate_size)
     assert up.sharding.spec == P(None, "fsdp", "tensor")
+
+
+def test_a_parameter_the_mesh_cannot_split_is_named(devices8, caplog):
+    """A mesh axis that does not divide a parameter's dimension replicates it: never silently."""
+    import flax.linen as nn
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    boxed = {"lm": {"embedding": nn.LogicallyPartitioned(
+        jax.ShapeDtypeStruct((6, 64), np.float32), names=("vocab", "embed"))}}
+    out = sharding.param_shardings(boxed, mesh)
+    assert out["lm"]["embedding"].spec == P(None, "fsdp")
+    assert re.search(r"parameter lm/embedding \(6, 64\): dimension 0 \(6\) is not divisible by "
+                     r"mesh axis 'tensor' \(x4\); it is replicated", caplog.text)

@@ -1,4 +1,4 @@
-"""EMO-R3 rule rewards: every expectation is derived from EMO-R3.md "Rewards" (rule cited inline)."""
+"""EMO-R3 rule rewards: every expectation is derived from docs/method.md "Rewards" (rule cited inline)."""
 import numpy as np
 import pytest
 

@@ -1,6 +1,6 @@
 """Rule-based EMO-R3 rewards: format, accuracy, judge prompts/scores and their combinations.
 
-Everything here runs on the host over decoded response strings (EMO-R3.md, "Rewards"). The
+Everything here runs on the host over decoded response strings (docs/method.md, "Rewards"). The
 semantics follow the authors' released EasyR1 fork; where this module chooses something the
 release leaves open or does differently (valence/arousal word detection, white-space-only judge
 answers) the function's docstring says so.
@@ -23,7 +23,7 @@ import numpy as np
 from emor3_jax.configs import base
 
 # --------------------------------------------------------------------------------------------
-# Patterns (all from EMO-R3.md / the released reward functions).
+# Patterns (all from docs/method.md / the released reward functions).
 _TAG_SPACE = re.compile(r"\s*(<|>|/)\s*")
 _SET_FORMAT = re.compile(
     r"<step1>.*</step1>.*<step2>.*</step2>.*<step3>.*</step3>.*\\boxed\{.*\}.*", re.DOTALL)
@@ -120,7 +120,7 @@ def consistency_span(response: str) -> str | None:
     """Step 1 of the raw response: from `<step1>` (kept) up to, not including, the first `<step2>`.
 
     The `<step1>` tag is included because the released code cuts `(<step1>.*?)(?=<step2>)`
-    (EMO-R3.md: "from `<step1>` up to, not including, `<step2>`"). Stripped; None if missing.
+    (docs/method.md: "from `<step1>` up to, not including, `<step2>`"). Stripped; None if missing.
     """
     match = _CONSISTENCY_SPAN.search(response)
     return match.group(0).strip() if match else None

@@ -1,6 +1,6 @@
 """GRPO math: group-normalized advantages and the clipped policy loss with a k3 KL term.
 
-Semantics are EasyR1's (the released EMO-R3 code), EMO-R3.md "RL update":
+Semantics are EasyR1's (the released EMO-R3 code), docs/method.md "RL update":
   ratio r = exp(clamp(logp - old_logp, -20, 20)); clip(r) = exp(clamp(logp - old_logp,
   log(1 - clip_low), log(1 + clip_high))); l = max(-A*r, -A*clip(r)); for A < 0,
   l = min(l, -dual_clip*A); k3 KL = exp(d) - d - 1 with d = clamp(ref - logp, -20, 20), result
