@@ -203,7 +203,7 @@ def get_config():
     c.reward.judge_chunk_size = 0  # judge prompts per program call (0 = all at once)
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.adv_eps = 1e-6
+    c.rl.adv_eps = 1e-6            # advantage = (r - mean) / (unbiased std + adv_eps) per group
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0

@@ -316,7 +316,8 @@ class Trainer:
                                 temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                 ids=self.policy.ids, tokenizer=self.policy.tokenizer)
         t_sample = time.time() - t0
-        ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params, rng=k_judge)
+        ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params, rng=k_judge,
+                               adv_eps=c.rl.adv_eps)
         t_reward = time.time() - t0 - t_sample
         out = rollout_lib.metrics(ro)
         out.update(time_sample=t_sample, time_reward=t_reward,
@@ -502,7 +503,7 @@ class Trainer:
                                     top_p=r.top_p, top_k=r.top_k, ids=self.policy.ids,
                                     tokenizer=self.policy.tokenizer)
             ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params,
-                                   rng=jax.random.fold_in(k, 1))
+                                   rng=jax.random.fold_in(k, 1), adv_eps=c.rl.adv_eps)
             valid = np.asarray(batch["valid"], bool)
             band = rollout_lib.groups_in_band(ro.rewards, g, r.filter_low, r.filter_high)
             dropped += int((valid & ~band).sum())

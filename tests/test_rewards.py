@@ -387,3 +387,21 @@ def test_judge_prompts_follow_preset_needs():
     assert cons[1] == ("<image>\nCan the following text describe the image?Please answer with yes "
                        "or no.<step1>A storm.</step1>")
     assert emotion.judge_prompts(BATCH, EMOSET, "set_only") == (None, None)
+
+
+def test_rollout_advantages_use_config_adv_eps():
+    """config.rl.adv_eps reaches the advantages: (r - mean) / (std + eps) per group."""
+    from emor3_jax.rl import rollout as rollout_lib
+    good = ("<step1>a</step1><step2>b</step2><step3>c</step3> \\boxed{awe}")
+    bad = "no format"
+    prompts = {"valid": np.array([True]), "label_text": np.array(["awe"], object)}
+    ro = lambda: rollout_lib.Rollout(prompts=prompts, tokens=np.zeros((2, 1), np.int32),  # noqa
+                                     logprobs=np.zeros((2, 1), np.float32),
+                                     lengths=np.ones(2, np.int32), texts=[good, bad],
+                                     group_size=2)
+    tight = rollout_lib.score(ro(), "set_only").advantages
+    loose = rollout_lib.score(ro(), "set_only", adv_eps=1.0).advantages
+    r = np.array([1.0, 0.0])       # set_only: 0.9 acc + 0.1 format
+    std = r.std(ddof=1)
+    np.testing.assert_allclose(tight, (r - r.mean()) / (std + 1e-6), rtol=1e-5)
+    np.testing.assert_allclose(loose, (r - r.mean()) / (std + 1.0), rtol=1e-5)

@@ -99,8 +99,10 @@ def sample(sampler, params, batch: Mapping[str, Any], rng, *, group_size: int,
                    lengths=np.asarray(out.lengths), texts=texts, group_size=group_size)
 
 
-def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None) -> Rollout:
-    """Rule rewards + (if the preset needs them) the reflective judge, then group advantages."""
+def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None,
+          adv_eps: float = 1e-6) -> Rollout:
+    """Rule rewards + (if the preset needs them) the reflective judge, then group advantages
+    ((r - mean) / (std + adv_eps), config.rl.adv_eps)."""
     preset = emotion.get_preset(preset)
     labels = rollout.labels
     answers: dict = {}
@@ -115,7 +117,8 @@ def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None) 
     scores = emotion.score_responses(rollout.texts, labels, preset, **answers)
     rollout.rewards = np.asarray(scores.overall, np.float32)
     rollout.components = {k: np.asarray(v) for k, v in scores.components.items()}
-    rollout.advantages = np.asarray(losses.group_advantages(rollout.rewards, rollout.group_size))
+    rollout.advantages = np.asarray(losses.group_advantages(rollout.rewards, rollout.group_size,
+                                                            eps=adv_eps))
     return rollout
 
 
