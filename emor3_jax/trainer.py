@@ -292,8 +292,9 @@ class Trainer:
             state, m = step_fn(state, ub)
             m = {k: float(v) for k, v in m.items()}
             writer.write(step, m, prefix="sft/")
+            writer.progress(step + 1, {"sft_loss": m["loss"]})     # the bar, not a log line
             if step % max(1, c.train.log_every) == 0:
-                log.info("sft step %d: loss %.4f", step, m["loss"])
+                log.debug("sft step %d: loss %.4f", step, m["loss"])
             bad_in_a_row = _count_nonfinite(bad_in_a_row, m.get("skipped", 0), step + 1, c,
                                             "sft.lr")
             stop = _stop_requested()     # read once: a signal between two reads loses the save
@@ -594,7 +595,12 @@ class Trainer:
         report also holds the best checkpoint (checkpoints_best/) with its step, score and
         accuracies, from the evaluation that made it the best."""
         c = self.config
-        results = self.evaluate(params, -1)
+        last = self.history[-1] if self.history else {}
+        if step is not None and last.get("step") == step and c.mode == "train":
+            # the loop has just evaluated these very params: not run twice
+            results = {k: v for k, v in last.items() if k != "step"}
+        else:
+            results = self.evaluate(params, -1)
         acc = {k: v["accuracy"] for k, v in results.items()}
         best = self.best.record if c.mode == "train" else None
         if self.is_main:

@@ -300,6 +300,9 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, interrupted):
     report = lambda w: json.loads((w / "report" / "results.json").read_text())  # noqa: E731
     assert report(resumed) == report(uninterrupted)
     assert [h["step"] for h in report(resumed)["history"]] == [0, 2, 4]
+    # the final evaluation is the loop's step-4 one, not a second run over the eval set
+    last = report(resumed)["history"][-1]
+    assert report(resumed)["eval"] == {k: v for k, v in last.items() if k != "step"}
     assert _best_steps(resumed) == _best_steps(uninterrupted)      # best record: in the report
 
 
