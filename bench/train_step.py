@@ -44,6 +44,7 @@ compile time flat in depth).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -76,9 +77,20 @@ CONFIGS = {
 
 
 # ------------------------------------------------------------------------------ the batch
+def long_tail_lengths(n: int, response_len: int, long_frac: float, short: tuple[float, float],
+                      seed=0) -> np.ndarray:
+    """A long-tailed response-length mix: round(long_frac x n) responses (random rows) run to
+    the maximum response_len, the others are uniform in [short[0], short[1]] x response_len."""
+    rng = np.random.default_rng([seed, 1])
+    lengths = rng.integers(int(short[0] * response_len), int(short[1] * response_len) + 1, n)
+    lengths[rng.choice(n, int(round(long_frac * n)), replace=False)] = response_len
+    return lengths
+
+
 def make_rollout(cfg, prompts: int, group: int, text_len: int, response_len: int,
-                 image_pixels: int, seed=0):
-    """B prompts (text, one photo resized to ~image_pixels, text) and G responses each."""
+                 image_pixels: int, seed=0, lengths=None):
+    """B prompts (text, one photo resized to ~image_pixels, text) and G responses each
+    (lengths: per response; default uniform in [response_len / 2, response_len])."""
     photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
     proc = Qwen2VLImageProcessorPil(min_pixels=image_pixels, max_pixels=image_pixels)
     out = proc(images=[photos[i % 3] for i in range(prompts)], return_tensors="np")
@@ -97,7 +109,8 @@ def make_rollout(cfg, prompts: int, group: int, text_len: int, response_len: int
         ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
     pos, _ = rope_index.get_rope_index(ids, grid, mask, image_token_id=cfg.image_token_id)
     n = prompts * group
-    lengths = rng.integers(response_len // 2, response_len + 1, n)
+    if lengths is None:
+        lengths = rng.integers(response_len // 2, response_len + 1, n)
     rmask = (np.arange(response_len)[None] < lengths[:, None]).astype(np.int32)
     resp = np.where(rmask > 0, rng.integers(0, vocab, (n, response_len)),
                     cfg.text.pad_token_id).astype(np.int32)
@@ -197,6 +210,117 @@ def setup_jax(model, params, rollout, micro_rows: int, chunk: int):
                 prompt_passes=int(batch.inputs.prompt_mask.any(-1).sum()))
 
 
+# ------------------------------------------------------------------------------ length-aware
+def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_aware: bool,
+                 buckets=(), logprobs: bool = False):
+    """One update (or, logprobs=True, one forward log-prob pass) over the mini-batch, its
+    micro-batches padded to the mini-batch's longest response (make_update_step /
+    make_logprob_fn over pack_update_batch) or each to its own bucketed length
+    (make_micro_batch_update / micro_batch_logprobs over pack_micro_batches). Batches are
+    packed and put on the device before timing. run() returns the loss (logprobs: the sum of
+    the valid tokens' log-probs)."""
+    c = base.get_config()
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    opt = update.make_optimizer(c.optim)
+    p, g, mask = rollout["prompts"], rollout["group"], rollout["response_mask"]
+    args = (model.config, p, rollout["responses"], mask)
+    if not logprobs:
+        args += (rollout["advantages"], rollout["old_logp"], rollout["ref_logp"])
+    kw = dict(group_size=g, micro_batch_rows=micro_rows)
+    t0 = time.perf_counter()
+    if length_aware:
+        batch = update.pack_micro_batches(*args, **kw, length_buckets=buckets)
+        padded, shapes = batch.padded_fraction, sorted({t for _, t in batch.shapes})
+        batch = dataclasses.replace(batch, items=[jax.device_put(x) for x in batch.items])
+    else:
+        batch = (update.pack_policy_inputs(*args, **kw) if logprobs else
+                 update.pack_update_batch(*args, **kw))
+        padded, shapes = 1.0 - mask.sum() / mask.size, [mask.shape[1]]
+        batch = jax.device_put(batch)
+    pack_s = time.perf_counter() - t0
+    if logprobs:
+        fn = update.make_logprob_fn(model, mesh, chunk=chunk)
+        valid = mask > 0
+
+        def run():
+            logp = (update.micro_batch_logprobs(fn, params, batch) if length_aware else
+                    update.merge_micro_batches(fn(params, batch)))
+            return float(logp[valid].sum())
+    else:
+        make = update.make_micro_batch_update if length_aware else update.make_update_step
+        step = make(model, opt, mesh, c.rl, c.optim, chunk=chunk)
+        state = [update.init_train_state(model, jax.tree.map(jnp.copy, params), opt, mesh)]
+
+        def run():
+            state[0], metrics = step(state[0], batch)
+            return float(metrics["loss"])
+    t0 = time.perf_counter()
+    loss = run()
+    return dict(run=run, compile_s=time.perf_counter() - t0, loss=loss, padded=padded,
+                shapes=shapes, pack_s=pack_s)
+
+
+def main_length(args, cfg):
+    """--compare length: padded to the mini-batch's longest vs length-aware micro-batches."""
+    model = qwen2_5_vl.build_model(cfg)
+    params = qwen2_5_vl.init_params(model, jax.random.key(0))
+    n = args.prompts * args.group
+    short = tuple(float(x) for x in args.short.split(","))
+    lengths = long_tail_lengths(n, args.response_len, args.long_frac, short)
+    rollout = make_rollout(cfg, args.prompts, args.group, args.text_len, args.response_len,
+                           args.image_pixels, lengths=lengths)
+    lp = int(rollout["prompts"]["attention_mask"].sum(1).mean())
+    resp_tokens = int(rollout["response_mask"].sum())
+    tokens = resp_tokens + n * lp          # real tokens: each response with its prompt
+    buckets = tuple(int(x) for x in args.length_buckets.split(",") if x)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
+          f"fp32; config {args.config}: {qwen2_5_vl.count_params(params) / 1e6:.1f}M params; "
+          f"{args.prompts} prompts (~{lp} tokens with the image) x G {args.group} = {n} "
+          f"responses; micro-batches of {args.micro_rows} rows (log-prob passes: "
+          f"{args.logprob_micro_rows}); length buckets "
+          f"{update.bucket_lengths(args.response_len, buckets)}; chunk {args.chunk}, attention "
+          f"{args.attention}", flush=True)
+    print(f"response lengths (long-tailed: {args.long_frac:g} of the responses at the max "
+          f"{args.response_len}, the rest uniform in [{short[0]:g}, {short[1]:g}] x max): "
+          f"by prompt {[sorted(x.tolist(), reverse=True) for x in lengths.reshape(-1, args.group)]}"
+          f"; {resp_tokens} response tokens, mean {resp_tokens / n:.0f}", flush=True)
+    steps = {}
+    for name, la, lpass in (("update padded", False, False), ("update length", True, False),
+                            ("logprob padded", False, True), ("logprob length", True, True)):
+        if lpass and args.skip_logprob:
+            continue
+        rows = args.logprob_micro_rows if lpass else args.micro_rows
+        steps[name] = setup_length(model, params, rollout, rows, args.chunk, la, buckets,
+                                   logprobs=lpass)
+    # one untimed run each, then the repeats interleaved (padded, length-aware, ...), so a
+    # change in the load of this shared host hits both sides alike
+    times = {name: [] for name in steps}
+    for st in steps.values():
+        st["run"]()
+    for _ in range(args.repeats):
+        for name, st in steps.items():
+            times[name].append(seconds(st["run"]))
+    head = (f"{'step':15} {'s best':>7} {'median':>7} {'tokens/s':>9} {'resp tok/s':>10} "
+            f"{'x padded':>8} {'(median)':>8} | {'padded %':>8} {'lengths':>16} | "
+            f"{'compile s':>9} {'pack s':>6} | first loss / sum log p")
+    print(head)
+    print("-" * len(head))
+    for name, st in steps.items():
+        base_name = name.replace("length", "padded")
+        best, median = min(times[name]), statistics.median(times[name])
+        b_best, b_median = min(times[base_name]), statistics.median(times[base_name])
+        print(f"{name:15} {best:7.2f} {median:7.2f} {tokens / best:9.0f} "
+              f"{resp_tokens / best:10.0f} {b_best / best:8.2f} {b_median / median:8.2f} | "
+              f"{100 * st['padded']:8.1f} {','.join(map(str, st['shapes'])):>16} | "
+              f"{st['compile_s']:9.1f} {st['pack_s']:6.2f} | {st['loss']:.6f}")
+    print("s best / median: seconds per update (or log-prob pass), fastest / median of the "
+          "repeats; tokens/s: real tokens (each response + its prompt) / best time; resp tok/s: "
+          "real response tokens / best time; x padded: padded time / this time (best, median); "
+          "padded %: padded response slots / response slots computed; lengths: the response "
+          "lengths the micro-batches were padded to; compile s: first call (compilation); "
+          "pack s: host packing.")
+
+
 # ------------------------------------------------------------------------------ torch
 def setup_torch(hf, cfg, rollout, micro_rows: int):
     """The same update in PyTorch; returns run() and the first step's loss."""
@@ -283,9 +407,23 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peak-size", type=int, default=4096)
     ap.add_argument("--skip-noshare", action="store_true")
+    ap.add_argument("--compare", default="torch", choices=("torch", "length"),
+                    help="torch: ours vs PyTorch; length: micro-batches padded to the "
+                    "mini-batch's longest response vs length-aware (long-tailed lengths)")
+    ap.add_argument("--long-frac", type=float, default=0.125,
+                    help="--compare length: share of the responses at --response-len")
+    ap.add_argument("--short", default="0.0625,0.25",
+                    help="--compare length: the other responses' lengths, uniform in this "
+                    "range x --response-len")
+    ap.add_argument("--length-buckets", default="",
+                    help="--compare length: comma list (default: powers of two from 64)")
+    ap.add_argument("--logprob-micro-rows", type=int, default=4)
+    ap.add_argument("--skip-logprob", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config](attention_impl=args.attention, remat=args.remat)
+    if args.compare == "length":
+        return main_length(args, cfg)
     torch.manual_seed(0)
     hf = Qwen2_5_VLForConditionalGeneration(HFConfig(**cfg.to_hf_dict()))
     hf.train()

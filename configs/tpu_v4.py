@@ -11,25 +11,23 @@ for v4-8 by XLA's TPU compiler). The recipe is unchanged (rollout 512 prompts x 
 is set, each against 32 GiB per chip with the train state (fp32 params, fp32 AdamW moments) and
 the bf16 reference resident (12.25 GiB/chip).
 
-DOES NOT FIT v4-8 YET with fp32 master weights: the update needs 31.2 GiB per chip at
-rl.micro_batch_size=2 + the reference (1.75) = 33.0 live, against 30.4 usable; every other
-program fits. model.attention = "splash" (the TPU Pallas kernel: no [T, S] scores) took it
-from 32.1 GiB with einsum; the rest of its 18.9 GiB of temporaries is not attention. Until
-then run it on a v4-16 (8 chips, 2 hosts), where the update needs 19.9 GiB (20.7 live, einsum):
-    --config.aot.topology=v4:2x2x2 --config.mesh.fsdp=8
-(a two-host slice: its workdir must be one both hosts see, gs://, which the pod-I/O issue makes
-work everywhere). Knobs (measured with bf16 masters and einsum attention unless said; the
-splash kernel drops the fp32 attention scores below, so re-run AOT before raising a chunk):
+Fits a v4-8 with fp32 master weights: peak 27.2 GiB live per chip (judge prefill) of 30.4
+usable; the update 26.9 (AOT, README). What made room (with bf16 compute unchanged):
+model.attention = "splash" (the TPU Pallas kernel: no fp32 [T, S] scores); the log-prob passes
+run prompts and responses through each layer in one scan (rl/logprobs.py: one stacked fp32
+gradient of the layers, not one per pass); the LM head is vocabulary-parallel in the log-prob
+chunks (no [rows, chunk, vocab] fp32 logit cotangents gathered on every chip); the update's
+pixel rows are sharded, not replicated. Knobs (AOT, this config):
 - model.remat = "full": the update keeps only each layer's input for the backward pass.
-- rl.micro_batch_size = 2 (responses/device per accumulation step): at 4 the update needs
-  30.7 GiB + the reference params > HBM.
-- rl.logprob_micro_batch_size = 8: the reference pass at 16 needs 28 GiB + 8.75 resident.
-- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: the prefill's attention
-  scores grow with the chunk (15.5 GiB at 64).
-- reward.judge_chunk_size = 16 judge prompts per call (the released "all at once" = 8192 prompts
-  of up to 4096 tokens needs terabytes): a 4096-token judge prefill needs ~2.7 GiB of
-  temporaries per prompt per chip (einsum attention scores, fp32); with fp32 masters 24 needs
-  30.9 GiB live, 16 needs 24.7 (AOT).
+- rl.micro_batch_size = 2 (responses/device per accumulation step): the update needs 25.2 GiB
+  + the reference params (1.75) = 26.9 live.
+- rl.logprob_micro_batch_size = 32: the old log-prob pass needs 15.6 GiB + 8.75 resident.
+- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 12.4 GiB, decode
+  15.6 (+ 8.75 resident).
+- reward.judge_chunk_size = 96 judge prompts per call (the released "all at once" = 8192
+  prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill of 96 prompts needs
+  18.5 GiB + 8.75 resident = 27.2 live; 86 judge calls per step at most (342 at 24, the chunk
+  the einsum attention allowed with bf16 masters).
 """
 from emor3_jax.configs import base
 
@@ -45,7 +43,7 @@ def get_config(method: str = "emor3"):
     c.aot.topology = "v4:2x2x1"
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
-    c.reward.judge_chunk_size = 16       # judge prompts per sampler call
+    c.reward.judge_chunk_size = 96       # judge prompts per sampler call
     c.rl.micro_batch_size = 2            # responses per device per accumulation step
-    c.rl.logprob_micro_batch_size = 8    # responses per device per reference log-prob step
+    c.rl.logprob_micro_batch_size = 32   # responses per device per reference log-prob step
     return base.apply_method(c, method)

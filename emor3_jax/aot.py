@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for a TPU slice from a CPU host: does a configuration fit?
 
     python -m emor3_jax.aot --config=configs/tpu_v4.py [--topology=v4-8] [--image=typical]
+        [--lengths=max|typical|P,R]
 
 TPU slices are rented by the hour; this answers "does it fit, and roughly how fast" before
 renting one. With libtpu installed (`pip install "jax[tpu]"`, no TPU needed) jax describes a
@@ -39,14 +40,21 @@ Shape assumptions (printed with the tables):
   until its tokens fit data.max_prompt_len - PROMPT_TEXT_TOKENS); `HxW` is that image size.
 - Lengths are the worst case: prompts at data.max_prompt_len, responses at
   rollout.max_new_tokens, judge prompts holding a whole response (+ image + template),
-  every judge prompt of a chunk with its own image.
+  every judge prompt of a chunk with its own image. That decides the fit. `--lengths=typical`
+  (TYPICAL_PROMPT_TEXT_TOKENS of text + the image, TYPICAL_RESPONSE_TOKENS-token responses,
+  TYPICAL_JUDGE_ANSWER_TOKENS-token judge answers) or `--lengths=P,R` (prompt and response
+  tokens) also compiles every program at those lengths, padded to the buckets they fall in
+  as the trainer pads them, and prints its per-program time and the step time beside the
+  worst case's. The sampler's decode programs keep their maximum new-token buffers (the
+  trainer asks for rollout.max_new_tokens); their loops are counted at the expected lengths
+  (optimistic: a chunk decodes until its longest row ends).
 - Multi-host slices: shapes are global (one SPMD program over the slice).
 - FLOPs and time: XLA's cost analysis counts a while-loop body once (scanned layers, the
   micro-batch scan, the decode loop). Both are scaled by the loop trip counts, taken from the
   traced jaxpr (matmul FLOPs with and without trip counts); the decode loop is counted at
   max_new_tokens steps (an upper bound: rows stop at EOS). MFU is unaffected by the scaling.
   The TPU cost model prices a few layout custom calls at -1 s each; those are added back
-  (`unpriced_calls`).
+  (`unpriced_calls`, `optimal_seconds`).
 - The reference pass is compiled at rl.logprob_micro_batch_size, as the trainer runs it.
 """
 from __future__ import annotations
@@ -87,6 +95,11 @@ JUDGE_TEMPLATE_TOKENS = 96
 # Tokens of a score-mode candidate answer when no tokenizer is at hand (word + <|im_end|>).
 JUDGE_CANDIDATE_TOKENS = 4
 TYPICAL_IMAGE = (512, 512)
+# --lengths=typical: an EmoSet prompt's text (chat template, system prompt, question, SET
+# instructions) besides its image, a SET response, a judge answer (a word or yes/no + EOS).
+TYPICAL_PROMPT_TEXT_TOKENS = 200
+TYPICAL_RESPONSE_TOKENS = 300
+TYPICAL_JUDGE_ANSWER_TOKENS = 8
 
 
 # ------------------------------------------------------------------------------------------
@@ -239,6 +252,44 @@ def _round_up(n: int, buckets: Sequence[int]) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Lengths:
+    """Expected (not worst-case) lengths for a step-time estimate (`--lengths`)."""
+    name: str
+    prompt: int            # tokens of a prompt, image included
+    response: int          # tokens of a response
+    judge_answer: int      # tokens the judge generates
+
+    def describe(self, s: "Shapes") -> str:
+        return (f"prompts of {self.prompt} tokens (bucket {s.prompt_len}), responses of "
+                f"{self.response} (bucket {s.response_len}; the rollout decodes "
+                f"{s.rollout_decode_steps} steps), judge prompts in bucket "
+                f"{s.judge_prompt_len}, judge answers of {s.judge_decode_steps} tokens")
+
+
+def lengths_for(spec: str, config, image: Image) -> Lengths | None:
+    """--lengths: max (None: the config's maxima, the worst case), typical
+    (TYPICAL_PROMPT_TEXT_TOKENS + the image, TYPICAL_RESPONSE_TOKENS,
+    TYPICAL_JUDGE_ANSWER_TOKENS) or P,R (prompt and response tokens; typical judge answers)."""
+    key = spec.strip().lower()
+    if key == "max":
+        return None
+    if key == "typical":
+        return Lengths("typical", TYPICAL_PROMPT_TEXT_TOKENS + image.tokens,
+                       TYPICAL_RESPONSE_TOKENS, TYPICAL_JUDGE_ANSWER_TOKENS)
+    try:
+        prompt, response = (int(x) for x in key.split(","))
+    except ValueError:
+        raise ValueError(f"--lengths={spec!r}: use max, typical or P,R (prompt and response "
+                         "tokens, e.g. 600,300)") from None
+    d, r = config.data, config.rollout
+    if not image.tokens < prompt <= d.max_prompt_len or not 0 < response <= r.max_new_tokens:
+        raise ValueError(f"--lengths={spec}: prompts need more than the image's {image.tokens} "
+                         f"tokens and at most data.max_prompt_len={d.max_prompt_len}; "
+                         f"responses 1 to rollout.max_new_tokens={r.max_new_tokens}")
+    return Lengths(f"{prompt},{response}", prompt, response, TYPICAL_JUDGE_ANSWER_TOKENS)
+
+
+@dataclasses.dataclass(frozen=True)
 class Shapes:
     """Global batch sizes and lengths of the step's programs."""
     group: int
@@ -258,6 +309,8 @@ class Shapes:
     logprob_micro_rows: int
     dp: int
     hosts: int
+    rollout_decode_steps: int = 0  # decode loop iterations counted (FLOPs, time)
+    judge_decode_steps: int = 0
 
     def describe(self, config) -> list[str]:
         r, rw, rl = config.rollout, config.reward, config.rl
@@ -281,11 +334,16 @@ class Shapes:
         return out
 
 
-def step_shapes(config, mesh, image: Image, hosts: int) -> Shapes:
+def step_shapes(config, mesh, image: Image, hosts: int, lengths: Lengths | None = None
+                ) -> Shapes:
+    """The step's shapes at the config's maximum lengths, or at `lengths` (programs padded to
+    the buckets those lengths fall in; the sampler's decode programs keep their maximum
+    new-token buffers, their loops counted at the expected number of steps)."""
     d, r, rw, rl = config.data, config.rollout, config.reward, config.rl
     g = int(r.group_size)
     dp = sharding.data_parallel_size(mesh)
-    response_len = _round_up(r.max_new_tokens, r.response_buckets)
+    response_len = _round_up(r.max_new_tokens if lengths is None else lengths.response,
+                             r.response_buckets)
     n_responses = r.batch_size * g
     judge_prompts = judge_calls = 0
     preset = emotion.get_preset(rw.preset)
@@ -299,7 +357,8 @@ def step_shapes(config, mesh, image: Image, hosts: int) -> Shapes:
                                                    else 0)
     mini_rows = rl.mini_batch_size * g
     return Shapes(
-        group=g, prompt_len=_round_up(d.max_prompt_len, d.prompt_buckets),
+        group=g, prompt_len=_round_up(d.max_prompt_len if lengths is None else lengths.prompt,
+                                      d.prompt_buckets),
         response_len=response_len, rollout_prompts=r.batch_size,
         rollout_chunk=min(r.chunk_size or r.batch_size, r.batch_size),
         judge_prompts=judge_prompts, judge_calls=judge_calls,
@@ -310,7 +369,10 @@ def step_shapes(config, mesh, image: Image, hosts: int) -> Shapes:
         mini_batch_rows=mini_rows, mini_batches=max(1, r.batch_size // rl.mini_batch_size),
         micro_rows=update_lib.micro_batch_rows(rl.micro_batch_size, mesh),
         logprob_micro_rows=update_lib.micro_batch_rows(rl.logprob_micro_batch_size, mesh),
-        dp=dp, hosts=hosts)
+        dp=dp, hosts=hosts,
+        rollout_decode_steps=int(r.max_new_tokens if lengths is None else lengths.response),
+        judge_decode_steps=int(rw.judge_max_new_tokens if lengths is None else
+                               min(lengths.judge_answer, rw.judge_max_new_tokens)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -508,10 +570,20 @@ def unpriced_calls(hlo_text: str) -> int:
 
 def optimal_seconds(cost: dict, hlo_text: str) -> float:
     """The compiler's time estimate, with the -1 s of each unpriced custom call taken back;
-    NaN when it is still not positive (an op the cost model cannot price)."""
+    NaN when it is still not positive (an op the cost model cannot price).
+
+    The count of unpriced calls is read from the HLO text and can miss some (e.g. the splash
+    kernel's programs: 11 found, 13 charged in a judge prefill). Every loop body is counted
+    once, so the true estimate is well under a second for these programs; when the count
+    does not bring it into [0, 1), the fractional part of the (negative) estimate is taken:
+    the charges are whole seconds."""
     seconds = float(cost.get("optimal_seconds", float("nan")))
-    seconds += unpriced_calls(hlo_text)
-    return seconds if seconds > 0 else float("nan")
+    if not math.isfinite(seconds):
+        return float("nan")
+    fixed = seconds + unpriced_calls(hlo_text)
+    if seconds < 0 and not 0 < fixed < 1:
+        fixed = seconds - math.floor(seconds)
+    return fixed if fixed > 0 else float("nan")
 
 
 def _first_line(e: Exception) -> str:
@@ -571,23 +643,28 @@ class Context:
     image: Image
     shapes: Shapes
     log: Any = None
+    lengths: Lengths | None = None
 
 
-def make_context(config, topology: Topology, devices, image_name: str, log=None) -> Context:
+def make_context(config, topology: Topology, devices, image_name: str, log=None,
+                 lengths: str = "max") -> Context:
     m = config.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     model = qwen2_5_vl.build_model(model_config(config))
     image = image_for(config.data, image_name, model.config)
     hosts = len({d.process_index for d in devices})
+    expected = lengths_for(lengths, config, image)
     return Context(config=config, topology=topology, mesh=mesh, model=model,
                    params=abstract_params(model, mesh), image=image,
-                   shapes=step_shapes(config, mesh, image, hosts), log=log)
+                   shapes=step_shapes(config, mesh, image, hosts, expected), log=log,
+                   lengths=expected)
 
 
 def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_prompts: int,
                       prompt_len: int, images: int, group: int, new_tokens: int,
                       calls: int, uses: tuple[str, ...], knob: str,
-                      score: tuple[int, int] | None = None) -> list[Program]:
+                      score: tuple[int, int] | None = None, steps: int = 0) -> list[Program]:
+    """steps: decode loop iterations to count (default new_tokens)."""
     grid = [ctx.image.grid_thw] * images if images else None
     pre = Program(f"{what} prefill", f"{num_prompts} prompts x {prompt_len} tokens"
                   + (f", {images} images" if images else ""), uses, calls, knob)
@@ -607,7 +684,8 @@ def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_
     state = _abstract_outputs(traced, compiled)
     if score is None:
         traced = sampler.trace_decode(params, state, group=group, new_tokens=new_tokens)
-        compile_program(dec, traced, while_trips=max(1, new_tokens - 1), log=ctx.log)
+        compile_program(dec, traced, while_trips=max(1, (steps or new_tokens) - 1),
+                        log=ctx.log)
     else:
         traced = sampler.trace_score(params, state, num_continuations=n_cont, width=width)
         compile_program(dec, traced, log=ctx.log)
@@ -627,7 +705,8 @@ def rollout_programs(ctx: Context) -> list[Program]:
                                  num_prompts=s.rollout_chunk, prompt_len=s.prompt_len,
                                  images=s.rollout_chunk, group=s.group,
                                  new_tokens=r.max_new_tokens, calls=chunks,
-                                 uses=("policy params",), knob="rollout")
+                                 uses=("policy params",), knob="rollout",
+                                 steps=s.rollout_decode_steps)
     _earlier_chunks(programs[1], sampler, s.rollout_chunk, s.group, s.response_len, chunks,
                     s.dp)
     return programs
@@ -695,7 +774,8 @@ def judge_programs(ctx: Context) -> list[Program]:
         ctx, sampler, params, what="judge", num_prompts=s.judge_chunk,
         prompt_len=s.judge_prompt_len, images=images, group=1,
         new_tokens=rw.judge_max_new_tokens, calls=calls, uses=uses, knob="judge",
-        score=None if rw.judge_mode == "generate" else _score_continuations(ctx))
+        score=None if rw.judge_mode == "generate" else _score_continuations(ctx),
+        steps=s.judge_decode_steps)
     if rw.judge_mode == "generate":
         _earlier_chunks(programs[1], sampler, s.judge_chunk, 1,
                         _round_up(rw.judge_max_new_tokens, sampler.buckets.new_tokens),
@@ -753,6 +833,17 @@ def update_programs(ctx: Context) -> list[Program]:
 
 BUILDERS = {"rollout": rollout_programs, "judge": judge_programs,
             "reference": reference_programs, "update": update_programs}
+
+
+def _compile_all(ctx: Context, names: Sequence[str]) -> list[Program]:
+    compiled = []
+    for name in names:
+        compiled += BUILDERS[name](ctx)
+    peak = ctx.topology.chip.peak_flops
+    for p in compiled:      # above peak: the cost model left some op unpriced; no estimate
+        if p.xla_seconds > 0 and p.xla_flops > p.xla_seconds * peak:
+            p.xla_seconds = float("nan")
+    return compiled
 
 
 def resident_bytes(ctx: Context) -> dict[str, int]:
@@ -843,6 +934,22 @@ def run_table(programs: list[Program], resident: dict[str, int], chip: Chip,
                     f"| {_gib(p.extra_live)}{' (' + p.extra_what + ')' if p.extra_what else ''} "
                     f"| {_gib(live)} | {100 * live / chip.hbm_bytes:.0f}% | "
                     f"{'yes' if live <= limit else 'no'} |")
+    return rows
+
+
+def time_table(programs: list[Program], chip: Chip) -> list[str]:
+    """FLOPs and time per program (a second set of lengths: no memory columns)."""
+    rows = ["| program | shapes (global) | FLOPs/device | est. time | MFU | calls/step | "
+            "time/step | compile |", "|---|---|---|---|---|---|---|---|"]
+    for p in programs:
+        if p.error:
+            rows.append(f"| {p.name} | {p.shapes} | - | - | - | {p.calls} | - | FAILED: "
+                        f"{p.error} |")
+            continue
+        mfu = p.xla_flops / (p.xla_seconds * chip.peak_flops) if p.xla_seconds > 0 else None
+        rows.append(f"| {p.name} | {p.shapes} | {_flops(p.flops)} | {_secs(p.seconds)} | "
+                    f"{'n/a' if mfu is None else f'{100 * mfu:.0f}%'} | {p.calls} | "
+                    f"{_secs(p.seconds * p.calls)} | {p.compile_s:.0f} s |")
     return rows
 
 
@@ -1017,18 +1124,16 @@ def suggest(ctx: Context, programs: list[Program], resident: dict[str, int], lim
 
 def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction: float = 0.95,
             programs: Sequence[str] = tuple(BUILDERS), fix_attempts: int = 2,
-            config_name: str = "", log=None) -> tuple[bool, str]:
-    """Compile the step's programs for `topology`; return (fits, the printed report)."""
+            config_name: str = "", log=None, lengths: str = "max") -> tuple[bool, str]:
+    """Compile the step's programs for `topology`; return (fits, the printed report).
+    lengths (max|typical|P,R): other than max, the programs are compiled a second time at
+    those lengths for a step-time estimate (the memory verdict stays the maximum lengths')."""
     devices = topology_devices(topology)
     ctx = make_context(config, topology, devices, image, log=log)
+    expected = lengths_for(lengths, config, ctx.image)          # bad --lengths: before compiling
     chip, s, mc = topology.chip, ctx.shapes, ctx.model.config
     limit = hbm_fraction * chip.hbm_bytes
-    compiled = []
-    for name in programs:
-        compiled += BUILDERS[name](ctx)
-    for p in compiled:      # above peak: the cost model left some op unpriced; no estimate
-        if p.xla_seconds > 0 and p.xla_flops > p.xla_seconds * chip.peak_flops:
-            p.xla_seconds = float("nan")
+    compiled = _compile_all(ctx, programs)
     resident = resident_bytes(ctx)
     n_params = qwen2_5_vl.count_params(ctx.params)
     mesh = ", ".join(f"{k} {v}" for k, v in ctx.mesh.shape.items())
@@ -1050,6 +1155,13 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
         f"{k} {_gib(v)}" for k, v in resident.items() if v) +
         f" = {_gib(sum(resident.values()))}", ""]
     out += run_table(compiled, resident, chip, limit)
+    at_lengths = []
+    if expected is not None:
+        ectx = make_context(config, topology, devices, image, log=log, lengths=lengths)
+        at_lengths = _compile_all(ectx, programs)
+        out += ["", f"At {expected.name} lengths: {expected.describe(ectx.shapes)} (time only; "
+                "the memory verdict is at the maximum lengths above):", ""]
+        out += time_table(at_lengths, chip)
     ok_programs = [p for p in compiled if not p.error]
     peak = max((live_bytes(p, resident) for p in ok_programs), default=0)
     fits = _fits(compiled, resident, limit) and bool(compiled)
@@ -1061,6 +1173,11 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
             f"{_gib(limit)} GiB{but})",
             f"estimated step time (compiler estimates x calls per step, decode to "
             f"max_new_tokens{but}): {_secs(step_time(compiled))}"]
+    if expected is not None:
+        failed = sum(1 for p in at_lengths if p.error)
+        out.append(f"estimated step time at {expected.name} lengths (decode to the expected "
+                   f"lengths{f', {failed} failed to compile' if failed else ''}): "
+                   f"{_secs(step_time(at_lengths))}")
     notes = []
     largest = max(config.reward.judge_prompt_buckets)
     if s.judge_prompts and s.judge_prompt_need > largest:
@@ -1095,6 +1212,11 @@ def define_flags(flag_values=None, argv: Sequence[str] | None = None):
                         "topology name (v4:2x2x1); default: config.aot.topology", flag_values=fv)
     flags.DEFINE_string("image", "typical", "image per prompt: typical (512x512 photo), max "
                         "(largest a prompt holds) or HxW", flag_values=fv)
+    flags.DEFINE_string("lengths", "max", "max: fit and step time at the config's maximum "
+                        "lengths; typical (a typical prompt with its image, ~300-token "
+                        "responses, short judge answers) or P,R (prompt, response tokens): also "
+                        "the step time at those lengths (the programs compiled twice)",
+                        flag_values=fv)
     flags.DEFINE_float("hbm_fraction", 0.95, "usable share of HBM for the fit verdict",
                        flag_values=fv)
     flags.DEFINE_list("programs", list(BUILDERS), "program families to compile",
@@ -1126,7 +1248,8 @@ def run(fv, out=None, err=None) -> int:
         fits, report = analyze(config, resolve_topology(name), image=fv.image,
                                hbm_fraction=fv.hbm_fraction, programs=fv.programs,
                                fix_attempts=fv.fix_attempts,
-                               config_name=fv["config"].config_filename, log=log)
+                               config_name=fv["config"].config_filename, log=log,
+                               lengths=fv.lengths)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=err)
         return 2

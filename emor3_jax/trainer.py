@@ -23,6 +23,7 @@ the Hugging Face export.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -106,6 +107,14 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
                 f"a mini-batch of {rows} responses does not split into log-prob micro-batches "
                 f"of rl.logprob_micro_batch_size={rl.logprob_micro_batch_size} x {dp} "
                 "data-parallel devices; change rl.logprob_micro_batch_size")
+        if not (isinstance(rl.ppo_epochs, int) and rl.ppo_epochs >= 1):
+            raise ValueError(f"config.rl.ppo_epochs={rl.ppo_epochs!r}: passes over a rollout's "
+                             "mini-batches must be a positive integer (released: 1)")
+        buckets = rl.length_buckets
+        if not all(isinstance(b, int) and b > 0 for b in buckets):
+            raise ValueError(f"config.rl.length_buckets={tuple(buckets)}: response lengths to "
+                             "cut micro-batches to must be positive integers (() = powers of "
+                             "two from 64)")
         if r.dynamic_sampling:
             if not r.filter_low < r.filter_high:
                 raise ValueError(f"config.rollout.filter_low={r.filter_low} / filter_high="
@@ -326,7 +335,11 @@ class Trainer:
         return self.update(state, ref_params, ro, out)
 
     def update(self, state, ref_params, ro: rollout_lib.Rollout, out: dict):
-        """Mini-batch updates (one PPO epoch) on a scored rollout."""
+        """The rollout's updates, as the release (EasyR1's `compute_log_prob` /
+        `compute_ref_log_prob`, then `update_actor`): first the old (and reference) log-probs of
+        every response, all from the params that sampled the rollout, then rl.ppo_epochs passes
+        over its mini-batches, one optimizer step each. (Old log-probs recomputed just before
+        each mini-batch would come from params the earlier mini-batches had already moved.)"""
         c = self.config
         rl, g = c.rl, c.rollout.group_size
         t0 = time.time()
@@ -339,37 +352,30 @@ class Trainer:
         lp_micro = _logprob_micro_rows(
             update_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
         n_prompts = len(ro.prompts["input_ids"])
-        agg: dict[str, float] = {}
+        mini_batches = []
         for start in range(0, n_prompts, per_update):
             idx = np.arange(start, min(start + per_update, n_prompts))
             rows = (idx[:, None] * g + np.arange(g)[None]).reshape(-1)
-            prompts = rollout_lib.take_prompts(ro.prompts, idx)
-            inputs = update_lib.pack_policy_inputs(
-                self.model.config, prompts, tokens[rows], mask[rows], group_size=g,
-                micro_batch_rows=micro)
-            # Forward-only passes use their own (larger) micro-batches.
-            lp_inputs = inputs
-            if (rl.kl_coef or rl.recompute_old_logp) and lp_micro != micro:
-                lp_inputs = update_lib.pack_policy_inputs(
-                    self.model.config, prompts, tokens[rows], mask[rows], group_size=g,
-                    micro_batch_rows=lp_micro)
-            ref = None
-            if rl.kl_coef:
-                ref = update_lib.merge_micro_batches(
-                    self.logprob_fn(ref_params, lp_inputs, length))
+            mini_batches.append((rollout_lib.take_prompts(ro.prompts, idx), rows))
+        ref = np.zeros_like(old) if rl.kl_coef else None
+        if rl.recompute_old_logp:
+            old = np.zeros_like(old)
+        for prompts, rows in mini_batches:
+            logprobs = functools.partial(self._logprobs, prompts=prompts, tokens=tokens[rows],
+                                         mask=mask[rows], lp_micro=lp_micro, length=length)
+            if ref is not None:
+                ref[rows] = logprobs(ref_params)
             if rl.recompute_old_logp:
-                old_mb = update_lib.merge_micro_batches(
-                    self.logprob_fn(state.params, lp_inputs, length))
-            else:
-                old_mb = old[rows]
-            ub = update_lib.pack_update_batch(self.model.config, prompts, tokens[rows],
-                                              mask[rows], ro.advantages[rows], old_mb, ref,
-                                              group_size=g, micro_batch_rows=micro,
-                                              inputs=inputs)
-            state, m = self.update_fn(state, ub)
-            for k, v in m.items():
-                agg[k] = agg.get(k, 0.0) + float(v)
-        n_updates = math.ceil(n_prompts / per_update)
+                old[rows] = logprobs(state.params)
+        agg: dict[str, float] = {}
+        for _ in range(rl.ppo_epochs):
+            for prompts, rows in mini_batches:
+                state, m = self._update_mini_batch(
+                    state, prompts, tokens[rows], mask[rows], ro.advantages[rows], old[rows],
+                    None if ref is None else ref[rows], micro)
+                for k, v in m.items():
+                    agg[k] = agg.get(k, 0.0) + float(v)
+        n_updates = rl.ppo_epochs * len(mini_batches)
         for k, v in agg.items():
             out[f"loss/{k}" if k in ("loss", "pg_loss", "kl", "ppo_kl", "entropy") else
                 f"update/{k}"] = v / n_updates if k not in ("tokens", "skipped") else v
@@ -377,6 +383,43 @@ class Trainer:
         out["time_update"] = dt
         out["update_tokens_per_s"] = agg.get("tokens", 0.0) / max(dt, 1e-9)
         return state, out
+
+    def _logprobs(self, params, prompts, tokens, mask, lp_micro: int, length: int):
+        """[rows, length] fp32 log-probs of one mini-batch's responses under `params`, in
+        micro-batches of lp_micro rows (each cut to its own bucketed length with
+        rl.length_aware, else padded to `length`)."""
+        c = self.config
+        g = c.rollout.group_size
+        if c.rl.length_aware:
+            batches = update_lib.pack_micro_batches(
+                self.model.config, prompts, tokens, mask, group_size=g,
+                micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
+                prompt_buckets=tuple(c.data.prompt_buckets))
+            return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
+        inputs = update_lib.pack_policy_inputs(self.model.config, prompts, tokens, mask,
+                                               group_size=g, micro_batch_rows=lp_micro)
+        return np.asarray(update_lib.merge_micro_batches(self.logprob_fn(params, inputs,
+                                                                         length)))
+
+    def _update_mini_batch(self, state, prompts, tokens, mask, advantages, old, ref,
+                           micro: int):
+        """One optimizer step on one mini-batch. rl.length_aware: micro-batches cut to their
+        own bucketed lengths, rows sorted by length for the token-mean loss only (the released
+        per-micro-batch mean keeps its micro-batches); else padded to the mini-batch's longest
+        and scanned in one program."""
+        c = self.config
+        g = c.rollout.group_size
+        if c.rl.length_aware:
+            batches = update_lib.pack_micro_batches(
+                self.model.config, prompts, tokens, mask, advantages, old, ref, group_size=g,
+                micro_batch_rows=micro, sort=c.rl.loss_agg == "token_mean",
+                length_buckets=tuple(c.rl.length_buckets),
+                prompt_buckets=tuple(c.data.prompt_buckets))
+        else:
+            batches = update_lib.pack_update_batch(self.model.config, prompts, tokens, mask,
+                                                   advantages, old, ref, group_size=g,
+                                                   micro_batch_rows=micro)
+        return self.update_fn(state, batches)
 
     # ------------------------------------------------------------------------ checkpoints --
     def track_best(self, step: int, results: dict[str, dict], params) -> bool:
@@ -410,8 +453,10 @@ class Trainer:
                                           total_steps=c.sft.steps + total_rl)
         writer.hparams(provenance.flat_config(c))
         rl_optimizer = update_lib.make_optimizer(c.optim)
-        self.update_fn = update_lib.make_update_step(self.model, rl_optimizer, self.mesh, rl,
-                                                     chunk=rl.logprob_chunk, optim_config=c.optim)
+        make_step = (update_lib.make_micro_batch_update if rl.length_aware else
+                     update_lib.make_update_step)
+        self.update_fn = make_step(self.model, rl_optimizer, self.mesh, rl,
+                                   chunk=rl.logprob_chunk, optim_config=c.optim)
         self.logprob_fn = update_lib.make_logprob_fn(self.model, self.mesh, chunk=rl.logprob_chunk)
         self.ref_in_checkpoint = bool(rl.kl_coef) and c.sft.steps > 0
         state = update_lib.init_train_state(self.model, self.policy.params, rl_optimizer,

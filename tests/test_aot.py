@@ -98,12 +98,19 @@ def test_tiny_step_fits_on_v4_8(config_file):
 def test_too_little_hbm_does_not_fit(config_file):
     # 1/10000 of a v4's HBM (3.4 MB) holds no program: the verdict, the exit code and the
     # suggestions, including one tried by recompiling, follow.
+    # --lengths: the same programs again at expected lengths (32 + 8 tokens, padded to the
+    # buckets 64 + 16): their time beside the worst case's, the verdict unchanged.
     code, out, err = run_tool(f"--config={config_file}", "--programs=reference",
-                              "--hbm_fraction=0.0001", "--fix_attempts=1")
+                              "--hbm_fraction=0.0001", "--fix_attempts=1", "--lengths=32,8")
     assert code == 1, out + err
     assert out.rstrip().splitlines()[-1] == "fits: no"
     rows = table_rows(out, "| program | shapes")
     assert list(rows) == ["reference log-probs", "old log-probs"], rows
+    assert "At 32,8 lengths: prompts of 32 tokens (bucket 64), responses of 8 (bucket 16;" in out
+    timed = table_rows(out, "| program | shapes (global) | FLOPs/device")
+    assert list(timed) == ["reference log-probs", "old log-probs"], timed
+    assert all("FLOP" in cells[2] for cells in timed.values()), timed
+    assert re.search(r"estimated step time at 32,8 lengths \(.*\): \S+", out)
     cells = rows["reference log-probs"]
     assert float(cells[6]) > 0, cells
     assert "limit 0.01% = 0.0032 GiB" in out
@@ -118,3 +125,17 @@ def test_bad_usage_exits_2(config_file):
     assert code == 2 and "topology" in err
     code, _, err = run_tool(f"--config={config_file}", "--programs=bogus")
     assert code == 2 and "bogus" in err
+    code, _, err = run_tool(f"--config={config_file}", "--lengths=4096,8")
+    assert code == 2 and "--lengths=4096,8" in err, err
+
+
+def test_time_estimate_takes_back_the_unpriced_seconds():
+    # The TPU cost model charges -1 s per custom call it cannot price; loop bodies count once,
+    # so the estimate is under a second: counted calls are added back, else the fraction kept.
+    hlo = 'ENTRY %main () -> f32[] {\n  %a = f32[] custom-call(), custom_call_target="ZeroCrop"\n}\n'
+    assert aot.unpriced_calls(hlo) == 1
+    assert aot.optimal_seconds({"optimal_seconds": -0.75}, hlo) == pytest.approx(0.25)
+    assert aot.optimal_seconds({"optimal_seconds": -12.957}, "") == pytest.approx(0.043)
+    assert aot.optimal_seconds({"optimal_seconds": 0.5}, "") == 0.5
+    assert aot.optimal_seconds({"optimal_seconds": -2.0}, "") != aot.optimal_seconds(
+        {"optimal_seconds": -2.0}, "")                  # NaN: nothing left to estimate

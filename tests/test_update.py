@@ -3,6 +3,8 @@
 A tiny Qwen2.5-VL (vision depth 3 with a full-attention block, untied head) on two prompts with
 real photo crops of different sizes, G = 4 responses each, fp32 and "highest" matmul precision.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import rope_index, vision
 from emor3_jax.rl import logprobs, losses, update
+from emor3_jax.rl import rollout as rollout_lib
 from qwen_testutil import chat_row, images, left_pad
 
 G, T = 4, 7
@@ -248,6 +251,160 @@ def test_update_step_learns_and_skips_non_finite_batches(setup, logprob_fn):
     state, metrics = step(state, batch)
     assert float(metrics["skipped"]) == 0.0 and int(state.step) == 4
     assert len(step.compiled) == 1
+
+
+def _mask(lengths):
+    return (np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
+def test_length_aware_micro_batches_equal_padding_to_the_longest(setup):
+    """A long-tailed mix (one response at the max, most of 1-3 tokens, two empty rows):
+    micro-batches cut to their own bucketed lengths (prompt 1 first: it has the longest) give
+    the loss, metrics, gradients and AdamW step of the mini-batch padded to its longest, in
+    any order; token-less micro-batches are not run; a non-finite one skips the step."""
+    s = setup
+    rmask = _mask([3, 2, 0, 0, T, 2, 1, 1])
+    args = (s["cfg"], s["prompts"], s["resp"], rmask, s["adv"], s["old"], s["ref"])
+    padded = update.pack_update_batch(*args, group_size=G, micro_batch_rows=2)
+    loss0, metrics0, grads0 = jax.jit(update.make_loss_and_grad(s["model"], _mesh1(), _rl(),
+                                                                chunk=3))(s["params"], padded)
+    optim = _optim(1e-3)
+    opt = update.make_optimizer(optim)
+    step = update.make_micro_batch_update(s["model"], opt, _mesh1(), _rl(), optim, chunk=4)
+    mbs = update.pack_micro_batches(*args, group_size=G, micro_batch_rows=2,
+                                    length_buckets=(4,))
+    assert [t for _, t in mbs.shapes] == [T, 4, 4] and mbs.num_micro_batches == 4
+    np.testing.assert_array_equal(mbs.rows, [[4, 5], [6, 7], [0, 1]])    # [2, 3] not run
+    for items in (mbs.items, mbs.items[::-1]):
+        loss, metrics, grads = step.gradients(s["params"], dataclasses.replace(mbs, items=items))
+        np.testing.assert_allclose(loss, loss0, atol=1e-6, rtol=0)
+        for k, v in metrics.items():
+            np.testing.assert_allclose(v, metrics0[k], atol=1e-6, rtol=0, err_msg=k)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                     grads, grads0)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
+
+    fresh = lambda: update.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]),
+                                            opt, _mesh1())
+    want, _ = step.apply_gradients(fresh(), grads0, metrics0)       # the padded gradients
+    item = mbs.items[1].replace(old_logp=np.full_like(mbs.items[1].old_logp, np.nan))
+    state = fresh()
+    before = jax.tree.map(np.asarray, state)
+    state, metrics = step(state, dataclasses.replace(mbs, items=[mbs.items[0], item,
+                                                                 mbs.items[2]]))
+    assert float(metrics["skipped"]) == 1.0 and not np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state), before)
+    state, metrics = step(state, mbs)
+    assert float(metrics["skipped"]) == 0 and int(state.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+                 state.params, want.params)
+    assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)),
+                                            state.params, before.params)))
+    # 16 tokens in 2 x 7 + 2 x 4 + 2 x 4 = 30 slots (padded to the longest: 56)
+    assert float(metrics["padded_fraction"]) == pytest.approx(14 / 30)
+    assert float(metrics0["padded_fraction"]) == pytest.approx(40 / 56)
+    assert float(metrics["response_length"]) == pytest.approx(16 / 8)
+    assert len(step.compiled) == 2            # one program per micro-batch shape
+    released = update.make_micro_batch_update(
+        s["model"], opt, _mesh1(), _rl(loss_agg="microbatch_token_mean"), optim)
+    with pytest.raises(ValueError, match="sort=False"):
+        released(state, mbs)
+
+
+def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
+    s = setup
+    assert update.bucket_lengths(2048) == (64, 128, 256, 512, 1024, 2048)
+    assert update.bucket_lengths(300) == (64, 128, 256, 300)
+    assert update.bucket_lengths(48) == (48,) and update.bucket_lengths(T, (2, 4, 9)) == (2, 4, T)
+    # prompt 0: 1 7 1 6, prompt 1: 1 1 2 1; micro-batches of 2 rows, buckets 4 and 7
+    rmask = _mask([1, T, 1, 6, 1, 1, 2, 1])
+    pack = lambda **kw: update.pack_micro_batches(
+        s["cfg"], s["prompts"], s["resp"], rmask, group_size=G, micro_batch_rows=2,
+        length_buckets=(4,), **kw)
+    plain, ordered = pack(sort=False), pack()
+    np.testing.assert_array_equal(plain.rows, [[0, 1], [2, 3], [4, 5], [6, 7]])
+    np.testing.assert_array_equal(ordered.rows, [[1, 3], [0, 2], [6, 4], [5, 7]])
+    assert [t for _, t in plain.shapes] == [T, T, 4, 4]
+    assert [t for _, t in ordered.shapes] == [T, 4, 4, 4]
+    assert plain.token_count == ordered.token_count == 20
+    assert plain.padded_fraction == pytest.approx(1 - 20 / 44)
+    assert ordered.padded_fraction == pytest.approx(1 - 20 / 38)
+    # prompt 1 holds the longest response: it and its image go first
+    rmask = _mask([1, 2, 3, 2, 5, T, 1, 6])
+    mbs = update.pack_micro_batches(s["cfg"], s["prompts"], s["resp"], rmask, group_size=G,
+                                    micro_batch_rows=2 * G)
+    item = mbs.items[0]
+    np.testing.assert_array_equal(mbs.rows[0], [5, 7, 4, 6, 2, 1, 3, 0])
+    np.testing.assert_array_equal(item.prompt_ids[0], s["prompts"]["input_ids"][::-1])
+    np.testing.assert_array_equal(item.prompt_index[0], [0, 0, 0, 0, 1, 1, 1, 1])
+    n0, n1 = np.prod(s["prompts"]["image_grid_thw"], axis=-1)
+    np.testing.assert_array_equal(item.pixel_values[0, :n1],
+                                  s["prompts"]["pixel_values"][n0:n0 + n1])
+    np.testing.assert_array_equal(item.pixel_values[0, n1:n0 + n1],
+                                  s["prompts"]["pixel_values"][:n0])
+    # per-micro-batch results come back in the mini-batch's row order (a stand-in log-prob
+    # function that returns each slot's token id), cut micro-batches padded with 0
+    fake = lambda params, x: x.response_ids.astype(np.float32)
+    for rows, buckets in ((2 * G, ()), (2, (2, 4))):
+        got = update.micro_batch_logprobs(fake, None, update.pack_micro_batches(
+            s["cfg"], s["prompts"], s["resp"], rmask, group_size=G, micro_batch_rows=rows,
+            length_buckets=buckets))
+        np.testing.assert_array_equal(got[rmask > 0], s["resp"][rmask > 0])
+
+
+@pytest.mark.parametrize("length_aware", [True, False])
+def test_trainer_takes_every_old_logprob_before_the_first_update(setup, length_aware):
+    """The release computes the rollout's old (and reference) log-probs, then updates: with two
+    mini-batches and rl.ppo_epochs = 2, every log-prob pass sees the params that sampled the
+    rollout, and the four updates come after them (old log-probs taken just before each
+    mini-batch would see the params the first update had moved)."""
+    from emor3_jax import trainer as trainer_lib
+    s = setup
+    c = base.get_config()
+    c.rollout.group_size, c.rollout.response_buckets = G, (T,)
+    c.data.prompt_buckets = (s["prompts"]["input_ids"].shape[1],)
+    c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
+                ppo_epochs=2, logprob_chunk=4, length_aware=length_aware)
+    mesh, opt = _mesh1(), update.make_optimizer(_optim(1e-2))
+    state = update.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt, mesh)
+    sampled = jax.tree.map(np.asarray, state.params)
+    events, logprob_fn = [], update.make_logprob_fn(s["model"], mesh, chunk=4)
+    make = update.make_micro_batch_update if length_aware else update.make_update_step
+    update_fn = make(s["model"], opt, mesh, c.rl, chunk=4)
+
+    def record_logprobs(params, *args):
+        same = all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), params,
+                                                sampled)))
+        events.append("logp" if same else "logp of moved params")
+        return logprob_fn(params, *args)
+
+    def record_update(state, batch):
+        events.append("update")
+        return update_fn(state, batch)
+
+    t = object.__new__(trainer_lib.Trainer)
+    t.config, t.model, t.mesh = c, s["model"], mesh
+    t.logprob_fn, t.update_fn = record_logprobs, record_update
+    ro = rollout_lib.Rollout(prompts=dict(s["prompts"], valid=np.ones(2, bool)),
+                             tokens=s["resp"], logprobs=s["old"],
+                             lengths=s["rmask"].sum(1), texts=[""] * 2 * G,
+                             group_size=G, advantages=s["adv"])
+    state, out = t.update(state, jax.tree.map(jnp.copy, s["params"]), ro, {})
+    n_logp = events.index("update")
+    assert n_logp >= 4 and set(events[:n_logp]) == {"logp"}, events     # old + ref, 2 each
+    assert events[n_logp:] == ["update"] * 4, events
+    assert int(state.step) == 4 and out["update/skipped"] == 0
+
+
+def test_check_config_names_bad_length_buckets():
+    from emor3_jax import trainer
+    from emor3_jax.configs import demo_cpu
+    c = demo_cpu.get_config()
+    assert c.rl.length_aware and c.rl.length_buckets == ()
+    trainer.check_config(c, num_devices=1, process_count=1)
+    c.rl.length_buckets = (0, 64)
+    with pytest.raises(ValueError, match=r"config.rl.length_buckets=\(0, 64\)"):
+        trainer.check_config(c, num_devices=1, process_count=1)
 
 
 def test_learning_rate_schedules():

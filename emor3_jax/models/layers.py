@@ -377,6 +377,28 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # -- splash: the TPU Pallas kernel -------------------------------------------------------------
 
+# Logical name of a dimension split over every mesh axis (the LM head's vocabulary in
+# rl/logprobs.py).
+ALL_DEVICES = "all_devices"
+
+
+def constrain(x, names):
+    """x laid out by logical axis `names` (emor3_jax.sharding rules, plus ALL_DEVICES: every
+    mesh axis) when tracing under a mesh (`layers.kernel_mesh`); axes a dimension does not
+    divide are dropped. No-op without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    from jax.sharding import PartitionSpec as P
+
+    from emor3_jax import sharding
+    every = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    spec = sharding.logical_to_spec([None if n == ALL_DEVICES else n for n in names])
+    spec = P(*[every if n == ALL_DEVICES else a
+               for n, a in zip(names, tuple(spec) + (None,) * (len(names) - len(spec)))])
+    return jax.lax.with_sharding_constraint(x, sharding._fit_spec(spec, x.shape, mesh))
+
+
 def kernel_mesh(mesh):
     """Context to trace a program under: Pallas (Mosaic) kernels cannot be partitioned by XLA,
     so `splash_attention` shard_maps over this mesh (None or one device: nothing to do)."""

@@ -21,6 +21,9 @@ from emor3_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, attention,
                                      remat_policy)
 
 FORWARD, PREFILL, DECODE = "forward", "prefill", "decode"
+# Prompts, then the responses that continue them, through each layer in turn (one scan; see
+# TextModel.prompt_and_responses).
+PROMPT_RESPONSES = "prompt_responses"
 
 
 @flax.struct.dataclass
@@ -123,14 +126,31 @@ class DecoderLayer(nn.Module):
         c = self.config
         t = c.text
         kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
-        h = RMSNorm(t.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, new_cache = Attention(c, name="self_attn")(h, layer_cache, cos, sin, mask,
-                                                      write_index, mode)
-        x = x + h
-        h = RMSNorm(t.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + GatedMLP(t.hidden_size, t.intermediate_size, t.hidden_act, False,
-                         ("embed", "mlp"), name="mlp", **kw)(h)
-        return x, new_cache
+        norm1 = RMSNorm(t.rms_norm_eps, name="input_layernorm", **kw)
+        attn = Attention(c, name="self_attn")
+        norm2 = RMSNorm(t.rms_norm_eps, name="post_attention_layernorm", **kw)
+        mlp = GatedMLP(t.hidden_size, t.intermediate_size, t.hidden_act, False,
+                       ("embed", "mlp"), name="mlp", **kw)
+
+        def block(x, layer_cache, cos, sin, mask, write_index, mode):
+            h, new_cache = attn(norm1(x), layer_cache, cos, sin, mask, write_index, mode)
+            x = x + h
+            return x + mlp(norm2(x)), new_cache
+
+        if mode != PROMPT_RESPONSES:
+            return block(x, layer_cache, cos, sin, mask, write_index, mode)
+        # x = (prompt hidden [p, Lp, D], response hidden [n, T, D]); write_index = the prompt
+        # row of each response [n]; cos/sin/mask: (prompt's, responses'). The prompts run as a
+        # prefill into a [p, Lp + T] cache of this layer, whose rows are gathered to the
+        # responses, which run as a decode step of T tokens against it.
+        (xp, xr), rows = x, write_index
+        lp, shape = xp.shape[1], (xp.shape[0], xp.shape[1] + xr.shape[1], t.num_key_value_heads,
+                                  t.head_dim)
+        empty = jnp.zeros(shape, c.compute_dtype)
+        xp, (ck, cv) = block(xp, (empty, empty), cos[0], sin[0], mask[0], 0, PREFILL)
+        kv = (jnp.take(ck, rows, axis=0), jnp.take(cv, rows, axis=0))
+        xr, _ = block(xr, kv, cos[1], sin[1], mask[1], lp, DECODE)
+        return (xp, xr), None
 
 
 class TextModel(nn.Module):
@@ -172,6 +192,29 @@ class TextModel(nn.Module):
         write_index = jnp.asarray(write_index, jnp.int32)
         x, new_kv = self.layers(inputs_embeds, kv, cos, sin, mask, write_index, mode)
         return self.norm(x), new_kv
+
+    def prompt_and_responses(self, prompt_embeds, prompt_position_ids, prompt_mask,
+                             response_embeds, response_position_ids, response_mask, rows):
+        """Prompts and the responses that continue them, layer by layer in one scan.
+
+        prompt_embeds [p, Lp, D] (left-padded), prompt_mask a causal `layers.Mask` over them;
+        response_embeds [n, T, D], response_mask a `Mask` over the [n, Lp + T] keys with
+        q_offset Lp (`decode_mask`); rows [n]: the prompt row each response continues.
+        Returns the final-norm hidden states of both ([p, Lp, D], [n, T, D]).
+
+        The same values as a prefill of the prompts followed by a decode of the responses
+        against their rows of its cache (`__call__` in those modes), but each layer's
+        parameters serve both in one scan step: the backward pass accumulates one gradient
+        per layer instead of one per pass, and only one layer's prompt keys/values are gathered
+        to the response rows at a time (never [layers, n, Lp + T, ...]).
+        """
+        t = self.config.text
+        rope = lambda pos: mrope(pos, t.head_dim, t.rope_theta, t.mrope_section)
+        (cos_p, sin_p), (cos_r, sin_r) = rope(prompt_position_ids), rope(response_position_ids)
+        (xp, xr), _ = self.layers((prompt_embeds, response_embeds), None, (cos_p, cos_r),
+                                  (sin_p, sin_r), (prompt_mask, response_mask), rows,
+                                  PROMPT_RESPONSES)
+        return self.norm(xp), self.norm(xr)
 
     def embedding_matrix(self):
         return self.embed_tokens.embedding

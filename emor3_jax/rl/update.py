@@ -36,9 +36,25 @@ accumulating fp32 gradients of `losses.policy_loss` (token-mean over the whole m
 default, independent of M and the device count; the released per-micro-batch mean as
 `loss_agg="microbatch_token_mean"`), then takes one AdamW step. A non-finite loss or gradient
 norm skips the step: the returned state is the input state, and metrics["skipped"] = 1.
+
+Length-aware micro-batches (`pack_micro_batches`, `make_micro_batch_update`,
+`micro_batch_logprobs`; the trainer's default, rl.length_aware): above, every micro-batch is
+padded to the mini-batch's longest response and prompt. Instead, prompts are sorted by their
+longest response (each prompt's G responses stay contiguous, longest first, so the prompt
+prefill is still shared), micro-batches of n rows are cut as above, and each is cut to its
+own longest response (and prompt), rounded up to a length bucket (powers of two by default:
+one compiled program per bucket used). Micro-batches of different shapes cannot share a
+scan, so the update is one jitted call per micro-batch accumulating fp32 gradients into a
+donated accumulator, then one optimizer call; each call's loss is its share of the whole
+mini-batch's token-mean (the mini-batch token count is passed in), so loss, gradients and
+the step equal the padded ones up to float rounding, in any micro-batch order. Micro-batches
+without response tokens are not run (their share is exactly 0). The released per-micro-batch
+mean depends on which rows form a micro-batch, so it is packed without sorting (sort=False).
+metrics["padded_fraction"]: padded response slots / all response slots computed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping
 
@@ -287,6 +303,189 @@ def pack_update_batch(config, prompts: Mapping[str, Any], responses, response_ma
 
 
 # ------------------------------------------------------------------------------------------
+# Length-aware micro-batches (host): each micro-batch padded to its own bucketed length.
+
+MIN_LENGTH_BUCKET = 64
+
+
+def bucket_lengths(max_len: int, buckets=(), smallest: int = MIN_LENGTH_BUCKET
+                   ) -> tuple[int, ...]:
+    """The lengths a micro-batch of a mini-batch padded to `max_len` may be cut to: `buckets`
+    below max_len (() = powers of two from `smallest`), then max_len itself. One compiled
+    program per length used, so keep the list short."""
+    max_len = int(max_len)
+    if not buckets:
+        buckets = [2 ** k for k in range(max(int(smallest), 1).bit_length() - 1,
+                                         max(max_len, 1).bit_length())]
+    if any(int(b) <= 0 for b in buckets):
+        raise ValueError(f"length buckets {tuple(buckets)} must be positive")
+    return tuple(sorted({int(b) for b in buckets if int(b) < max_len} | {max_len}))
+
+
+def _fit(need: int, choices: tuple[int, ...]) -> int:
+    return next((c for c in choices if need <= c), choices[-1])
+
+
+def response_lengths(response_mask) -> np.ndarray:
+    """[N] index of the last response token + 1 per row (0: no response token)."""
+    mask = np.asarray(response_mask) != 0
+    return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
+
+
+def _prompts_in_order(config, prompts: Mapping[str, Any], order) -> dict:
+    """The prompt batch with its rows (and their images) in `order`."""
+    ids, mask = np.asarray(prompts["input_ids"]), np.asarray(prompts["attention_mask"])
+    out = dict(input_ids=ids[order], attention_mask=mask[order],
+               position_ids=np.asarray(prompts["position_ids"])[:, order])
+    grid = prompts.get("image_grid_thw")
+    grid = None if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
+    if grid is None or not len(grid) or prompts.get("pixel_values") is None:
+        out.update(image_grid_thw=grid, pixel_values=prompts.get("pixel_values"))
+        return out      # (no images; or pack_policy_inputs names what is missing)
+    pixels = np.asarray(prompts["pixel_values"])
+    starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=-1))])
+    images_of = _images_of_prompts(config, ids, mask, grid)
+    images = [i for b in order for i in images_of[b]]
+    out["image_grid_thw"] = grid[images].reshape(-1, 3)
+    out["pixel_values"] = (np.concatenate([pixels[starts[i]:starts[i + 1]] for i in images])
+                           if images else pixels[:0])
+    return out
+
+
+@dataclasses.dataclass
+class MicroBatches:
+    """A mini-batch as micro-batches each padded to its own bucketed response (and prompt)
+    length (`pack_micro_batches`; host numpy, not a pytree).
+
+    items: UpdateBatch (or PolicyInputs, for the log-prob passes) per micro-batch that has
+      response tokens, each with a leading [1] axis and its own Lp_i <= Lp, T_i <= T.
+      Micro-batches without any response token (e.g. the zero-mask rows of a batch's padding
+      prompts) are left out: their loss, metrics and gradients are exactly zero.
+    rows: per item, the mini-batch rows (original order) of its n response rows.
+    """
+    items: list
+    rows: list
+    num_rows: int              # N responses of the mini-batch
+    response_len: int          # T, its padded response length
+    num_micro_batches: int     # M = N / n, empty micro-batches included (the loss's count)
+    token_count: int           # response tokens of the mini-batch
+    slots: int                 # response slots the items compute: sum of n x T_i
+    sorted: bool               # rows reordered by length (group-preserving)
+
+    @property
+    def padded_fraction(self) -> float:
+        """Padded response slots / all response slots of the computed micro-batches."""
+        return 1.0 - self.token_count / self.slots if self.slots else 0.0
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(Lp_i, T_i) per item."""
+        return [(x.prompt_ids.shape[-1], x.response_ids.shape[-1]) for x in
+                (getattr(item, "inputs", item) for item in self.items)]
+
+
+def pack_micro_batches(config, prompts: Mapping[str, Any], responses, response_mask,
+                       advantages=None, old_logp=None, ref_logp=None, *, group_size: int,
+                       micro_batch_rows: int, sort: bool = True, length_buckets=(),
+                       prompt_buckets=None,
+                       vision_padding: VisionPadding = DEFAULT_VISION_PADDING) -> MicroBatches:
+    """Length-aware micro-batches of a mini-batch (`MicroBatches`): same arguments and the same
+    rows per micro-batch as `pack_update_batch` (without advantages: `pack_policy_inputs`,
+    for the log-prob passes), but each micro-batch is cut to its own longest response, rounded
+    up to `bucket_lengths(T, length_buckets)`, and (prompt_buckets not None) its prompts to
+    their longest, rounded up to `bucket_lengths(Lp, prompt_buckets)` (left padding dropped).
+
+    sort: order prompts by their longest response (longest first) and each prompt's responses
+    by length before cutting micro-batches, so long responses share micro-batches. Prompts stay
+    whole (their G responses contiguous: the prompt prefill is still shared). The token-mean
+    loss and its gradients do not depend on the order (`make_micro_batch_update`); the
+    released per-micro-batch mean does (it changes which rows form a micro-batch): use
+    sort=False for loss_agg="microbatch_token_mean".
+    Images stay padded to one size over the mini-batch (as pack_policy_inputs).
+    """
+    responses = np.asarray(responses)
+    mask = (np.asarray(response_mask) != 0).astype(np.int32)
+    n_rows, t = responses.shape
+    b = np.shape(prompts["input_ids"])[0]
+    if mask.shape != responses.shape:
+        raise ValueError(f"response_mask {mask.shape} != responses {responses.shape}")
+    if n_rows != b * group_size:
+        raise ValueError(f"responses: {n_rows} rows but {b} prompts x group_size {group_size} = "
+                         f"{b * group_size}; rows must be prompt-major (b*G + g)")
+    if advantages is not None and old_logp is None:
+        raise ValueError("pack_micro_batches: advantages given without old_logp")
+    for name, x, shape in (("advantages", advantages, (n_rows,)), ("old_logp", old_logp,
+                           (n_rows, t)), ("ref_logp", ref_logp, (n_rows, t))):
+        if x is not None and np.shape(x) != shape:
+            raise ValueError(f"{name} shape {np.shape(x)} must be {shape} (N = {n_rows} "
+                             f"responses of T = {t} tokens)")
+    lengths = response_lengths(mask)
+    if sort:
+        per_prompt = lengths.reshape(b, group_size)
+        prompt_order = np.argsort(-per_prompt.max(axis=1), kind="stable")
+        within = np.argsort(-per_prompt, axis=1, kind="stable")[prompt_order]
+        order = (prompt_order[:, None] * group_size + within).reshape(-1)
+        prompts = _prompts_in_order(config, prompts, prompt_order)
+    else:
+        order = np.arange(n_rows)
+    inputs = pack_policy_inputs(config, prompts, responses[order], mask[order],
+                                group_size=group_size, micro_batch_rows=micro_batch_rows,
+                                vision_padding=vision_padding)
+    m, n = inputs.response_ids.shape[:2]
+    lp = inputs.prompt_ids.shape[-1]
+    t_choices = bucket_lengths(t, length_buckets)
+    p_choices = None if prompt_buckets is None else bucket_lengths(lp, prompt_buckets)
+    rows_of = lambda x: None if x is None else np.asarray(x, np.float32)[order]
+    adv, old, ref = rows_of(advantages), rows_of(old_logp), rows_of(ref_logp)
+    items, rows, slots = [], [], 0
+    for i in range(m):
+        span = slice(i * n, (i + 1) * n)
+        need = int(lengths[order[span]].max())
+        if need == 0:
+            continue
+        ti = _fit(need, t_choices)
+        lpi = lp
+        if p_choices is not None:
+            used = inputs.prompt_mask[i].any(axis=0)
+            lpi = _fit(lp - int(np.argmax(used)), p_choices)
+        one = lambda x: None if x is None else x[i:i + 1]
+        item = PolicyInputs(
+            prompt_ids=inputs.prompt_ids[i:i + 1, :, lp - lpi:],
+            prompt_mask=inputs.prompt_mask[i:i + 1, :, lp - lpi:],
+            prompt_position_ids=inputs.prompt_position_ids[i:i + 1, :, :, lp - lpi:],
+            pixel_values=one(inputs.pixel_values),
+            vision_inputs=jax.tree.map(one, inputs.vision_inputs),
+            response_ids=inputs.response_ids[i:i + 1, :, :ti],
+            response_mask=inputs.response_mask[i:i + 1, :, :ti],
+            response_position_ids=inputs.response_position_ids[i:i + 1, :, :, :ti],
+            prompt_index=inputs.prompt_index[i:i + 1])
+        if adv is not None:
+            item = UpdateBatch(inputs=item, advantages=adv[None, span],
+                               old_logp=old[None, span, :ti],
+                               ref_logp=None if ref is None else ref[None, span, :ti])
+        items.append(item)
+        rows.append(order[span])
+        slots += n * ti
+    return MicroBatches(items=items, rows=rows, num_rows=n_rows, response_len=t,
+                        num_micro_batches=m, token_count=int(mask.sum()), slots=slots,
+                        sorted=bool(sort))
+
+
+def micro_batch_logprobs(logprob_fn, params, micro_batches: MicroBatches) -> np.ndarray:
+    """[N, T] fp32 log-probs of a `pack_micro_batches` mini-batch (no advantages) in the
+    mini-batch's row order, by `logprob_fn = make_logprob_fn(...)` one micro-batch per call
+    (one program per (Lp_i, T_i)); 0 past each micro-batch's length and in the left-out
+    (token-less) micro-batches. Every process must call it (the results are gathered)."""
+    mb = micro_batches
+    outs = [logprob_fn(params, x) for x in mb.items]      # all dispatched before any wait
+    full = np.zeros((mb.num_rows, mb.response_len), np.float32)
+    for rows, out in zip(mb.rows, outs):
+        out = sharding.to_host(out)[0]
+        full[rows, :out.shape[1]] = out
+    return full
+
+
+# ------------------------------------------------------------------------------------------
 # Shardings.
 
 def _stacked_rows_sharding(mesh, x, row_axis: int):
@@ -299,13 +498,16 @@ def _stacked_rows_sharding(mesh, x, row_axis: int):
 
 
 def policy_inputs_shardings(mesh, inputs: PolicyInputs) -> PolicyInputs:
-    """Shardings of stacked PolicyInputs: rows over data x fsdp, images replicated."""
+    """Shardings of stacked PolicyInputs: rows over data x fsdp, the vision index arrays
+    replicated, pixel rows over data x fsdp (the whole mini-batch's pixels, fp32, replicated
+    would take 1.7 GiB per device for 256 Qwen2.5-VL-3B micro-batches; the vision tower
+    gathers one micro-batch's at a time)."""
     rep = sharding.replicated(mesh)
     rows = lambda x, axis=1: _stacked_rows_sharding(mesh, x, axis)
     return PolicyInputs(
         prompt_ids=rows(inputs.prompt_ids), prompt_mask=rows(inputs.prompt_mask),
         prompt_position_ids=rows(inputs.prompt_position_ids, 2),
-        pixel_values=None if inputs.pixel_values is None else rep,
+        pixel_values=None if inputs.pixel_values is None else rows(inputs.pixel_values),
         vision_inputs=None if inputs.vision_inputs is None else
         jax.tree.map(lambda _: rep, inputs.vision_inputs),
         response_ids=rows(inputs.response_ids), response_mask=rows(inputs.response_mask),
@@ -475,7 +677,7 @@ def make_logprob_fn(model, mesh, *, chunk: int):
 
 METRIC_NAMES = ("loss", "pg_loss", "kl", "ppo_kl", "ratio_mean", "clipfrac_upper",
                 "clipfrac_lower", "clipfrac_dual", "entropy", "grad_norm", "response_length",
-                "tokens", "lr", "skipped")
+                "tokens", "padded_fraction", "lr", "skipped")
 
 
 def make_loss_and_grad(model, mesh, rl_config, *, chunk: int | None = None):
@@ -512,19 +714,25 @@ def make_loss_and_grad(model, mesh, rl_config, *, chunk: int | None = None):
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def loss_and_grad(params, batch: UpdateBatch):
+    def loss_and_grad(params, batch: UpdateBatch, token_count=None, num_micro_batches=None):
+        # token_count / num_micro_batches: the whole mini-batch's token count and micro-batch
+        # count when `batch` is only part of it (length-aware micro-batches, accumulated over
+        # several calls by `make_micro_batch_update`); None: `batch` is the whole mini-batch.
         m = batch.response_mask.shape[0]
         _check_rows(mesh, batch.response_mask.shape[1], "update step")
         if float(rl_config.kl_coef) != 0 and batch.ref_logp is None:
             raise ValueError("update step: rl.kl_coef != 0 but the batch has no ref_logp; "
                              "compute them with make_logprob_fn(reference params) or set "
                              "rl.kl_coef = 0")
-        token_count = jnp.maximum(batch.response_mask.sum().astype(jnp.float32), 1.0)
+        if token_count is None:
+            token_count = batch.response_mask.sum()
+        token_count = jnp.maximum(jnp.asarray(token_count, jnp.float32), 1.0)
+        total = m * dp if num_micro_batches is None else num_micro_batches * dp
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, params_sh)
 
         def body(acc, mb):
-            (loss, metrics), grads = grad_fn(params, mb, token_count, m * dp)
+            (loss, metrics), grads = grad_fn(params, mb, token_count, total)
             acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
             return jax.lax.with_sharding_constraint(acc, params_sh), (loss, metrics)
 
@@ -533,6 +741,7 @@ def make_loss_and_grad(model, mesh, rl_config, *, chunk: int | None = None):
         metrics["loss"] = loss.sum()
         metrics["tokens"] = batch.response_mask.sum().astype(jnp.float32)
         metrics["response_length"] = metrics["tokens"] / (m * batch.response_mask.shape[1])
+        metrics["padded_fraction"] = 1.0 - metrics["tokens"] / batch.response_mask.size
         return metrics["loss"], metrics, grads
     return loss_and_grad
 
@@ -553,6 +762,28 @@ def make_update_step(model, optimizer, mesh, rl_config, optim_config=None, *,
                            optimizer, mesh, optim_config, donate=donate)
 
 
+def _apply_if_finite(optimizer, schedule, state: TrainState, loss, metrics, grads):
+    """One optimizer step on `grads` unless the loss or the gradient norm is not finite (then
+    `state` unchanged); adds grad_norm, skipped and (schedule given) lr to the metrics."""
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def apply(state):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+
+    # A branch, not a select over the whole state (which reads the new and the old params
+    # and moments and writes a third copy): a third less optimizer time on CPU.
+    new = jax.lax.cond(finite, apply, lambda state: state, state)
+    metrics["grad_norm"] = grad_norm
+    metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return new, metrics
+
+
 def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
                     donate: bool = True):
     """Jit one optimizer step around `loss_and_grad(params, batch) -> (loss, metrics, grads)`
@@ -567,23 +798,7 @@ def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
     def step(state: TrainState, batch: UpdateBatch):
         with layers.kernel_mesh(mesh):
             loss, metrics, grads = loss_and_grad(state.params, batch)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def apply(state):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-
-        # A branch, not a select over the whole state (which reads the new and the old params
-        # and moments and writes a third copy): a third less optimizer time on CPU.
-        new = jax.lax.cond(finite, apply, lambda state: state, state)
-        metrics["grad_norm"] = grad_norm
-        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-        return new, metrics
+        return _apply_if_finite(optimizer, schedule, state, loss, metrics, grads)
 
     def jitted(batch: UpdateBatch):
         key = jax.tree.structure(batch)
@@ -600,4 +815,109 @@ def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
     call.compiled = compiled
     # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs
     call.trace = lambda state, batch: jitted(batch).trace(state, batch)
+    return call
+
+
+# Metrics of `make_loss_and_grad` that add up over the calls of one mini-batch (each call's
+# value is its share of the mini-batch's).
+_SUMMED_METRICS = ("loss", "pg_loss", "kl", "ppo_kl", "ratio_mean", "clipfrac_upper",
+                   "clipfrac_lower", "clipfrac_dual", "entropy", "tokens")
+
+
+def make_micro_batch_update(model, optimizer, mesh, rl_config, optim_config=None, *,
+                            chunk: int | None = None, donate: bool = True):
+    """GRPO step(state, micro_batches: MicroBatches) -> (state, metrics) over length-aware
+    micro-batches (`pack_micro_batches`): the same loss, gradients and update as
+    `make_update_step` on the mini-batch padded to its longest response, up to float rounding.
+
+    Micro-batches of different lengths have different shapes, so the step is several jitted
+    calls: one that zeroes an fp32 gradient accumulator laid out like the parameters, one per
+    micro-batch that adds its gradients (`make_loss_and_grad` with the mini-batch's token
+    count and micro-batch count, so its loss is its share of the mini-batch token-mean; the
+    released per-micro-batch mean likewise) and its metrics, the accumulator donated to the
+    next call; then one that takes the AdamW step (state donated; skipped, state unchanged,
+    when the loss or the gradient norm is not finite, as make_update_step). One accumulate
+    program per micro-batch shape (Lp_i, T_i, images; `step.compiled`), so the number of
+    programs is bounded by the length buckets. Calls run in the same order on every process
+    (the packing is deterministic). The order of the micro-batches changes the sums only by
+    float rounding. Metrics: METRIC_NAMES, padded_fraction and response_length computed on
+    the host (numpy scalars), the rest replicated fp32 scalars.
+    """
+    loss_and_grad = make_loss_and_grad(model, mesh, rl_config, chunk=chunk)
+    loss_agg = rl_config.loss_agg
+    state_sh = train_state_shardings(model, optimizer, mesh)
+    params_sh, rep = state_sh.params, sharding.replicated(mesh)
+    schedule = None if optim_config is None else learning_rate_schedule(optim_config)
+    as_fp32 = lambda tree: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), tree)
+    zeros = jax.jit(lambda params: (as_fp32(params), jnp.zeros(len(_SUMMED_METRICS))),
+                    in_shardings=(params_sh,), out_shardings=(params_sh, rep))
+
+    def accumulate(params, grads, sums, batch, token_count, num_micro_batches):
+        with layers.kernel_mesh(mesh):
+            _, metrics, g = loss_and_grad(params, batch, token_count=token_count,
+                                          num_micro_batches=num_micro_batches)
+        unknown = set(metrics) - set(_SUMMED_METRICS) - {"response_length", "padded_fraction"}
+        if unknown:
+            raise ValueError(f"make_micro_batch_update: metrics {sorted(unknown)} are not known "
+                             "to add up over micro-batches; list them in _SUMMED_METRICS")
+        grads = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), grads, g)
+        sums = sums + jnp.stack([jnp.asarray(metrics[k], jnp.float32) for k in _SUMMED_METRICS])
+        return grads, sums
+
+    def apply(state, grads, sums):
+        metrics = {k: sums[i] for i, k in enumerate(_SUMMED_METRICS)}
+        return _apply_if_finite(optimizer, schedule, state, metrics["loss"], metrics, grads)
+
+    apply_jit = jax.jit(apply, in_shardings=(state_sh, params_sh, rep),
+                        out_shardings=(state_sh, rep), donate_argnums=(0,) if donate else ())
+    compiled = {}
+
+    def accumulate_jit(batch: UpdateBatch):
+        key = (jax.tree.structure(batch), tuple(np.shape(x) for x in jax.tree.leaves(batch)))
+        if key not in compiled:
+            compiled[key] = jax.jit(
+                accumulate, in_shardings=(params_sh, params_sh, rep,
+                                          update_batch_shardings(mesh, batch), rep, rep),
+                out_shardings=(params_sh, rep), donate_argnums=(1, 2))
+        return compiled[key]
+
+    def call(state: TrainState, micro_batches: MicroBatches):
+        mbs = micro_batches
+        if loss_agg == "microbatch_token_mean" and mbs.sorted:
+            raise ValueError("rl.loss_agg='microbatch_token_mean' averages inside each "
+                             "micro-batch, so sorting rows by length would change the loss; "
+                             "pack with pack_micro_batches(..., sort=False)")
+        if mbs.items and not isinstance(mbs.items[0], UpdateBatch):
+            raise ValueError("make_micro_batch_update: pack the micro-batches with "
+                             "advantages and old_logp (pack_micro_batches)")
+        grads, sums = accumulate_all(state.params, mbs)
+        state, metrics = apply_jit(state, grads, sums)
+        metrics["response_length"] = np.float32(mbs.token_count / mbs.num_rows)
+        metrics["padded_fraction"] = np.float32(mbs.padded_fraction)
+        return state, metrics
+
+    def accumulate_all(params, mbs: MicroBatches):
+        put = lambda x: sharding.host_to_global(x, rep)
+        token_count = put(np.float32(max(mbs.token_count, 1)))
+        num_micro_batches = put(np.float32(mbs.num_micro_batches))
+        grads, sums = zeros(params)
+        for batch in mbs.items:
+            batch = sharding.host_to_global(batch, update_batch_shardings(mesh, batch))
+            grads, sums = accumulate_jit(batch)(params, grads, sums, batch, token_count,
+                                                num_micro_batches)
+        return grads, sums
+
+    def gradients(params, mbs: MicroBatches):
+        """(loss, metrics, fp32 grads) of the mini-batch without the optimizer step."""
+        grads, sums = accumulate_all(params, mbs)
+        metrics = {k: sums[i] for i, k in enumerate(_SUMMED_METRICS)}
+        return metrics["loss"], metrics, grads
+    def apply_gradients(state: TrainState, grads, metrics):
+        """The optimizer call alone, on given fp32 grads and summed metrics (tests: the
+        padded path's gradients through the same step)."""
+        return apply_jit(state, grads, jnp.stack([jnp.asarray(metrics[k], jnp.float32)
+                                                  for k in _SUMMED_METRICS]))
+    call.compiled = compiled
+    call.gradients = gradients
+    call.apply_gradients = apply_gradients
     return call
