@@ -1,5 +1,9 @@
 """Reflective judge: score-mode likelihoods == a full forward, score and generate modes agree when
-the greedy answer is a candidate, special strings in responses cannot break encoding."""
+the greedy answer is a candidate, special strings in responses cannot break encoding, the
+shared-prefix judge (the default) == every prompt whole, on one device and on a mesh.
+
+Most tests run the unshared path (share_prefix=False): its programs are the ones the
+comparisons reuse, so the file compiles each path's programs about once."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +95,8 @@ def test_score_mode_reward_is_the_expected_released_reward(setup):
     """R_coh = P(label) + 0.5 P(None) and R_cons = P(yes) under the judge's distribution over
     the candidates at T = 0.6 (spellings pooled, renormalized): the released rules' expectation."""
     tok, ids, _, _, _, model, params, imgs = setup
-    judge = Judge(model, tok, mode="score", source="checkpoint", params=params, temperature=0.6)
+    judge = Judge(model, tok, mode="score", source="checkpoint", params=params, temperature=0.6,
+                  share_prefix=False)
     out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
     coh_cands = LABELS + ("None",)
     conts, owner = judge.candidate_tokens(coh_cands)
@@ -143,7 +148,7 @@ def test_score_and_generate_modes_agree(setup):
     """Greedy generate (T = 0) and score give the same answers and rewards when the greedy
     answer is a candidate: 'excitement' (coherence) and 'Yes' (consistency)."""
     tok, ids, cfg, _, _, model, params, imgs = setup
-    kw = dict(source="checkpoint", temperature=0.0, max_new_tokens=6)
+    kw = dict(source="checkpoint", temperature=0.0, max_new_tokens=6, share_prefix=False)
     probe = Judge(model, tok, mode="score", source="checkpoint", params=params)
     coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
     (excitement,) = tok.encode("excitement", add_special_tokens=False)
@@ -170,7 +175,7 @@ def test_score_and_generate_modes_agree(setup):
 
 def test_unsteered_score_mode_picks_a_candidate_and_scores(setup):
     tok, _, _, _, _, model, params, imgs = setup
-    judge = Judge(model, tok, mode="score", source="policy")
+    judge = Judge(model, tok, mode="score", source="policy", share_prefix=False)
     out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs, policy_params=params)
     assert set(out.coherence_answers) <= set(LABELS) | {"None"}
     assert set(out.consistency_answers) <= {"yes", "no", "None"}
@@ -184,7 +189,7 @@ def test_unsteered_score_mode_picks_a_candidate_and_scores(setup):
 def test_special_strings_in_responses_are_removed_and_counted(setup):
     tok, ids, _, _, _, model, params, imgs = setup
     judge = Judge(model, tok, mode="generate", source="checkpoint", params=params,
-                  temperature=0.6, max_new_tokens=4)
+                  temperature=0.6, max_new_tokens=4, share_prefix=False)
     coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
     p_ids, p_mask, pv, grid, row_images = judge.encode(coh + cons, [None] * 4 + imgs)
     assert judge.stats["sanitized_prompts"] == 2              # response 3, both prompts
@@ -221,13 +226,65 @@ def test_judge_argument_errors(setup):
         Judge.from_config(reward, model, tok)
 
 
+def test_shared_prefix_equals_unshared(setup):
+    """share_prefix (the judge's default: each image group's and the coherence prompts' common
+    token prefix prefilled once, then the suffixes against its cache) == every prompt whole:
+    token-identical greedy generations, the same sampled answers with the same key, score-mode
+    log-likelihoods within 1e-5 of the unshared ones (those of its greedy generations; the
+    score-mode rewards are sums and ratios of them). The suffixes of a group differ in length
+    (an 'Answer None' prompt beside a response; responses of different lengths)."""
+    tok, ids, _, _, _, model, params, imgs = setup
+    coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
+    judge = Judge(model, tok, mode="generate", source="checkpoint", params=params,
+                  temperature=0.6, max_new_tokens=6)
+    p_ids, p_mask, pv, grid, rows = judge.encode(coh + cons, [None] * 4 + imgs)
+    tokens = [p_ids[r][p_mask[r] == 1] for r in range(8)]
+    units = judge.sampler._shared_units(tokens, rows, cap=8)
+    by_rows = {tuple(sorted(u.tolist())): p for u, p in units}
+    assert set(by_rows) == {(0, 1, 2, 3), (4, 5), (6, 7)}          # text; image 0; image 1
+    for unit, p in by_rows.items():
+        suffix = [len(tokens[r]) - p for r in unit]
+        assert min(suffix) >= 1 and len(set(suffix)) == len(unit)  # different suffix lengths
+        assert all((tokens[r][p:] != ids.image_pad).all() for r in unit)
+        assert (tokens[unit[0]][:p] == ids.image_pad).any() == (unit[0] >= 4)
+    kw = dict(eos_token_ids=ids.eos, pad_token_id=ids.pad, forbidden_token_ids=ids.forbidden,
+              valid_vocab_size=ids.vocab_size, row_images=rows)
+    out = {share: judge.sampler.generate(params, p_ids, p_mask, pv, grid, max_new_tokens=6,
+                                         share_prefix=share, **kw) for share in (False, True)}
+    np.testing.assert_array_equal(out[True].tokens, out[False].tokens)
+    np.testing.assert_array_equal(out[True].lengths, out[False].lengths)
+    np.testing.assert_allclose(out[True].logprobs, out[False].logprobs, atol=1e-5)
+    # sampled (T 0.6, top-p 0.95): the same key gives the same answers, whatever the order
+    # the prompts run in (the unshared judge sorts them by length, the shared one by group)
+    sampled = {}
+    for share in (False, True):
+        judge.share_prefix = share
+        sampled[share] = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs,
+                                       rng=jax.random.key(4), policy_params=None)
+    assert sampled[True].coherence_answers == sampled[False].coherence_answers
+    assert sampled[True].consistency_answers == sampled[False].consistency_answers
+    # score: the shared path's log-likelihood of each prompt's own greedy answer (up to 3
+    # tokens; every answer is a candidate for every prompt, so the trie shares their prefixes)
+    # == the sum of the unshared generation's log-probs of those tokens
+    n = np.minimum(out[False].lengths, 3)
+    conts = [out[False].tokens[r, :n[r]].tolist() for r in range(8)]
+    logp = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts,
+                               row_images=rows, share_prefix=True)
+    want = [out[False].logprobs[r, :n[r]].sum() for r in range(8)]
+    np.testing.assert_allclose(np.diag(logp), want, atol=1e-5)
+    assert judge.sampler.compiled["prefill_shared"] >= 1
+
+
 def test_checkpoint_judge_on_mesh_equals_single_device(setup, devices8):
+    """The shared-prefix judge on a 2 x 4 mesh (prompts over fsdp, KV heads over tensor) ==
+    the unshared one on one device (greedy: the same answers)."""
     tok, _, _, _, d, model, params, imgs = setup
-    single = Judge(model, tok, mode="score", source="checkpoint", params=params).rewards(
+    kw = dict(mode="generate", source="checkpoint", temperature=0.0, max_new_tokens=6)
+    single = Judge(model, tok, params=params, share_prefix=False, **kw).rewards(
         RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
     model_m, params_m = qwen2_5_vl.load_hf(d, mesh=mesh)
-    sharded = Judge(model_m, tok, mode="score", source="checkpoint", params=params_m,
-                    mesh=mesh).rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
+    sharded = Judge(model_m, tok, params=params_m, mesh=mesh, **kw).rewards(
+        RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
     assert sharded.coherence_answers == single.coherence_answers
     assert sharded.consistency_answers == single.consistency_answers

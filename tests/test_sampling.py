@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import torch
 
-from emor3_jax import sharding
+from emor3_jax import sampling, sharding
 from emor3_jax.models import layers, qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.models.text import TextModel
@@ -177,7 +177,8 @@ def test_rules_match_transformers_warpers():
 
 
 def test_grouped_attention_equals_repeated_cache_attention():
-    """The shared-prompt attention == plain attention over the G-fold repeated cache."""
+    """The shared-prompt attention == plain attention over the G-fold repeated cache (also with
+    a shared prefix: prefix, per-prompt suffix and generated levels)."""
     rng = np.random.default_rng(1)
     b, g, n, kh, d, lp, t = 3, 4, 6, 2, 8, 11, 5
     f = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32))
@@ -186,7 +187,7 @@ def test_grouped_attention_equals_repeated_cache_attention():
         f(b * g, kh, t, d), f(b * g, kh, t, d)
     pmask = jnp.asarray(rng.random((b, lp)) > 0.3).at[:, -1].set(True)
     valid = jnp.arange(t)[None, :] <= 1 + jnp.arange(s)[:, None]       # tokens at slots 1..3
-    ours = grouped_decode.grouped_attention(q, pk, pv, pmask, gk, gv, valid)
+    ours = jax.jit(grouped_decode.grouped_attention)(q, pk, pv, pmask, gk, gv, valid)
     rep = lambda x: jnp.repeat(jnp.swapaxes(x, 1, 2), g, 0)            # [B*G, Lp, K, D]
     k = jnp.concatenate([rep(pk), jnp.swapaxes(gk, 1, 2)], 1)
     v = jnp.concatenate([rep(pv), jnp.swapaxes(gv, 1, 2)], 1)
@@ -194,6 +195,23 @@ def test_grouped_attention_equals_repeated_cache_attention():
                             jnp.broadcast_to(valid, (b * g, s, t))], -1)
     ref = layers.attention(q, k, v, mask[:, None])
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # share_prefix: prefix [B], left-padded suffixes [B*M], G generated rows per suffix row
+    m = 2
+    sk, sv = f(b * m, kh, 4, d), f(b * m, kh, 4, d)
+    smask = jnp.asarray(np.arange(4)[None, :] >= rng.integers(0, 4, (b * m, 1)))
+    q3, gk3, gv3 = f(b * m * g, s, n, d), f(b * m * g, kh, t, d), f(b * m * g, kh, t, d)
+    ours = jax.jit(grouped_decode.grouped_attention)(q3, pk, pv, pmask, gk3, gv3, valid,
+                                                     suffix_k=sk, suffix_v=sv,
+                                                     suffix_mask=smask)
+    rep = lambda x, r: jnp.repeat(jnp.swapaxes(x, 1, 2), r, 0)
+    k = jnp.concatenate([rep(pk, m * g), rep(sk, g), jnp.swapaxes(gk3, 1, 2)], 1)
+    v = jnp.concatenate([rep(pv, m * g), rep(sv, g), jnp.swapaxes(gv3, 1, 2)], 1)
+    rows = b * m * g
+    mask = jnp.concatenate([jnp.broadcast_to(jnp.repeat(pmask, m * g, 0)[:, None], (rows, s, lp)),
+                            jnp.broadcast_to(jnp.repeat(smask, g, 0)[:, None], (rows, s, 4)),
+                            jnp.broadcast_to(valid, (rows, s, t))], -1)
+    np.testing.assert_allclose(ours, jax.jit(layers.attention)(q3, k, v, mask[:, None]),
+                               atol=1e-5)
 
 
 def test_prefill_runs_once_per_prompt(setup, monkeypatch):
@@ -278,3 +296,28 @@ def test_prompts_sharing_an_image_equal_duplicated_images(setup):
     with pytest.raises(ValueError, match="need"):
         sampler.generate(params, ids[rows], mask[rows], pv[:n0], grid[:1], max_new_tokens=5,
                          row_images=[[0], [], [], [0]])
+
+
+def test_shared_prefix_units_and_continuation_trie(setup):
+    """Host side: a group whose common prefix would end before its image becomes units of one
+    prompt; a prompt ending in image tokens cannot be split; the continuation trie feeds each
+    distinct proper prefix once and every node sees exactly its ancestors."""
+    cfg = setup[0]
+    sampler = Sampler(setup[3])
+    img = cfg.image_token_id
+    a = np.array([5, 6, img, img, 7, 8])
+    units = sampler._shared_units([a, np.array([5, 9, img, img, 7]), a[:5], a], [[0]] * 4,
+                                  cap=4)
+    assert sorted((u.tolist(), p) for u, p in units) == [([0], 5), ([1], 4), ([2], 4), ([3], 5)]
+    units = sampler._shared_units([a, a[:5], np.array([3, 4, 5])], [[0], [0], []], cap=4)
+    assert sorted((sorted(u.tolist()), p) for u, p in units) == [([0, 1], 4), ([2], 2)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        sampler._shared_units([a[:4]], [[0]], cap=4)
+    trie = sampling.continuation_trie([[7, 1], [7, 2, 1], [8, 1], [9]], pad=0, buckets=4)
+    np.testing.assert_array_equal(trie.first, [7, 7, 8, 9])
+    np.testing.assert_array_equal(trie.nodes, [7, 2, 8, 0])             # (7), (7 2), (8), filler
+    np.testing.assert_array_equal(trie.depth, [0, 1, 0, 0])
+    np.testing.assert_array_equal(trie.visible, [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0],
+                                                 [0, 0, 0, 1]])
+    np.testing.assert_array_equal(trie.node_of[trie.used], [0, 0, 1, 2])
+    np.testing.assert_array_equal(trie.target[trie.used], [1, 2, 1, 1])

@@ -6,9 +6,9 @@
     scores = emotion.score_responses(responses, labels, "emor3", **out.score_kwargs())
     # out.coherence / out.consistency: R_coh, R_cons per response; out.*_answers: what it said
 
-Prompts (rewards/emotion.py, EMO-R3.md "Rewards") go through the Qwen2.5-VL chat template with
-the default system prompt and WITHOUT the SET instruction (`chat.encode_prompt`); coherence
-prompts are text only, consistency prompts carry the rollout's image at their `<image>` marker.
+Prompts (rewards/emotion.py, docs/method.md "Rewards") go through the Qwen2.5-VL chat
+template with the default system prompt and WITHOUT the SET instruction
+(`chat.encode_prompt`); coherence prompts are text only, consistency prompts carry the rollout's image at their `<image>` marker.
 
 Sources: "policy" (released: the weights that produced the rollout; the caller passes them per
 call) or "checkpoint" (a frozen separate model, e.g. `qwen2_5_vl.load_hf(dir, mesh=mesh)`,
@@ -20,10 +20,19 @@ Modes:
   * "score": one prefill per prompt, then the judge's log-likelihood of every candidate answer
     (coherence: the data set's labels and "None"; consistency: "yes", "no", "None"), each
     in its lower-case and capitalised spelling followed by the end-of-turn token, in one
-    multi-token call over the grouped cache (`Sampler.score`) at the judge temperature;
+    multi-token call over their token trie (`Sampler.score`) at the judge temperature;
     spellings are pooled and the reward is its expectation under that distribution over the
     candidates (`Judge.rewards`), with no sampling noise. Answers off the candidate list,
     which the generate mode can give, are not modelled.
+Shared prefixes (`share_prefix=True`, the default): the G consistency prompts of one rollout
+image are the same tokens (chat template, image, question) up to the response's step-1 text,
+and all coherence prompts share the chat template's head. The sampler prefills each such
+longest common token prefix once (vision tower included) and then only the prompts' suffixes
+against its KV cache (`Sampler.generate/score(share_prefix=True)`, sampling/sampler.py), with
+the same answers as `share_prefix=False` (every prompt whole): same random stream per prompt
+(its index in the call), token-identical greedy generations, score-mode rewards equal up to
+float rounding.
+
 No gradient reaches the judge: its programs are separate jits that stop gradients at the params,
 and its answers are host strings.
 
@@ -103,14 +112,16 @@ class Judge:
     memory_limit_bytes: as for `sampling.Sampler` (prompts are sorted by length before
     chunking, so a chunk pads only to its own length bucket). min_pixels/max_pixels: processing of raw
     images (release pre-resize + smart_resize, `image.process_image`; ProcessedImage inputs are
-    used as they are).
+    used as they are). share_prefix: prefill the prompts' shared prefixes once (module
+    docstring); False runs every prompt whole.
     """
 
     def __init__(self, model, tokenizer, *, mode: str = "generate", source: str = "policy",
                  params=None, temperature: float = 0.6, top_p: float = 0.95,
                  max_new_tokens: int = 2048, mesh=None, chunk_size: int | None = 64,
                  buckets: SamplerBuckets | None = None, memory_limit_bytes: int | None = None,
-                 min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS):
+                 min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS,
+                 share_prefix: bool = True):
         if mode not in MODES:
             raise ValueError(f"judge mode {mode!r} (config.reward.judge_mode) must be one of "
                              f"{MODES}")
@@ -129,6 +140,7 @@ class Judge:
         self.mode, self.source, self.params = mode, source, params
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.share_prefix = share_prefix
         self.ids = tokenizer_lib.token_ids(tokenizer)
         _check_same_ids(model.config, self.ids)
         self._special_strings = _special_strings(tokenizer)
@@ -259,7 +271,7 @@ class Judge:
             num_samples=1, temperature=self.temperature, top_p=self.top_p,
             eos_token_ids=self.ids.eos, forbidden_token_ids=self.ids.forbidden,
             pad_token_id=self.ids.pad, valid_vocab_size=self.ids.vocab_size, rng=rng,
-            row_images=row_images)
+            row_images=row_images, share_prefix=self.share_prefix, row_ids=order)
         self.stats["generated_tokens"] += int(res.lengths.sum())
         texts = [chat.decode_response(self.tokenizer, res.tokens[i], res.lengths[i])
                  for i in range(len(prompts))]
@@ -283,7 +295,8 @@ class Judge:
         conts, owner = self.candidate_tokens(candidates)
         logp = self.sampler.score(params, ids, mask, pv, grid, continuations=conts,
                                   pad_token_id=self.ids.pad, row_images=row_images,
-                                  temperature=self.temperature or 1.0)
+                                  temperature=self.temperature or 1.0,
+                                  share_prefix=self.share_prefix)
         pooled = np.full((len(prompts), len(candidates)), -np.inf)
         for k, j in enumerate(owner):
             pooled[:, j] = np.logaddexp(pooled[:, j], logp[:, k])
@@ -297,9 +310,11 @@ class Judge:
         return out
 
     def _encode_sorted(self, prompts, images):
-        """Encoded prompts sorted by length (similar lengths share a chunk) and their order."""
+        """Encoded prompts sorted by length (similar lengths share a chunk) and their order
+        (with share_prefix the sampler orders them itself: prefix groups)."""
         ids, mask, pv, grid, row_images = self.encode(prompts, images)
-        order = np.argsort(mask.sum(1), kind="stable")
+        order = (np.arange(len(prompts)) if self.share_prefix
+                 else np.argsort(mask.sum(1), kind="stable"))
         self.stats["prompts"] += len(prompts)
         return (order, ids[order], mask[order], pv, grid, [row_images[i] for i in order])
 

@@ -12,6 +12,6 @@ next-token rules.
 """
 from emor3_jax.sampling.grouped_decode import GroupedCache, grouped_cache_bytes  # noqa: F401
 from emor3_jax.sampling.rules import allowed_mask, next_tokens, processed_logits  # noqa: F401
-from emor3_jax.sampling.sampler import (SampleOutput, Sampler, SamplerBuckets,  # noqa: F401
-                                        SamplerMemoryError, generate, geometric_buckets,
-                                        get_sampler)
+from emor3_jax.sampling.sampler import (ContinuationTrie, SampleOutput, Sampler,  # noqa: F401
+                                        SamplerBuckets, SamplerMemoryError, continuation_trie,
+                                        generate, geometric_buckets, get_sampler)

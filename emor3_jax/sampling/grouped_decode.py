@@ -16,13 +16,24 @@ slots so the attention contractions are plain batched matmuls without per-step t
 Bytes: 2 * layers * K * D * itemsize * (B * Lp + B * G * T) (+ B * Lp for the mask); see
 `grouped_cache_bytes`.
 
+Shared prompt prefixes (the judge's G consistency prompts of one image differ only after the
+image and the question) add a middle level: the prompt part is then the prefix shared by M
+prompts, and each prompt's own suffix sits in
+    suffix_k, suffix_v  [B*M, K, Ls, D]    row b*M + m: prompt m of prefix b (left-padded)
+    suffix_mask         [B*M, Ls] bool
+with the generated rows [B*M*G] below it (row (b*M + m)*G + g). Attention is one softmax over
+the three key sets (`attend`: any number of levels, each read once per row group). The
+suffixes themselves are prefilled by `decode_hidden` with S = Ls tokens per row over the
+prefix, written as "generated" slots with a per-row key mask (their left padding).
+
 The layer math (norms, projections, rotary, MLP) is the model's own code
 (`models.layers`, applied to each layer's slice of the stacked parameters); only the attention
-core over the two caches is written here. `tests/test_sampling*.py` checks it against
+core over the cache levels is written here. `tests/test_sampling*.py` checks it against
 `Qwen2_5_VLForConditionalGeneration.decode` on a repeated cache and against transformers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -40,12 +51,17 @@ class GroupedCache:
     prompt_k: tuple[jax.Array, ...]   # per layer [B, K, Lp, D]
     prompt_v: tuple[jax.Array, ...]
     prompt_mask: jax.Array            # [B, Lp] bool
-    gen_k: tuple[jax.Array, ...]      # per layer [B*G, K, T, D]
+    gen_k: tuple[jax.Array, ...]      # per layer [B*G, K, T, D] (B*M*G with a suffix level)
     gen_v: tuple[jax.Array, ...]
+    suffix_k: tuple[jax.Array, ...] = ()   # per layer [B*M, K, Ls, D]; () = no shared prefix
+    suffix_v: tuple[jax.Array, ...] = ()
+    suffix_mask: jax.Array | None = None   # [B*M, Ls] bool
 
     @property
     def group_size(self) -> int:
-        return self.gen_k[0].shape[0] // self.prompt_k[0].shape[0]
+        """Generated rows per prompt (per suffix row when there is a suffix level)."""
+        above = self.suffix_k[0] if self.suffix_k else self.prompt_k[0]
+        return self.gen_k[0].shape[0] // above.shape[0]
 
     @property
     def max_new_tokens(self) -> int:
@@ -77,13 +93,16 @@ def prompt_part(prompt_cache) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, .
 
 
 def with_empty_gen(prompt_k, prompt_v, prompt_mask, group_size: int,
-                   max_new_tokens: int) -> GroupedCache:
-    """A GroupedCache over the given prompt part with G empty rows per prompt of T slots."""
-    b, kh, _, hd = prompt_k[0].shape
+                   max_new_tokens: int, suffix_k=(), suffix_v=(), suffix_mask=None
+                   ) -> GroupedCache:
+    """A GroupedCache over the given prompt part (and suffix level, if any) with G empty rows
+    of T slots per prompt (per suffix row)."""
+    b, kh, _, hd = (suffix_k or prompt_k)[0].shape
     zeros = lambda: jnp.zeros((b * group_size, kh, max_new_tokens, hd), prompt_k[0].dtype)
     return GroupedCache(prompt_k=tuple(prompt_k), prompt_v=tuple(prompt_v),
                         prompt_mask=prompt_mask, gen_k=tuple(zeros() for _ in prompt_k),
-                        gen_v=tuple(zeros() for _ in prompt_k))
+                        gen_v=tuple(zeros() for _ in prompt_k), suffix_k=tuple(suffix_k),
+                        suffix_v=tuple(suffix_v), suffix_mask=suffix_mask)
 
 
 def split_layers(layer_params: Any, num_layers: int) -> list[Any]:
@@ -91,45 +110,79 @@ def split_layers(layer_params: Any, num_layers: int) -> list[Any]:
     return [jax.tree.map(lambda x, i=i: x[i], layer_params) for i in range(num_layers)]
 
 
-def grouped_attention(q, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, gen_valid):
+def attend(q, levels):
+    """Attention of S new tokens per row over several key levels, one softmax over all.
+
+    q [N, S, H, D]; levels: (k [B_l, K, L_l, D], v, key_mask [B_l, L_l] bool or None,
+    query_mask [S, L_l] bool or None), where B_l divides N and row n reads entry n // (N / B_l)
+    of the level (the rows of a group share it and read it as one batched matmul).
+    key_mask: which keys of each entry exist (padding); query_mask: which keys new token s sees
+    (the same for every row, e.g. causal among the new tokens). Every query must see at least
+    one key. Returns [N, S, H, D]. Scores, softmax statistics and sums in fp32, normalised at
+    the end.
+    """
+    n, s, n_heads, hd = q.shape
+    kh = levels[0][0].shape[1]
+    r = n_heads // kh
+    scale = hd ** -0.5
+    f32 = jnp.float32
+    qh = jnp.moveaxis(q.reshape(n, s, kh, r, hd), 2, 1).reshape(n, kh, s * r, hd)
+
+    # a level's query layout [B_l, K, g*S*R, ...] <-> the rows' layout [N, K, S*R, ...]
+    def to_rows(x, b):
+        g = n // b
+        return jnp.swapaxes(x.reshape(b, kh, g, s * r, *x.shape[3:]), 1, 2).reshape(
+            n, kh, s * r, *x.shape[3:])
+
+    def to_level(x, b):
+        g = n // b
+        return jnp.swapaxes(x.reshape(b, g, kh, s * r, *x.shape[3:]), 1, 2).reshape(
+            b, kh, g * s * r, *x.shape[3:])
+
+    scores = []
+    for k, _, key_mask, query_mask in levels:
+        b = k.shape[0]
+        sc = jnp.einsum("bkqd,bksd->bkqs", to_level(qh, b), k, preferred_element_type=f32)
+        sc = sc * scale
+        if key_mask is not None:
+            sc = jnp.where(key_mask[:, None, None, :], sc, _MASK_VALUE)
+        if query_mask is not None:
+            sc = jnp.where(jnp.tile(jnp.repeat(query_mask, r, axis=0), (n // b, 1)), sc,
+                           _MASK_VALUE)
+        scores.append(sc)
+    m = functools.reduce(jnp.maximum, [to_rows(sc.max(-1), sc.shape[0]) for sc in scores])
+    denom, out = 0.0, 0.0
+    for sc, (k, v, _, _) in zip(scores, levels):
+        b = k.shape[0]
+        e = jnp.exp(sc - to_level(m, b)[..., None])
+        denom = denom + to_rows(e.sum(-1), b)
+        out = out + to_rows(jnp.einsum("bkqs,bksd->bkqd", e.astype(v.dtype), v,
+                                       preferred_element_type=f32), b)
+    out = out / denom[..., None]                                     # [N, K, S*R, D]
+    return jnp.moveaxis(out.reshape(n, kh, s, r, hd), 1, 2).reshape(n, s, n_heads, hd).astype(
+        q.dtype)
+
+
+def grouped_attention(q, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, gen_valid, *,
+                      suffix_k=None, suffix_v=None, suffix_mask=None, gen_mask=None):
     """Attention of S new tokens per row over its prompt's keys, then its own generated keys.
 
     q [B*G, S, N, D]; prompt_k/v [B, K, Lp, D]; prompt_mask [B, Lp]; gen_k/v [B*G, K, T, D]
     (the S new tokens already written); gen_valid [S, T] bool (which slots new token s sees:
     those written before it and itself; the same for every row). Returns [B*G, S, N, D].
-    Scores, softmax statistics and sums in fp32: one softmax over both key sets, normalised at
-    the end.
+    With a shared prefix, suffix_k/v [B*M, K, Ls, D] and suffix_mask [B*M, Ls] sit between the
+    prompt (prefix) and the generated rows [B*M*G]; gen_mask [B*G, T]: per-row validity of
+    the generated slots (the left padding of suffixes prefilled as generated tokens).
     """
-    n_rows, s, n_heads, hd = q.shape
-    b, kh, _, _ = prompt_k.shape
-    g, r, t = n_rows // b, n_heads // kh, gen_k.shape[2]
-    scale = hd ** -0.5
-    f32 = jnp.float32
-    qg = jnp.moveaxis(q.reshape(b, g, s, kh, r, hd), 3, 2)           # [B, G, K, S, R, D]
-    qp = jnp.swapaxes(qg, 1, 2).reshape(b, kh, g * s * r, hd)        # a group's queries together
-    s_p = jnp.einsum("bkqd,bksd->bkqs", qp, prompt_k, preferred_element_type=f32) * scale
-    s_p = jnp.where(prompt_mask[:, None, None, :], s_p, _MASK_VALUE)
-    gk = gen_k.reshape(b, g, kh, t, hd)
-    s_g = jnp.einsum("bgkqd,bgktd->bgkqt", qg.reshape(b, g, kh, s * r, hd), gk,
-                     preferred_element_type=f32) * scale
-    s_g = jnp.where(jnp.repeat(gen_valid, r, axis=0), s_g, _MASK_VALUE)
-    to_gen = lambda x: jnp.swapaxes(x.reshape(b, kh, g, s * r, *x.shape[3:]), 1, 2)
-    to_prompt = lambda x: jnp.swapaxes(x, 1, 2).reshape(b, kh, g * s * r, *x.shape[4:])
-    m = jnp.maximum(to_gen(s_p.max(-1)), s_g.max(-1))                 # [B, G, K, S*R]
-    e_p = jnp.exp(s_p - to_prompt(m)[..., None])
-    e_g = jnp.exp(s_g - m[..., None])
-    denom = to_gen(e_p.sum(-1)) + e_g.sum(-1)
-    o_p = jnp.einsum("bkqs,bksd->bkqd", e_p.astype(prompt_v.dtype), prompt_v,
-                     preferred_element_type=f32)
-    o_g = jnp.einsum("bgkqt,bgktd->bgkqd", e_g.astype(gen_v.dtype),
-                     gen_v.reshape(b, g, kh, t, hd), preferred_element_type=f32)
-    out = (to_gen(o_p) + o_g) / denom[..., None]                     # [B, G, K, S*R, D]
-    out = jnp.moveaxis(out.reshape(b, g, kh, s, r, hd), 2, 3)
-    return out.reshape(n_rows, s, n_heads, hd).astype(q.dtype)
+    levels = [(prompt_k, prompt_v, prompt_mask, None)]
+    if suffix_k is not None:
+        levels.append((suffix_k, suffix_v, suffix_mask, None))
+    levels.append((gen_k, gen_v, gen_mask, gen_valid))
+    return attend(q, levels)
 
 
 def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv, slot,
-                gen_valid):
+                gen_valid, sk=None, sv=None, smask=None, gen_mask=None):
     """One decoder layer for S new tokens per row (x [B*G, S, D]); writes their k/v at gen
     slots [slot, slot + S)."""
     c, t = config, config.text
@@ -148,8 +201,10 @@ def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv,
     heads_first = lambda x: jnp.swapaxes(x, 1, 2).astype(gk.dtype)    # [B*G, K, S, D]
     gk = jax.lax.dynamic_update_slice(gk, heads_first(k), (0, 0, slot, 0))
     gv = jax.lax.dynamic_update_slice(gv, heads_first(v), (0, 0, slot, 0))
-    out = grouped_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), pmask,
-                            gk.astype(q.dtype), gv.astype(q.dtype), gen_valid)
+    cast = lambda x: None if x is None else x.astype(q.dtype)
+    out = grouped_attention(q, cast(pk), cast(pv), pmask, cast(gk), cast(gv), gen_valid,
+                            suffix_k=cast(sk), suffix_v=cast(sv), suffix_mask=smask,
+                            gen_mask=gen_mask)
     out = dense(t.hidden_size, ("heads", "embed"), False, a["o_proj"],
                 out.reshape(n, s, t.num_attention_heads * t.head_dim))
     x = x + out
@@ -160,10 +215,13 @@ def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv,
 
 
 def decode_hidden(model, params, per_layer_params: list[Any], tokens, positions,
-                  cache: GroupedCache, slot):
+                  cache: GroupedCache, slot, gen_mask=None, gen_valid=None):
     """Feed S tokens per row (tokens [B*G, S]; positions [B*G, S] = mRoPE positions, equal on
     all three rows) at gen slots [slot, slot + S), causal among themselves; return
-    (final-norm hidden [B*G, S, D], updated cache)."""
+    (final-norm hidden [B*G, S, D], updated cache). gen_mask [B*G, T] bool: per-row validity
+    of the gen slots (None: all; a suffix prefill's left padding is False). gen_valid [S, T]
+    bool: which gen slots new token s sees, instead of the causal default (slots up to its
+    own), e.g. the ancestors in a token tree."""
     c, t = model.config, model.config.text
     n, s = tokens.shape
     x = model.apply({"params": params}, tokens,
@@ -171,12 +229,15 @@ def decode_hidden(model, params, per_layer_params: list[Any], tokens, positions,
     pos3 = jnp.broadcast_to(positions[None], (3, n, s))
     cos, sin = L.mrope(pos3, t.head_dim, t.rope_theta, t.mrope_section)     # [B*G, S, D]
     slots = jnp.arange(cache.max_new_tokens)
-    gen_valid = slots[None, :] <= slot + jnp.arange(s)[:, None]            # [S, T]
+    if gen_valid is None:
+        gen_valid = slots[None, :] <= slot + jnp.arange(s)[:, None]        # [S, T]
     gen_k, gen_v = [], []
     for i, p in enumerate(per_layer_params):
+        suffix = ((cache.suffix_k[i], cache.suffix_v[i], cache.suffix_mask) if cache.suffix_k
+                  else (None, None, None))
         x, gk, gv = _layer_step(c, p, x, cos, sin, cache.prompt_k[i], cache.prompt_v[i],
                                 cache.prompt_mask, cache.gen_k[i], cache.gen_v[i], slot,
-                                gen_valid)
+                                gen_valid, *suffix, gen_mask)
         gen_k.append(gk)
         gen_v.append(gv)
     h = model.apply({"params": params}, x, method=lambda m, h: m.model.language_model.norm(h))

@@ -19,13 +19,28 @@ Per chunk of prompts (host numpy, then compiled programs):
     max_new_tokens is reached. The cache lives in the loop carry and is updated in place;
     the prompt state is donated and handed back. Decode positions are last prompt
     position + 1 + step on all three mRoPE rows.
- `score` (the judge's candidate answers) replaces step 3 by one multi-token call over C fixed
- continuations per prompt and returns log p(continuation | prompt).
+ `score` (the judge's candidate answers) replaces step 3 by one multi-token call over the
+ token trie of C fixed continuations per prompt (tree attention mask) and returns
+ log p(continuation | prompt).
+
+Shared prefixes (`share_prefix=True`, the judge): prompts showing the same images (text-only
+prompts: all of them) form groups; a group's longest common token prefix (of the encoded rows,
+chat template included; it must hold all of the group's image tokens and leave every prompt
+at least one token) is prefilled once, vision tower included, and the prompts' suffixes then
+run in one multi-token call against its KV cache (M suffix rows per prefix: grouped_decode's
+suffix level), both in one `prefill_shared` program. Decode and score run as above, one row
+per prompt (G per prompt) under the suffix level. Groups are cut into near-equal units of at
+most chunk_size / data-parallel rows and no more than the largest image group (rows sorted by
+length first); units are padded to M = the num_prompts bucket of their size, and a chunk holds
+chunk_size // M units of one M, sorted by prefix bucket and suffix length so that a chunk
+pads little. Results equal the unshared path's up to float rounding, with the same random
+streams (a sample's stream is its prompt's `row_ids` entry, not its place in a chunk).
 
 Compiled programs are keyed by shapes only: (prompts per chunk, prompt-length bucket, vision
-buckets) for prefill, plus (G, new-token bucket, top_k) for decode and (C, continuation
-width) for score. Temperature, top-p and max_new_tokens are traced. `num_programs` counts the
-programs compiled so far (the bench and the tests read it).
+buckets) for prefill; (prefixes per chunk, prefix bucket, vision buckets, M, suffix-length
+bucket) for prefill_shared; plus (G, new-token bucket, top_k) for decode and (C, trie-node
+bucket, longest continuation) for score. Temperature, top-p and max_new_tokens are traced.
+`num_programs` counts the programs compiled so far (the bench and the tests read it).
 
 Prompts may share images (`row_images`, e.g. the judge's G consistency prompts of one rollout
 image): each chunk then runs the vision tower once per distinct image.
@@ -95,7 +110,8 @@ class SamplerBuckets:
     """
     prompt_len: Buckets = geometric_buckets(16)
     new_tokens: Buckets = geometric_buckets(16)
-    new_tokens_score: Buckets = geometric_buckets(1)     # longest scored continuation
+    new_tokens_score: Buckets = geometric_buckets(1)     # score: nodes of the continuation trie
+    suffix_len: Buckets = geometric_buckets(8)           # share_prefix: a chunk's longest suffix
     num_prompts: Buckets = geometric_buckets(1)
     vision: vision_lib.VisionPadding = vision_lib.VisionPadding(
         num_patches=geometric_buckets(16), num_windows=geometric_buckets(1),
@@ -106,13 +122,57 @@ class SamplerBuckets:
 class PromptState:
     """A prefilled chunk of prompts: what the decode and score programs start from. They take
     it donated and hand it back unchanged, so more continuations of the same prompts (e.g.
-    resampling) need no second prefill."""
+    resampling) need no second prefill. With shared prefixes, prompt_* hold the B prefixes and
+    suffix_* the R = B*M prompts' own suffixes (grouped_decode's suffix level); the per-prompt
+    fields then have R rows (else R = B)."""
     prompt_k: tuple[jax.Array, ...]   # per layer [B, K, Lp, D] (grouped_decode layout)
     prompt_v: tuple[jax.Array, ...]
     prompt_mask: jax.Array            # [B, Lp] bool
-    logits: jax.Array                 # [B, V] fp32 next-token logits after each prompt
-    next_pos: jax.Array               # [B] int32 mRoPE position of the first generated token
-    row_valid: jax.Array              # [B] bool (False on rows that only pad the chunk)
+    logits: jax.Array                 # [R, V] fp32 next-token logits after each prompt
+    next_pos: jax.Array               # [R] int32 mRoPE position of the first generated token
+    row_valid: jax.Array              # [R] bool (False on rows that only pad the chunk)
+    suffix_k: tuple[jax.Array, ...] = ()      # per layer [R, K, Ls, D]; () = no shared prefix
+    suffix_v: tuple[jax.Array, ...] = ()
+    suffix_mask: jax.Array | None = None      # [R, Ls] bool
+
+
+@flax.struct.dataclass
+class ContinuationTrie:
+    """The score program's continuations as a token tree (`continuation_trie`): node i is a
+    distinct proper prefix of some continuation, fed as its last token at depth[i]."""
+    first: jax.Array      # [C] int32 first token of each continuation (scored from the prompt)
+    nodes: jax.Array      # [S] int32 last token of each node's prefix (pad on filler nodes)
+    depth: jax.Array      # [S] int32 its position after the prompt (0-based)
+    visible: jax.Array    # [S, S] bool: node i sees node j (j's prefix is a prefix of i's)
+    node_of: jax.Array    # [C, W] int32: the node whose output predicts token k+1 of c
+    target: jax.Array     # [C, W] int32: token k+1 of c
+    used: jax.Array       # [C, W] bool: k+1 < len(c)
+
+
+def continuation_trie(continuations: Sequence[Sequence[int]], pad: int,
+                      buckets: Buckets = None) -> ContinuationTrie:
+    """Host (numpy) trie of continuations; nodes padded to `buckets` with filler nodes that
+    see only themselves."""
+    index: dict[tuple[int, ...], int] = {}
+    for cont in continuations:
+        for k in range(1, len(cont)):
+            index.setdefault(tuple(cont[:k]), len(index))
+    n = _round(len(index), buckets, "new_tokens_score") if index else 0
+    nodes, depth = np.full((n,), pad, np.int32), np.zeros((n,), np.int32)
+    visible = np.eye(n, dtype=bool)
+    for prefix, i in index.items():
+        nodes[i], depth[i] = prefix[-1], len(prefix) - 1
+        for k in range(1, len(prefix)):
+            visible[i, index[prefix[:k]]] = True
+    c, w = len(continuations), max(1, max(map(len, continuations)) - 1)
+    node_of, target = np.zeros((c, w), np.int32), np.zeros((c, w), np.int32)
+    used = np.zeros((c, w), bool)
+    for j, cont in enumerate(continuations):
+        for k in range(1, len(cont)):
+            node_of[j, k - 1], target[j, k - 1], used[j, k - 1] = index[tuple(cont[:k])], \
+                cont[k], True
+    return ContinuationTrie(np.asarray([cont[0] for cont in continuations], np.int32), nodes,
+                            depth, visible, node_of, target, used)
 
 
 @dataclasses.dataclass
@@ -127,6 +187,18 @@ class _Chunk:
     vision_inputs: vision_lib.VisionInputs | None
     image_slot: np.ndarray | None          # [Bc, Lb] int32: merged image token per position, -1
     num_real: int               # real prompts in this chunk
+
+
+@dataclasses.dataclass
+class _SuffixChunk:
+    """A share_prefix chunk: its prefixes (a _Chunk) and the M suffix rows per prefix."""
+    prefix: _Chunk
+    input_ids: np.ndarray       # [Bc*M, Ls] int32, left-padded
+    attention_mask: np.ndarray  # [Bc*M, Ls] int32
+    positions: np.ndarray       # [Bc*M, Ls] int32 (text tokens: one mRoPE row)
+    next_pos: np.ndarray        # [Bc*M] int32
+    row_valid: np.ndarray       # [Bc*M] bool
+    rows: np.ndarray            # [Bc*M] int: the caller's row of each suffix row, -1 = filler
 
 
 def _round(n: int, buckets: Buckets, what: str) -> int:
@@ -173,13 +245,14 @@ class Sampler:
         self.compiled = collections.Counter()     # program kind -> traces (= compilations)
         self._checked_shapes: set = set()
         self._prefill = jax.jit(self._prefill_impl)
+        self._prefill_shared = jax.jit(self._prefill_shared_impl)
         self._decode = jax.jit(self._decode_impl, static_argnames=("group", "new_bucket", "top_k"),
                                donate_argnames=("state",))
         self._score = jax.jit(self._score_impl, donate_argnames=("state",))
 
     @property
     def num_programs(self) -> int:
-        """Programs compiled so far (prefill + decode + score)."""
+        """Programs compiled so far (prefill + prefill_shared + decode + score)."""
         return sum(self.compiled.values())
 
     @property
@@ -208,6 +281,22 @@ class Sampler:
                       row_valid, pixel_values, vision_inputs, image_slot):
         """Vision tower once per distinct image, prompt forward once per prompt (B rows)."""
         self.compiled["prefill"] += 1
+        return self._prefill_state(params, input_ids, attention_mask, position_ids, next_pos,
+                                   row_valid, pixel_values, vision_inputs, image_slot)
+
+    def _prefill_shared_impl(self, params, prefix, suffix_ids, suffix_mask, suffix_positions,
+                             next_pos, row_valid):
+        """share_prefix: the B prefixes (prefix: the prefill arguments, vision included), then
+        their M suffixes each (suffix_ids [B*M, Ls], left-padded) in one multi-token call over
+        the prefixes' cache -> the state of the B*M whole prompts. One program, so a shared
+        chunk compiles as many programs as an unshared one."""
+        self.compiled["prefill_shared"] += 1
+        state = self._prefill_state(params, *prefix)
+        return self._prefill_suffix(params, state, suffix_ids, suffix_mask, suffix_positions,
+                                    next_pos, row_valid)
+
+    def _prefill_state(self, params, input_ids, attention_mask, position_ids, next_pos,
+                       row_valid, pixel_values, vision_inputs, image_slot) -> PromptState:
         model = self.model
         params = jax.lax.stop_gradient(params)
         b, length = input_ids.shape
@@ -237,9 +326,28 @@ class Sampler:
                            prompt_mask=cache.key_mask, logits=logits.astype(jnp.float32),
                            next_pos=next_pos, row_valid=row_valid)
 
+    def _prefill_suffix(self, params, state: PromptState, input_ids, attention_mask,
+                        positions, next_pos, row_valid) -> PromptState:
+        """The suffixes as S = Ls new tokens per row over the prefixes (grouped_decode),
+        left padding masked per row; their k/v become the state's suffix level."""
+        model = self.model
+        params = jax.lax.stop_gradient(params)
+        n, length = input_ids.shape
+        cache = self._grouped_cache(state, n // state.prompt_k[0].shape[0], length)
+        key_mask = attention_mask != 0
+        hidden, cache = grouped_decode.decode_hidden(model, params, self._per_layer(params),
+                                                     input_ids, positions, cache, 0,
+                                                     gen_mask=key_mask)
+        logits = model.apply({"params": params}, hidden[:, -1], method=lambda m, h: m.logits(h))
+        return PromptState(prompt_k=state.prompt_k, prompt_v=state.prompt_v,
+                           prompt_mask=state.prompt_mask, logits=logits.astype(jnp.float32),
+                           next_pos=next_pos, row_valid=row_valid, suffix_k=cache.gen_k,
+                           suffix_v=cache.gen_v, suffix_mask=key_mask)
+
     def _grouped_cache(self, state: PromptState, group: int, slots: int):
         cache = grouped_decode.with_empty_gen(state.prompt_k, state.prompt_v, state.prompt_mask,
-                                              group, slots)
+                                              group, slots, state.suffix_k, state.suffix_v,
+                                              state.suffix_mask)
         kv = grouped_decode.logical_axes()
         return cache.replace(gen_k=tuple(self._constrain(x, kv) for x in cache.gen_k),
                              gen_v=tuple(self._constrain(x, kv) for x in cache.gen_v))
@@ -249,15 +357,15 @@ class Sampler:
                                            self.config.text.num_hidden_layers)
 
     def _decode_impl(self, params, state: PromptState, rng, temperature, top_p, max_new_tokens,
-                     eos_ids, pad_id, allowed, row_offset, *, group: int, new_bucket: int,
+                     eos_ids, pad_id, allowed, row_ids, *, group: int, new_bucket: int,
                      top_k: int):
+        """row_ids [rows * group] int32: each row's random stream (fold_in of the step key)."""
         self.compiled["decode"] += 1
         model = self.model
         params = jax.lax.stop_gradient(params)
         cache = self._grouped_cache(state, group, new_bucket)
         n_rows, t_max = cache.gen_k[0].shape[0], cache.max_new_tokens
         per_layer = self._per_layer(params)
-        row_ids = row_offset + jnp.arange(n_rows, dtype=jnp.int32)
         positions = jnp.repeat(state.next_pos, group)
         max_new_tokens = jnp.minimum(max_new_tokens, t_max)
 
@@ -304,30 +412,31 @@ class Sampler:
         _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
         return state, tokens, logprobs, lengths
 
-    def _score_impl(self, params, state: PromptState, cont_tokens, cont_lengths, temperature):
-        """log p(continuation c | prompt b) [B, C]: token log-probs under the full softmax of
-        logits / temperature (a traced scalar: one program for every temperature)."""
+    def _score_impl(self, params, state: PromptState, trie: ContinuationTrie, temperature):
+        """log p(continuation c | prompt r) [R, C]: token log-probs under the full softmax of
+        logits / temperature (a traced scalar: one program for every temperature). The
+        continuations' proper prefixes are the trie's S nodes, fed in ONE multi-token call per
+        prompt, each node seeing its ancestors (a token tree: the C candidates share their
+        common prefixes and the prompt)."""
         self.compiled["score"] += 1
         model = self.model
         params = jax.lax.stop_gradient(params)
-        n_cont, width = cont_tokens.shape
-        b = state.logits.shape[0]
         inv_t = 1.0 / temperature
-        first = jax.nn.log_softmax(state.logits * inv_t, -1)[:, cont_tokens[:, 0]]   # [B, C]
-        if width == 1:
+        first = jax.nn.log_softmax(state.logits * inv_t, -1)[:, trie.first]          # [R, C]
+        n_rows, n_nodes = state.logits.shape[0], trie.nodes.shape[0]
+        if n_nodes == 0:                                 # every continuation is one token
             return state, first
-        cache = self._grouped_cache(state, n_cont, width - 1)
-        tokens = jnp.tile(cont_tokens[:, :-1], (b, 1))                               # b*C + c
-        positions = jnp.repeat(state.next_pos, n_cont)[:, None] + jnp.arange(width - 1)
+        cache = self._grouped_cache(state, 1, n_nodes)
+        tokens = jnp.broadcast_to(trie.nodes, (n_rows, n_nodes))
+        positions = state.next_pos[:, None] + trie.depth[None, :]
         hidden, _ = grouped_decode.decode_hidden(model, params, self._per_layer(params),
-                                                 tokens, positions, cache, 0)
+                                                 tokens, positions, cache, 0,
+                                                 gen_valid=trie.visible)
         logits = model.apply({"params": params}, hidden, method=lambda m, h: m.logits(h))
-        targets = jnp.tile(cont_tokens[:, 1:], (b, 1))
-        rest = jnp.take_along_axis(jax.nn.log_softmax(logits * inv_t, -1), targets[..., None],
-                                   -1)[..., 0]
-        used = jnp.arange(1, width)[None, :] < cont_lengths[:, None]                # [C, S-1]
-        rest = jnp.where(used, rest.reshape(b, n_cont, width - 1), 0.0).sum(-1)
-        return state, first + rest
+        logits = logits.astype(jnp.float32) * inv_t                                  # [R, S, V]
+        lse = jax.nn.logsumexp(logits, -1)                                           # [R, S]
+        rest = logits[:, trie.node_of, trie.target] - lse[:, trie.node_of]           # [R, C, W]
+        return state, first + jnp.where(trie.used, rest, 0.0).sum(-1)
 
     # -- host preparation ----------------------------------------------------------------------
     def _images_per_row(self, input_ids, attention_mask, image_grid_thw, row_images=None
@@ -383,6 +492,24 @@ class Sampler:
         rows = _round(chunk, self.buckets.num_prompts, "num_prompts")
         return -(-rows // self.data_parallel) * self.data_parallel
 
+    def _positions(self, rows, input_ids, attention_mask, position_ids, rope_deltas, all_grid,
+                   images) -> tuple[np.ndarray, np.ndarray]:
+        """mRoPE positions [3, n, L] of `rows` and the position of their first new token [n]:
+        the caller's, or processing.rope_index's."""
+        c = self.config
+        ids, mask = input_ids[rows], attention_mask[rows]
+        n_valid = (mask != 0).sum(1)
+        if position_ids is None:
+            grid = all_grid[[i for r in rows for i in images[r]]]   # occurrences, row-major
+            pos, deltas = rope_index.get_rope_index(
+                ids, grid if len(grid) else None, mask, image_token_id=c.image_token_id,
+                spatial_merge_size=c.vision.spatial_merge_size)
+            return pos, n_valid + deltas
+        pos = np.asarray(position_ids)[:, rows]
+        if rope_deltas is not None:
+            return pos, n_valid + np.asarray(rope_deltas).reshape(-1)[rows]
+        return pos, np.where(mask[None] != 0, pos, -1).max(axis=(0, 2)) + 1
+
     def _chunk(self, rows: np.ndarray, n_chunk_rows: int, input_ids, attention_mask,
                position_ids, rope_deltas, pixel_values, image_grid_thw, images) -> _Chunk:
         c = self.config
@@ -392,21 +519,10 @@ class Sampler:
             raise ValueError(f"prompts {rows[n_valid == 0].tolist()} have an all-zero "
                              "attention_mask")
         length = _round(int(n_valid.max()), self.buckets.prompt_len, "prompt_len")
-        all_grid = (np.zeros((0, 3), np.int64) if image_grid_thw is None
-                    else np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
+        all_grid = _grid_of(image_grid_thw)
         used = [i for r in rows for i in images[r]]
-        grid = all_grid[used]                          # every image occurrence, row-major
-        if position_ids is None:
-            pos, deltas = rope_index.get_rope_index(
-                ids, grid if len(grid) else None, mask, image_token_id=c.image_token_id,
-                spatial_merge_size=c.vision.spatial_merge_size)
-            next_pos = n_valid + deltas
-        else:
-            pos = np.asarray(position_ids)[:, rows]
-            if rope_deltas is not None:
-                next_pos = n_valid + np.asarray(rope_deltas).reshape(-1)[rows]
-            else:
-                next_pos = np.where(mask[None] != 0, pos, -1).max(axis=(0, 2)) + 1
+        pos, next_pos = self._positions(rows, input_ids, attention_mask, position_ids,
+                                        rope_deltas, all_grid, images)
         b = n_chunk_rows
         out_ids = np.full((b, length), _pad_of(c), np.int32)
         out_mask = np.zeros((b, length), np.int32)
@@ -437,6 +553,134 @@ class Sampler:
                 slot[j, where] = np.concatenate(
                     [offset[i] + np.arange(merged[i]) for i in images[r]] or [[]])
         return _Chunk(out_ids, out_mask, out_pos, nxt, valid, pv, vin, slot, len(rows))
+
+    # -- shared prefixes (share_prefix=True) -----------------------------------------------------
+    def _shared_units(self, tokens: list[np.ndarray], images, cap: int
+                      ) -> list[tuple[np.ndarray, int]]:
+        """(rows, prefix length) per unit: rows with the same images, at most `cap` of them,
+        and the length of their longest common token prefix that holds every image token and
+        leaves each row >= 1 token (rows where no such prefix exists become units of one)."""
+        image_id = self.config.image_token_id
+        groups: dict[tuple, list[int]] = {}
+        for r, imgs in enumerate(images):
+            groups.setdefault(tuple(imgs), []).append(r)
+
+        def prefix_of(rows) -> int:
+            first = tokens[rows[0]]
+            p = min(len(tokens[r]) for r in rows) - 1
+            for r in rows[1:]:
+                diff = np.flatnonzero(first[:p] != tokens[r][:p])
+                p = int(diff[0]) if diff.size else p
+            return p
+
+        def fits(rows, p) -> bool:
+            return p >= 1 and not any((tokens[r][p:] == image_id).any() for r in rows)
+
+        units = []
+        for members in groups.values():
+            members.sort(key=lambda r: len(tokens[r]))         # a unit pads to its longest row
+            for part in np.array_split(np.asarray(members), -(-len(members) // cap)):
+                p = prefix_of(part)
+                if fits(part, p):
+                    units.append((part, p))
+                    continue
+                for r in part:
+                    p = len(tokens[r]) - 1
+                    if not fits([r], p):
+                        raise ValueError(f"share_prefix: prompt {r} cannot be split into a prefix "
+                                         "and a suffix without image tokens (a prompt of one "
+                                         "token, or one that ends in image tokens)")
+                    units.append((np.asarray([r]), p))
+        return units
+
+    def _shared_chunks(self, params, input_ids, attention_mask, pixel_values, image_grid_thw,
+                       position_ids, rope_deltas, images, group, new_tokens, logit_positions):
+        """share_prefix: yield (rows, PromptState) per chunk of units (see the module docstring)."""
+        c = self.config
+        n = input_ids.shape[0]
+        valid = attention_mask != 0
+        if (valid.sum(1) == 0).any():
+            raise ValueError(f"prompts {np.flatnonzero(valid.sum(1) == 0).tolist()} have an "
+                             "all-zero attention_mask")
+        pos, next_pos = self._positions(np.arange(n), input_ids, attention_mask, position_ids,
+                                        rope_deltas, _grid_of(image_grid_thw), images)
+        tokens = [input_ids[r][valid[r]] for r in range(n)]
+        row_pos = [pos[:, r][:, valid[r]] for r in range(n)]
+        # unit size: at most a chunk's share per data-parallel shard, and no larger than the
+        # largest image group, so text units (the coherence prompts of a merged call) pad to
+        # the image groups' M and run in the same programs
+        cap = max(1, min(self.chunk_size or n, n) // self.data_parallel)
+        image_groups = collections.Counter(tuple(i) for i in images if i)
+        if image_groups:
+            cap = min(cap, max(image_groups.values()))
+        by_m: dict[int, list] = {}
+        for unit in self._shared_units(tokens, images, cap):
+            by_m.setdefault(_round(len(unit[0]), self.buckets.num_prompts, "num_prompts"),
+                            []).append(unit)
+        pad = _pad_of(c)
+        for m, units in sorted(by_m.items()):
+            suffix_need = lambda u: max(len(tokens[r]) for r in u[0]) - u[1]
+            units.sort(key=lambda u: (_round(u[1], self.buckets.prompt_len, "prompt_len"),
+                                      suffix_need(u)))
+            per = max(1, min(self.chunk_size or n, n) // m)
+            n_prefix = self._chunk_rows(min(per, len(units)))
+            for start in range(0, len(units), per):
+                part = units[start:start + per]
+                lp = max(p for _, p in part)
+                pre_ids = np.full((len(part), lp), pad, np.int32)
+                pre_mask = np.zeros((len(part), lp), np.int32)
+                pre_pos = np.zeros((3, len(part), lp), np.int32)
+                for j, (rows, p) in enumerate(part):
+                    pre_ids[j, lp - p:] = tokens[rows[0]][:p]
+                    pre_mask[j, lp - p:] = 1
+                    pre_pos[:, j, lp - p:] = row_pos[rows[0]][:, :p]
+                prefix = self._chunk(np.arange(len(part)), n_prefix, pre_ids, pre_mask, pre_pos,
+                                     None, pixel_values, image_grid_thw,
+                                     [images[rows[0]] for rows, _ in part])
+                ch = self._suffix_chunk(prefix, part, m, tokens, row_pos, next_pos)
+                self.check_memory(params, len(ch.rows), prefix.input_ids.shape[1] +
+                                  ch.input_ids.shape[1], group, new_tokens,
+                                  0 if prefix.pixel_values is None else
+                                  prefix.pixel_values.shape[0], logit_positions)
+                state = self._prefill_shared(
+                    params, self._prefill_args(prefix), self._put(ch.input_ids, ("batch", None)),
+                    self._put(ch.attention_mask, ("batch", None)),
+                    self._put(ch.positions, ("batch", None)), self._put(ch.next_pos, ("batch",)),
+                    self._put(ch.row_valid, ("batch",)))
+                yield ch.rows, state
+
+    def _suffix_chunk(self, prefix: _Chunk, part, m: int, tokens, row_pos, next_pos
+                      ) -> _SuffixChunk:
+        n_rows = prefix.input_ids.shape[0] * m
+        need = max(len(tokens[r]) - p for rows, p in part for r in rows)
+        length = _round(need, self.buckets.suffix_len, "suffix_len")
+        ids = np.full((n_rows, length), _pad_of(self.config), np.int32)
+        mask = np.zeros((n_rows, length), np.int32)
+        positions = np.zeros((n_rows, length), np.int32)
+        nxt = np.ones((n_rows,), np.int32)
+        rows_out = np.full((n_rows,), -1, np.int64)
+        for j, (rows, p) in enumerate(part):
+            for i, r in enumerate(rows):
+                k, suffix = j * m + i, tokens[r][p:]
+                ids[k, length - len(suffix):] = suffix
+                mask[k, length - len(suffix):] = 1
+                positions[k, length - len(suffix):] = row_pos[r][0, p:]  # text: rows equal
+                nxt[k], rows_out[k] = next_pos[r], r
+        valid = rows_out >= 0
+        mask[~valid, -1] = 1                          # filler rows: one valid pad token
+        return _SuffixChunk(prefix, ids, mask, positions, nxt, valid, rows_out)
+
+    def _prefill_args(self, ch: _Chunk) -> tuple:
+        """A chunk's prefill arguments, placed on the mesh."""
+        vin = None if ch.vision_inputs is None else jax.tree.map(
+            lambda x: self._put(x, (None,) * np.ndim(x)), ch.vision_inputs)
+        return (self._put(ch.input_ids, _PREFILL_AXES["input_ids"]),
+                self._put(ch.attention_mask, _PREFILL_AXES["attention_mask"]),
+                self._put(ch.position_ids, _PREFILL_AXES["position_ids"]),
+                self._put(ch.next_pos, _PREFILL_AXES["next_pos"]),
+                self._put(ch.row_valid, _PREFILL_AXES["row_valid"]),
+                self._put(ch.pixel_values, _PREFILL_AXES["pixel_values"]), vin,
+                self._put(ch.image_slot, _PREFILL_AXES["image_slot"]))
 
     # -- memory --------------------------------------------------------------------------------
     def memory_estimate(self, params, num_prompts: int, prompt_len: int, group: int,
@@ -510,10 +754,11 @@ class Sampler:
     # -- prefill of a batch, chunk by chunk ---------------------------------------------------
     def prefill_chunks(self, params, input_ids, attention_mask=None, pixel_values=None,
                        image_grid_thw=None, *, position_ids=None, rope_deltas=None,
-                       row_images=None, group: int = 1, new_tokens: int = 16,
-                       logit_positions: int = 1):
-        """Yield (first row, real rows, PromptState) per chunk, after the fit check for
-        `group` continuations of `new_tokens` each (inputs as in `generate`)."""
+                       row_images=None, share_prefix: bool = False, group: int = 1,
+                       new_tokens: int = 16, logit_positions: int = 1):
+        """Yield (rows, PromptState) per chunk, after the fit check for `group` continuations
+        of `new_tokens` each (inputs as in `generate`); rows [R]: the caller's row of each of
+        the state's prompt rows, -1 on filler rows."""
         c = self.config
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2:
@@ -534,6 +779,11 @@ class Sampler:
         if pixel_values is not None:
             pixel_values = np.asarray(pixel_values)
         images = self._images_per_row(input_ids, attention_mask, image_grid_thw, row_images)
+        if share_prefix:
+            yield from self._shared_chunks(params, input_ids, attention_mask, pixel_values,
+                                           image_grid_thw, position_ids, rope_deltas, images,
+                                           group, new_tokens, logit_positions)
+            return
         n = input_ids.shape[0]
         chunk = min(self.chunk_size or n, n)
         n_chunk_rows = self._chunk_rows(chunk)
@@ -544,17 +794,8 @@ class Sampler:
             self.check_memory(params, n_chunk_rows, ch.input_ids.shape[1], group, new_tokens,
                               0 if ch.pixel_values is None else ch.pixel_values.shape[0],
                               logit_positions)
-            vin = None if ch.vision_inputs is None else jax.tree.map(
-                lambda x: self._put(x, (None,) * np.ndim(x)), ch.vision_inputs)
-            state = self._prefill(
-                params, self._put(ch.input_ids, _PREFILL_AXES["input_ids"]),
-                self._put(ch.attention_mask, _PREFILL_AXES["attention_mask"]),
-                self._put(ch.position_ids, _PREFILL_AXES["position_ids"]),
-                self._put(ch.next_pos, _PREFILL_AXES["next_pos"]),
-                self._put(ch.row_valid, _PREFILL_AXES["row_valid"]),
-                self._put(ch.pixel_values, _PREFILL_AXES["pixel_values"]), vin,
-                self._put(ch.image_slot, _PREFILL_AXES["image_slot"]))
-            yield start, ch.num_real, state
+            state = self._prefill(params, *self._prefill_args(ch))
+            yield np.concatenate([rows, np.full(n_chunk_rows - len(rows), -1)]), state
 
     # -- ahead-of-time tracing (emor3_jax/aot.py) ------------------------------------------------
     # The programs `generate` / `score` run, traced from shapes alone: arguments are
@@ -591,21 +832,27 @@ class Sampler:
         rep = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)     # uncommitted, as in generate
         eos = _padded_ids(_config_eos(self.config))
+        n_rows = state.logits.shape[0] * group
         return self._decode.trace(
             params, state, scalar(jax.random.key(0).dtype), temperature=scalar(jnp.float32),
             top_p=scalar(jnp.float32), max_new_tokens=scalar(jnp.int32),
             eos_ids=rep(eos.shape, np.int32), pad_id=scalar(jnp.int32),
-            allowed=rep((self.config.text.vocab_size,), np.bool_), row_offset=scalar(jnp.int32),
+            allowed=rep((self.config.text.vocab_size,), np.bool_),
+            row_ids=self._abstract((n_rows,), np.int32, ("batch",)),
             group=group, new_bucket=new_bucket, top_k=top_k)
 
     def trace_score(self, params, state, *, num_continuations: int, width: int):
-        """The score program of `num_continuations` continuations of up to `width` tokens
-        (bucketed) per prompt of a prefilled chunk (`state` as for trace_decode)."""
-        width = _round(width, self.buckets.new_tokens_score, "new_tokens_score")
-        return self._score.trace(params, state,
-                                 self._abstract((num_continuations, width), np.int32, (None, None)),
-                                 self._abstract((num_continuations,), np.int32, (None,)),
-                                 jax.ShapeDtypeStruct((), jnp.float32))
+        """The score program of `num_continuations` continuations of up to `width` tokens per
+        prompt of a prefilled chunk (`state` as for trace_decode), at the largest trie they can
+        make (no shared prefixes: num_continuations * (width - 1) nodes, bucketed)."""
+        n = num_continuations * (width - 1)
+        n = _round(n, self.buckets.new_tokens_score, "new_tokens_score") if n else 0
+        c, w = num_continuations, max(1, width - 1)
+        a = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
+        trie = ContinuationTrie(a((c,), np.int32), a((n,), np.int32), a((n,), np.int32),
+                                a((n, n), np.bool_), a((c, w), np.int32), a((c, w), np.int32),
+                                a((c, w), np.bool_))
+        return self._score.trace(params, state, trie, jax.ShapeDtypeStruct((), jnp.float32))
 
     # -- public --------------------------------------------------------------------------------
     def generate(self, params, input_ids, attention_mask=None, pixel_values=None,
@@ -615,7 +862,9 @@ class Sampler:
                  forbidden_token_ids: Sequence[int] | None = None,
                  pad_token_id: int | None = None, valid_vocab_size: int | None = None,
                  rng=None, position_ids=None, rope_deltas=None,
-                 row_images: Sequence[Sequence[int]] | None = None) -> SampleOutput:
+                 row_images: Sequence[Sequence[int]] | None = None,
+                 share_prefix: bool = False,
+                 row_ids: Sequence[int] | None = None) -> SampleOutput:
         """Sample `num_samples` continuations of every prompt; see the module docstring.
 
         input_ids/attention_mask [B, L] left-padded (numpy); pixel_values [P, patch_dim]
@@ -625,6 +874,10 @@ class Sampler:
         eos_token_ids: any of them ends a row (default: the config's eos);
         forbidden_token_ids: never sampled (the vision special tokens are always added);
         valid_vocab_size: ids >= it are never sampled (a tokenizer smaller than the head).
+        share_prefix: prefill each group's common prefix once (module docstring).
+        row_ids: the random stream of each prompt (default: its row; sample g of prompt b
+        draws from stream row_ids[b] * num_samples + g), so a prompt's samples do not depend
+        on the chunk or the order it is run in.
         """
         c = self.config
         if max_new_tokens < 1:
@@ -643,61 +896,79 @@ class Sampler:
             rng = jax.random.key(0)          # unused by greedy decoding
         if rng is None:
             raise ValueError("sampling with temperature > 0 needs rng (a jax PRNG key)")
+        n = np.shape(input_ids)[0]
+        stream = np.arange(n) if row_ids is None else np.asarray(row_ids, np.int64).reshape(-1)
+        if len(stream) != n:
+            raise ValueError(f"row_ids has {len(stream)} entries for {n} prompts")
         new_bucket = _round(max_new_tokens, self.buckets.new_tokens, "new_tokens")
         shared = dict(eos_ids=self._put(_padded_ids(eos), (None,)),
                       pad_id=jnp.int32(pad), allowed=self._put(allowed, (None,)),
                       temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
                       max_new_tokens=jnp.int32(max_new_tokens))  # trace_decode mirrors these
+        g = num_samples
         outs = []
-        for start, real, state in self.prefill_chunks(
+        for rows, state in self.prefill_chunks(
                 params, input_ids, attention_mask, pixel_values, image_grid_thw,
                 position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
-                group=num_samples, new_tokens=new_bucket):
+                share_prefix=share_prefix, group=g, new_tokens=new_bucket):
+            ids = np.where(rows >= 0, stream[np.maximum(rows, 0)], 0)[:, None] * g + np.arange(g)
             _, tokens, logprobs, lengths = self._decode(
-                params, state, rng, row_offset=jnp.int32(start * num_samples),
-                group=num_samples, new_bucket=new_bucket, top_k=top_k, **shared)
-            outs.append((tokens, logprobs, lengths, real * num_samples))
+                params, state, rng, row_ids=self._put(ids.reshape(-1).astype(np.int32),
+                                                      ("batch",)),
+                group=g, new_bucket=new_bucket, top_k=top_k, **shared)
+            outs.append((rows, tokens, logprobs, lengths))
         # fetch after dispatching every chunk, so the host never waits between chunks
         # (shd.to_host: with a mesh over several processes, a gather every process joins)
-        tokens = np.concatenate([shd.to_host(t)[:r, :max_new_tokens] for t, _, _, r in outs])
-        logprobs = np.concatenate([shd.to_host(p)[:r, :max_new_tokens] for _, p, _, r in outs])
-        lengths = np.concatenate([shd.to_host(n_)[:r] for _, _, n_, r in outs])
+        tokens = np.full((n * g, max_new_tokens), pad, np.int32)
+        logprobs = np.zeros((n * g, max_new_tokens), np.float32)
+        lengths = np.zeros((n * g,), np.int32)
+        for rows, t, p, n_ in outs:
+            real = np.flatnonzero(rows >= 0)
+            src = (real[:, None] * g + np.arange(g)).reshape(-1)
+            dst = (rows[real][:, None] * g + np.arange(g)).reshape(-1)
+            tokens[dst] = shd.to_host(t)[src, :max_new_tokens]
+            logprobs[dst] = shd.to_host(p)[src, :max_new_tokens]
+            lengths[dst] = shd.to_host(n_)[src]
         return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths)
 
     def score(self, params, input_ids, attention_mask=None, pixel_values=None,
               image_grid_thw=None, *, continuations: Sequence[Sequence[int]],
               position_ids=None, rope_deltas=None, pad_token_id: int | None = None,
               row_images: Sequence[Sequence[int]] | None = None,
-              temperature: float = 1.0) -> np.ndarray:
+              temperature: float = 1.0, share_prefix: bool = False) -> np.ndarray:
         """log p(continuation | prompt) for every prompt x continuation -> [B, C] float32.
 
         The sum of the continuation's token log-probs under the full softmax of the logits
         divided by `temperature` (1 = the model's own distribution; nothing forbidden, no
-        top-p: every candidate keeps a probability). Each prompt is prefilled once; its C continuations
-        are its group (the grouped cache) and run through the decoder in ONE multi-token
-        call, so scoring costs one prefill plus one short forward, whatever C.
+        top-p: every candidate keeps a probability). Each prompt is prefilled once; the
+        continuations' distinct proper prefixes (a token trie: "n", "n one" and "no" feed 2
+        tokens, not 3) run through the decoder in ONE multi-token call with a tree mask, so
+        scoring costs one prefill plus one short forward.
+        share_prefix: prefill each group's common prefix once (module docstring).
         """
         conts = [list(map(int, cont)) for cont in continuations]
         if not conts or min(map(len, conts)) < 1:
             raise ValueError("score: give at least one continuation, each with >= 1 token")
-        width = _round(max(map(len, conts)), self.buckets.new_tokens_score, "new_tokens_score")
-        pad = _pad_of(self.config) if pad_token_id is None else int(pad_token_id)
-        tokens = np.full((len(conts), width), pad, np.int32)
-        for i, cont in enumerate(conts):
-            tokens[i, :len(cont)] = cont
-        lengths = np.asarray([len(cont) for cont in conts], np.int32)
         if not temperature > 0:
             raise ValueError(f"score: temperature must be > 0, got {temperature}")
-        tokens_d, lengths_d = self._put(tokens, (None, None)), self._put(lengths, (None,))
+        pad = _pad_of(self.config) if pad_token_id is None else int(pad_token_id)
+        trie = continuation_trie(conts, pad, self.buckets.new_tokens_score)
+        n_nodes = int(trie.nodes.shape[0])
+        trie_d = jax.tree.map(lambda x: self._put(x, (None,) * x.ndim), trie)
         temp_d = jnp.float32(temperature)
         outs = []
-        for _, real, state in self.prefill_chunks(
+        for rows, state in self.prefill_chunks(
                 params, input_ids, attention_mask, pixel_values, image_grid_thw,
                 position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
-                group=len(conts), new_tokens=width, logit_positions=width):
-            _, logp = self._score(params, state, tokens_d, lengths_d, temp_d)
-            outs.append((logp, real))
-        return np.concatenate([shd.to_host(lp)[:r] for lp, r in outs]).astype(np.float32)
+                share_prefix=share_prefix, group=1, new_tokens=max(1, n_nodes),
+                logit_positions=max(1, n_nodes)):
+            _, logp = self._score(params, state, trie_d, temp_d)
+            outs.append((rows, logp))
+        out = np.zeros((np.shape(input_ids)[0], len(conts)), np.float32)
+        for rows, lp in outs:
+            real = rows >= 0
+            out[rows[real]] = shd.to_host(lp)[real]
+        return out
 
 
 # Logical axes of the prefill program's host inputs (how `prefill_chunks` places them).
@@ -705,6 +976,11 @@ _PREFILL_AXES = {"input_ids": ("batch", None), "attention_mask": ("batch", None)
                  "position_ids": (None, "batch", None), "next_pos": ("batch",),
                  "row_valid": ("batch",), "pixel_values": (None, None),
                  "image_slot": ("batch", None)}
+
+
+def _grid_of(image_grid_thw) -> np.ndarray:
+    return (np.zeros((0, 3), np.int64) if image_grid_thw is None
+            else np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
 
 
 def _padded_ids(ids: Sequence[int], multiple: int = 4) -> np.ndarray:
@@ -752,7 +1028,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
              eos_token_ids: Sequence[int] | None = None, rng=None, mesh=None,
              buckets: SamplerBuckets | None = None, chunk_size: int | None = None,
              memory_limit_bytes: int | None = None, **kwargs) -> SampleOutput:
-    """Functional entry point (DESIGN.md): `get_sampler(model, mesh, ...).generate(...)`.
+    """Functional entry point (docs/architecture.md): `get_sampler(model, mesh, ...).generate(...)`.
 
     kwargs: forbidden_token_ids, pad_token_id, valid_vocab_size, position_ids, rope_deltas.
     """
