@@ -7,18 +7,19 @@ Run the same command on every host (launch/tpu_pod.sh does that):
 
 Fit (checked before renting: `python -m emor3_jax.aot --config=configs/tpu_v4_7b.py`, every
 program of a step compiled for v4-32 by XLA's TPU compiler). The recipe is unchanged (rollout
-512 prompts x G 8, mini-batch 256, prompt/response 2048/2048); only how it is split into
-device programs is set, each against 32 GiB per chip with the train state (params, fp32 AdamW
-moments) and the reference params resident (5.8 GiB/chip, FSDP over all 16 chips); measured
-with einsum attention, before model.attention = "splash" (no fp32 [T, S] scores):
+512 prompts x G 8, mini-batch 256, prompt/response 2048/2048, fp32 master weights); only how it
+is split into device programs is set, each against 32 GiB per chip with the train state (fp32
+params, fp32 AdamW moments) and the bf16 reference resident (6.8 GiB/chip, FSDP over all 16
+chips). Peak 24.5 GiB live per chip (the update), with the splash kernel (no fp32 [T, S]
+attention scores):
 - model.remat = "full": the update keeps only each layer's input for the backward pass.
-- rl.micro_batch_size = 2 (responses/device per accumulation step): 23.8 GiB in the update.
-- rl.logprob_micro_batch_size = 4: the reference pass needs 22.3 GiB + 4.8 resident.
-- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: at 128 the prefill needs
-  27 GiB (28 heads of fp32 attention scores) + 4.8 resident > HBM.
-- reward.judge_chunk_size = 48 judge prompts per call (3 per chip; the released "all at
-  once" = 8192 prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill needs
-  ~5 GiB of temporaries per prompt per chip.
+- rl.micro_batch_size = 4 (responses/device per accumulation step): the update needs 23.5 GiB
+  + the reference params (0.97); at 2 it needed 18.9 and ran 13 % slower (compiler estimate).
+- rl.logprob_micro_batch_size = 16: the old log-prob pass needs 9.0 GiB + 4.8 resident.
+- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 9.9 GiB.
+- reward.judge_chunk_size = 128 judge prompts per call (8 per chip; the released "all at
+  once" = 8192 prompts of up to 4096 tokens needs terabytes): the judge prefill needs 18.8 GiB
+  + 4.8 resident; 64 judge calls per step (171 at 48).
 """
 from emor3_jax.configs import base
 
@@ -34,7 +35,7 @@ def get_config(method: str = "emor3"):
     c.aot.topology = "v4:2x2x4"
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
-    c.reward.judge_chunk_size = 48       # judge prompts per sampler call
-    c.rl.micro_batch_size = 2            # responses per device per accumulation step
-    c.rl.logprob_micro_batch_size = 4    # responses per device per reference log-prob step
+    c.reward.judge_chunk_size = 128      # judge prompts per sampler call
+    c.rl.micro_batch_size = 4            # responses per device per accumulation step
+    c.rl.logprob_micro_batch_size = 16   # responses per device per log-prob step
     return base.apply_method(c, method)
