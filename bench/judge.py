@@ -17,22 +17,22 @@ random model rarely ends (2 end ids in 1,024), so every chunk runs all of them. 
 
     python bench/judge.py [--repeats 5] [--max-new-tokens 64] [--breakdown]
 
-Measured on the 2-core AMD EPYC (AVX2) host while other jobs kept the load at 4-6 (quiet-bench
-waited 600 s for load < 1 and ran anyway), median of 5, chunks of 32 prompts:
+Measured on an idle 2-core AMD EPYC (AVX2) host (quiet-bench: load < 1 at the start),
+median of 3, chunks of 32 prompts:
 
     max-new-tokens | mode     | unshared ms/response | shared ms/response | speed-up
-    64             | generate |        179.5         |       147.4        |  1.22x
-    64             | score    |         89.2         |        47.3        |  1.88x
-    8              | generate |         75.2         |        43.4        |  1.73x
-    8              | score    |         70.6         |        39.2        |  1.80x
+    64             | generate |        114.2         |        89.4        |  1.28x
+    64             | score    |         38.6         |        22.4        |  1.72x
+    8              | generate |         43.4         |        28.2        |  1.54x
+    8              | score    |         38.2         |        20.7        |  1.85x
 
-(another run, load 5-6, 3 repeats: score 1.72x, generate 1.41x at 64 tokens.) The
+(earlier runs at load 4-6: score 1.72-1.88x, generate 1.22-1.41x at 64 tokens.) The
 prefill shrinks from 22,528 to 12,336 padded tokens (5.5 s -> 2.7 s in the breakdown: 2.0x;
 the suffixes of the coherence prompts, 72-114 tokens each, are most of what is left). What it
 cannot shrink is the decode loop, the same 64 steps x 4 chunks x 32 rows on both paths
 (6.5-6.7 s, about half of the unshared generate call), so generate at 64 tokens stays at
-1.2-1.4x; with answers a trained judge gives (a few tokens, here 8) it is 1.7x, close to score
-mode. The shared programs take longer to compile (first call 54-62 s vs 29-39 s: the prefix
+1.2-1.4x; with answers a trained judge gives (a few tokens, here 8) it is 1.5-1.7x. The
+shared programs take longer to compile (first call 19-22 s vs 11-16 s idle: the prefix
 prefill and the suffix pass are one program). Real Qwen2.5-VL prompts share more: the
 released pixel budget gives an image at least 334 tokens (min_pixels 512^2, here 56-80), all
 in the shared prefix, and a 151k-id tokenizer spends fewer tokens on the unshared text.
