@@ -666,17 +666,20 @@ def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_
                       score: tuple[int, int] | None = None, steps: int = 0) -> list[Program]:
     """steps: decode loop iterations to count (default new_tokens)."""
     grid = [ctx.image.grid_thw] * images if images else None
-    pre = Program(f"{what} prefill", f"{num_prompts} prompts x {prompt_len} tokens"
+    rows = sampler._chunk_rows(num_prompts)      # what the sampler really runs per call
+    chunk = f"{num_prompts}" + ("" if rows == num_prompts else
+                                f" (compiled as {rows}: the sampler's num_prompts bucket)")
+    pre = Program(f"{what} prefill", f"{chunk} prompts x {prompt_len} tokens"
                   + (f", {images} images" if images else ""), uses, calls, knob)
     traced = sampler.trace_prefill(params, num_prompts=num_prompts, prompt_len=prompt_len,
                                    image_grid_thw=grid)
     compiled = compile_program(pre, traced, log=ctx.log)
     if score is None:
-        dec = Program(f"{what} decode", f"{num_prompts} x G={group} rows, {new_tokens} "
+        dec = Program(f"{what} decode", f"{chunk} x G={group} rows, {new_tokens} "
                       "new tokens", uses, calls, knob)
     else:
         n_cont, width = score
-        dec = Program(f"{what} score", f"{num_prompts} prompts x {n_cont} continuations of "
+        dec = Program(f"{what} score", f"{chunk} prompts x {n_cont} continuations of "
                       f"<= {width} tokens", uses, calls, knob)
     if compiled is None:      # its input layout (the prefill's output shardings) is unknown
         dec.error = "not compiled, it takes the prefill's output and the prefill failed"

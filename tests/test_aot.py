@@ -34,7 +34,7 @@ TINY_CONFIG = textwrap.dedent('''
         c.reward.judge_mode = "generate"
         c.reward.judge_max_new_tokens = 8
         c.reward.judge_prompt_buckets = (128,)
-        c.reward.judge_chunk_size = 64
+        c.reward.judge_chunk_size = 40       # not a sampler bucket: runs as 48 rows
         c.rl.mini_batch_size = 8
         c.rl.micro_batch_size = 4
         c.rl.logprob_micro_batch_size = 4
@@ -86,6 +86,10 @@ def test_tiny_step_fits_on_v4_8(config_file):
         assert total > 0 and args > 0 and min(output, temp, alias) >= 0, (name, cells)
         assert "FLOP" in cells[8] and cells[9] != "n/a", cells   # FLOPs, est. time
         assert not cells[-1].startswith("FAILED"), cells
+    # a judge chunk of 40 prompts is padded to the sampler's bucket, and the table says so
+    assert programs["judge prefill"][1].startswith(
+        "40 (compiled as 48: the sampler's num_prompts bucket) prompts x 128 tokens"), programs
+    assert programs["rollout prefill"][1].startswith("8 prompts x 64 tokens"), programs
     # the update donates the train state: its new state reuses the old one's buffers
     assert float(programs["update"][5]) > 0
     run = table_rows(out, "| program | program total")
