@@ -185,6 +185,11 @@ def get_config():
     c.rollout.max_new_tokens = 2048
     c.rollout.response_buckets = (256, 512, 1024, 2048)
     c.rollout.chunk_size = 0       # prompts per sampler call (0 = the whole rollout batch)
+    # The layout the sampler, evaluation and a policy judge run on: the same devices as
+    # config.mesh in another (data, fsdp, tensor) shape; all 0 = config.mesh. Decoding reads
+    # every weight once per token, so splitting weights over `tensor` (no per-token gather)
+    # decodes faster than FSDP, which all-gathers each layer at every token.
+    c.rollout.mesh = ml_collections.ConfigDict({"data": 0, "fsdp": 0, "tensor": 0})
     c.rollout.dynamic_sampling = False  # DAPO online filtering (EasyR1 algorithm.online_filtering)
     c.rollout.filter_low = 0.01    # keep groups whose mean overall reward is strictly inside
     c.rollout.filter_high = 0.99   # (filter_low, filter_high), as EasyR1's filter

@@ -19,7 +19,9 @@ of one GRPO step is compiled at the config's real shapes and shardings, from abs
 
 Per program: XLA's per-device memory (arguments, outputs, temporaries, aliased = donated
 outputs reusing argument buffers; total = args + outputs - aliased + temporaries + code),
-the compiler's FLOP count and time estimate (`optimal_seconds`), and the MFU they imply.
+FLOPs (XLA's cost analysis, plus the Pallas kernels' counted from their shapes) and a
+roofline time (FLOPs at the chip's peak or XLA's bytes accessed at its HBM bandwidth,
+whichever is longer), and the MFU they imply.
 Run level: the programs run one after another, while the train state (params + AdamW
 moments), the reference params (and a checkpoint judge's params) stay resident; the
 sampler's KV cache exists only inside the sampling programs. Each program's live memory is
@@ -53,8 +55,8 @@ Shape assumptions (printed with the tables):
   micro-batch scan, the decode loop). Both are scaled by the loop trip counts, taken from the
   traced jaxpr (matmul FLOPs with and without trip counts); the decode loop is counted at
   max_new_tokens steps (an upper bound: rows stop at EOS). MFU is unaffected by the scaling.
-  The TPU cost model prices a few layout custom calls at -1 s each; those are added back
-  (`unpriced_calls`, `optimal_seconds`).
+  The roofline leaves out collectives' latency and imperfect overlap (a lower bound on
+  time); XLA's bytes accessed count some buffers more than once (an upper bound on traffic).
 - The reference pass is compiled at rl.logprob_micro_batch_size, as the trainer runs it.
 """
 from __future__ import annotations
@@ -111,12 +113,13 @@ class Chip:
     hbm_bytes: int
     peak_flops: float        # bf16 FLOP/s per chip
     chip_config: str         # jax topology chip_config_name (megacore: one device per chip)
+    hbm_bandwidth: float     # bytes/s per chip
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, "megacore"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, "default"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, "megacore"),
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, "megacore", 1.2e12),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, "default", 0.82e12),
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, "megacore", 2.76e12),
 }
 # Slice names -> topology names. v4/v5p names count TensorCores (v4-8 = 4 megacore chips),
 # v5e names count chips.
@@ -496,7 +499,8 @@ class Program:
     group: str                       # which knob family it belongs to (for suggestions)
     memory: dict | None = None       # per-device bytes: args, out, temp, alias, code
     xla_flops: float = 0.0           # per device, loop bodies once (XLA cost analysis)
-    xla_seconds: float = 0.0
+    xla_bytes: float = 0.0           # HBM bytes accessed, the same way
+    kernel_flops: float = 0.0        # per device, Pallas kernels (analytic, loops counted)
     loop_scale: float = 1.0
     compile_s: float = 0.0
     error: str | None = None
@@ -511,79 +515,54 @@ class Program:
 
     @property
     def flops(self) -> float:
-        return self.xla_flops * self.loop_scale
+        return self.xla_flops * self.loop_scale + self.kernel_flops
 
-    @property
-    def seconds(self) -> float:
-        return self.xla_seconds * self.loop_scale
-
-
-# Custom calls XLA's TPU cost model prices at -1 s: layout no-ops it cannot model, and Pallas
-# (Mosaic) kernels such as model.attention=splash, whose FLOPs and time it does not see.
-_UNPRICED_CUSTOM_CALLS = ("ConcatBitcast", "ZeroCrop", "tpu_custom_call")
-_HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
-_HLO_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
-_HLO_CALLED_LISTS = re.compile(r"\bcalled_computations=\{([^}]*)\}")
-_HLO_BRANCHES = re.compile(r"\b(?:branch_computations=\{([^}]*)\}|"
-                           r"(?:true|false)_computation=%?([\w.\-]+))")
+    def seconds(self, chip: Chip) -> float:
+        """Roofline time on `chip`: FLOPs at the MXU's peak or bytes at HBM bandwidth,
+        whichever takes longer (a lower bound where overlap or collectives fall short)."""
+        return max(self.flops / chip.peak_flops,
+                   self.xla_bytes * self.loop_scale / chip.hbm_bandwidth)
 
 
-def unpriced_calls(hlo_text: str) -> int:
-    """How many -1 s the cost model added: unpriced custom calls in the computations its cost
-    analysis sums, i.e. reachable from ENTRY once per call site (a while body counts once).
-    For a conditional the analysis takes each property's max over the branches, so the -1s
-    that count are (most likely) those of the branch with the fewest."""
-    body: dict[str, list[str]] = {}
-    entry, name = None, None
-    for line in hlo_text.splitlines():
-        if line and not line[0].isspace():
-            m = _HLO_COMPUTATION.match(line)
-            name = m.group(1) if m and line.rstrip().endswith("{") else None
-            if name:
-                body[name] = []
-                if line.startswith("ENTRY"):
-                    entry = name
-        elif name:
-            body[name].append(line)
-    targets = tuple(f'custom_call_target="{t}"' for t in _UNPRICED_CUSTOM_CALLS)
-    memo: dict[str, int] = {}
-
-    def count(comp: str, depth: int = 0) -> int:
-        if comp in memo or comp not in body or depth > 64:
-            return memo.get(comp, 0)
-        n = 0
-        for line in body[comp]:
-            n += sum(line.count(t) for t in targets)
-            branches = [b.strip().lstrip("%") for group in _HLO_BRANCHES.findall(line)
-                        for names in group for b in names.split(",") if b.strip()]
-            if branches:     # the max over branches: most likely the one with fewest -1s
-                n += min(count(b, depth + 1) for b in branches)
-                continue
-            callees = _HLO_CALLS.findall(line)
-            for group in _HLO_CALLED_LISTS.findall(line):
-                callees += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
-            n += sum(count(c, depth + 1) for c in callees)
-        memo[comp] = n
-        return n
-    return count(entry) if entry else 0
+# Pallas kernels are custom calls whose inside XLA's cost analysis does not see; their FLOPs
+# are counted from the kernel's operands. Splash attention (model.attention=splash): q
+# [..., T, D] and k [..., S, D] are its first two float operands; the forward computes
+# Q K^T and P V (4 T S D per head), the backward's dK/dV kernel 8 T S D and its dQ kernel
+# 6 T S D; every call here is causal, so about half the tiles run.
+_KERNEL_FLOPS_PER_TSD = {"fwd": 4.0, "dkv": 8.0, "dq": 6.0}
+CAUSAL_FRACTION = 0.5
 
 
-def optimal_seconds(cost: dict, hlo_text: str) -> float:
-    """The compiler's time estimate, with the -1 s of each unpriced custom call taken back;
-    NaN when it is still not positive (an op the cost model cannot price).
+def _pallas_flops(eqn) -> float:
+    name = str(eqn.params.get("name_and_src_info", eqn.params.get("name", "")))
+    phase = next((p for p in _KERNEL_FLOPS_PER_TSD if p in name), None)
+    floats = [v.aval for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
+    if phase is None or len(floats) < 2:
+        return 0.0
+    q, k = floats[:2]
+    return _KERNEL_FLOPS_PER_TSD[phase] * CAUSAL_FRACTION * math.prod(q.shape) * k.shape[-2]
 
-    The count of unpriced calls is read from the HLO text and can miss some (e.g. the splash
-    kernel's programs: 11 found, 13 charged in a judge prefill). Every loop body is counted
-    once, so the true estimate is well under a second for these programs; when the count
-    does not bring it into [0, 1), the fractional part of the (negative) estimate is taken:
-    the charges are whole seconds."""
-    seconds = float(cost.get("optimal_seconds", float("nan")))
-    if not math.isfinite(seconds):
-        return float("nan")
-    fixed = seconds + unpriced_calls(hlo_text)
-    if seconds < 0 and not 0 < fixed < 1:
-        fixed = seconds - math.floor(seconds)
-    return fixed if fixed > 0 else float("nan")
+
+def kernel_flops(jaxpr, while_trips: int = 1) -> float:
+    """FLOPs of the Pallas kernels in a traced jaxpr, summed over devices, with loop trip
+    counts as matmul_flops counts them (a shard_map body has per-device shapes and runs on
+    every device of its mesh)."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            total += _pallas_flops(eqn)
+            continue
+        subs = [kernel_flops(j, while_trips) for j in _sub_jaxprs(eqn)]
+        if not subs:
+            continue
+        name = eqn.primitive.name
+        if name == "cond":
+            total += max(subs)
+            continue
+        trips = (eqn.params["length"] if name == "scan" else while_trips if name == "while"
+                 else eqn.params["mesh"].size if name == "shard_map" else 1)
+        total += trips * sum(subs)
+    return total
 
 
 def _first_line(e: Exception) -> str:
@@ -613,9 +592,12 @@ def compile_program(program: Program, traced, *, while_trips: int = 1, log=None)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     program.xla_flops = float(cost.get("flops", 0.0))
-    program.xla_seconds = optimal_seconds(cost, compiled.as_text())
+    program.xla_bytes = float(cost.get("bytes accessed", 0.0))
     full, once = matmul_flops(traced.jaxpr.jaxpr, while_trips)
     program.loop_scale = full / once if once else 1.0
+    # the jaxpr has global shapes: per device, as XLA's figures
+    devices = max(len(x.device_set) for x in jax.tree.leaves(compiled.input_shardings))
+    program.kernel_flops = kernel_flops(traced.jaxpr.jaxpr, while_trips) / devices
     if log:
         log(f"  {program.name}: {program.total / GiB:.2f} GiB per device, "
             f"compiled in {program.compile_s:.0f} s")
@@ -644,6 +626,12 @@ class Context:
     shapes: Shapes
     log: Any = None
     lengths: Lengths | None = None
+    sample_mesh: Any = None      # the sampler's and judge's (config.rollout.mesh)
+
+    @property
+    def sampling_params(self):
+        """What the rollout and a policy judge read: policy.sampling_params (abstract)."""
+        return policy_lib.sampling_params(self.model, self.params, self.sample_mesh)
 
 
 def make_context(config, topology: Topology, devices, image_name: str, log=None,
@@ -657,22 +645,37 @@ def make_context(config, topology: Topology, devices, image_name: str, log=None,
     return Context(config=config, topology=topology, mesh=mesh, model=model,
                    params=abstract_params(model, mesh), image=image,
                    shapes=step_shapes(config, mesh, image, hosts, expected), log=log,
-                   lengths=expected)
+                   lengths=expected, sample_mesh=policy_lib.sampling_mesh(config, mesh))
 
 
 def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_prompts: int,
                       prompt_len: int, images: int, group: int, new_tokens: int,
                       calls: int, uses: tuple[str, ...], knob: str,
-                      score: tuple[int, int] | None = None, steps: int = 0) -> list[Program]:
-    """steps: decode loop iterations to count (default new_tokens)."""
+                      score: tuple[int, int] | None = None, steps: int = 0,
+                      shared: tuple[int, int, int] | None = None) -> list[Program]:
+    """steps: decode loop iterations to count (default new_tokens). shared: (unit, prefix
+    tokens, suffix tokens): the share_prefix prefill (units of `unit` prompts sharing a prefix;
+    `images`: one per prefix) instead of whole prompts of `prompt_len`."""
     grid = [ctx.image.grid_thw] * images if images else None
     rows = sampler._chunk_rows(num_prompts)      # what the sampler really runs per call
     chunk = f"{num_prompts}" + ("" if rows == num_prompts else
                                 f" (compiled as {rows}: the sampler's num_prompts bucket)")
-    pre = Program(f"{what} prefill", f"{chunk} prompts x {prompt_len} tokens"
-                  + (f", {images} images" if images else ""), uses, calls, knob)
-    traced = sampler.trace_prefill(params, num_prompts=num_prompts, prompt_len=prompt_len,
-                                   image_grid_thw=grid)
+    if shared is None:
+        pre = Program(f"{what} prefill", f"{chunk} prompts x {prompt_len} tokens"
+                      + (f", {images} images" if images else ""), uses, calls, knob)
+        traced = sampler.trace_prefill(params, num_prompts=num_prompts, prompt_len=prompt_len,
+                                       image_grid_thw=grid)
+    else:
+        unit, prefix_len, suffix_len = shared
+        b, m = sampler.shared_chunk_rows(num_prompts, unit)
+        chunk = f"{num_prompts}" + ("" if b * m == num_prompts else
+                                    f" (compiled as {b * m}: the sampler's num_prompts buckets)")
+        pre = Program(f"{what} prefill", f"{chunk} prompts = {b} shared prefixes of "
+                      f"{prefix_len} tokens" + (" with an image" if images else "") +
+                      f", {m} suffixes of {suffix_len} tokens each", uses, calls, knob)
+        traced = sampler.trace_prefill_shared(params, num_prompts=num_prompts, unit=unit,
+                                              prefix_len=prefix_len, suffix_len=suffix_len,
+                                              image_grid_thw=grid)
     compiled = compile_program(pre, traced, log=ctx.log)
     if score is None:
         dec = Program(f"{what} decode", f"{chunk} x G={group} rows, {new_tokens} "
@@ -702,34 +705,36 @@ def rollout_programs(ctx: Context) -> list[Program]:
     buckets = SamplerBuckets(prompt_len=tuple(c.data.prompt_buckets),
                              new_tokens=tuple(sorted(set(r.response_buckets) | {
                                  c.eval.max_new_tokens, r.max_new_tokens})))
-    sampler = Sampler(ctx.model, mesh=ctx.mesh, buckets=buckets, chunk_size=s.rollout_chunk)
+    sampler = Sampler(ctx.model, mesh=ctx.sample_mesh, buckets=buckets,
+                      chunk_size=s.rollout_chunk)
     chunks = math.ceil(s.rollout_prompts / s.rollout_chunk)
-    programs = _sampler_programs(ctx, sampler, ctx.params, what="rollout",
+    programs = _sampler_programs(ctx, sampler, ctx.sampling_params, what="rollout",
                                  num_prompts=s.rollout_chunk, prompt_len=s.prompt_len,
                                  images=s.rollout_chunk, group=s.group,
                                  new_tokens=r.max_new_tokens, calls=chunks,
-                                 uses=("policy params",), knob="rollout",
+                                 uses=("sampling params",), knob="rollout",
                                  steps=s.rollout_decode_steps)
-    _earlier_chunks(programs[1], sampler, s.rollout_chunk, s.group, s.response_len, chunks,
-                    s.dp)
+    _earlier_chunks(programs[1], sampler, s.rollout_chunk, s.group, s.response_len, chunks)
     return programs
 
 
 def _earlier_chunks(decode: Program, sampler: Sampler, chunk: int, group: int,
-                    new_tokens: int, chunks: int, dp: int) -> None:
+                    new_tokens: int, chunks: int) -> None:
     """Sampler.generate fetches after dispatching every chunk: the sampled tokens, log-probs
     and lengths of the earlier chunks of one call wait on the device beside the last decode."""
     if chunks > 1:
         rows = sampler._chunk_rows(chunk) * group
-        decode.extra_live = (chunks - 1) * (rows * new_tokens * 8 + rows * 4) // dp
+        decode.extra_live = ((chunks - 1) * (rows * new_tokens * 8 + rows * 4)
+                             // sampler.data_parallel)
         decode.extra_what = f"outputs of {chunks - 1} earlier chunk{'s' if chunks > 2 else ''}"
 
 
 def judge_model(ctx: Context):
-    """(model, abstract params) of the judge: the policy's, or reward.judge_dir's shapes."""
+    """(model, abstract params) of the judge: the policy's sampling copy, or reward.judge_dir's
+    shapes (on the sampler's mesh)."""
     rw = ctx.config.reward
     if rw.judge_source != "checkpoint":
-        return ctx.model, ctx.params
+        return ctx.model, ctx.sampling_params
     if not rw.judge_dir:
         raise ValueError("config.reward.judge_source='checkpoint': AOT needs "
                          "reward.judge_dir (the judge's config.json)")
@@ -738,7 +743,7 @@ def judge_model(ctx: Context):
     cfg = Qwen2_5_VLConfig.from_json_file(os.path.join(judge_dir, "config.json"),
                                           **policy_lib.runtime_fields(ctx.config.model))
     model = qwen2_5_vl.build_model(cfg)
-    return model, abstract_params(model, ctx.mesh)
+    return model, abstract_params(model, ctx.sample_mesh)
 
 
 def _score_continuations(ctx: Context) -> tuple[int, int]:
@@ -769,20 +774,24 @@ def judge_programs(ctx: Context) -> list[Program]:
     model, params = judge_model(ctx)
     buckets = SamplerBuckets(prompt_len=tuple(rw.judge_prompt_buckets),
                              new_tokens=(rw.judge_max_new_tokens,))
-    sampler = Sampler(model, mesh=ctx.mesh, buckets=buckets, chunk_size=s.judge_chunk)
-    uses = ("judge params",) if rw.judge_source == "checkpoint" else ("policy params",)
+    sampler = Sampler(model, mesh=ctx.sample_mesh, buckets=buckets, chunk_size=s.judge_chunk)
+    uses = ("judge params",) if rw.judge_source == "checkpoint" else ("sampling params",)
     calls = s.judge_calls * math.ceil(s.judge_prompts / s.judge_chunk)
     images = s.judge_chunk if emotion.get_preset(rw.preset).needs_consistency else 0
+    # the trainer's judge shares prefixes: a rollout prompt's G consistency prompts share the
+    # template and image (the worst chunk: consistency units, the response in the suffix)
+    shared = (s.group, s.judge_prompt_need - s.response_len, s.response_len +
+              JUDGE_TEMPLATE_TOKENS)
     programs = _sampler_programs(
         ctx, sampler, params, what="judge", num_prompts=s.judge_chunk,
         prompt_len=s.judge_prompt_len, images=images, group=1,
         new_tokens=rw.judge_max_new_tokens, calls=calls, uses=uses, knob="judge",
         score=None if rw.judge_mode == "generate" else _score_continuations(ctx),
-        steps=s.judge_decode_steps)
+        steps=s.judge_decode_steps, shared=shared)
     if rw.judge_mode == "generate":
         _earlier_chunks(programs[1], sampler, s.judge_chunk, 1,
                         _round_up(rw.judge_max_new_tokens, sampler.buckets.new_tokens),
-                        math.ceil(s.judge_prompts / s.judge_chunk), s.dp)
+                        math.ceil(s.judge_prompts / s.judge_chunk))
     return programs
 
 
@@ -842,10 +851,6 @@ def _compile_all(ctx: Context, names: Sequence[str]) -> list[Program]:
     compiled = []
     for name in names:
         compiled += BUILDERS[name](ctx)
-    peak = ctx.topology.chip.peak_flops
-    for p in compiled:      # above peak: the cost model left some op unpriced; no estimate
-        if p.xla_seconds > 0 and p.xla_flops > p.xla_seconds * peak:
-            p.xla_seconds = float("nan")
     return compiled
 
 
@@ -889,6 +894,11 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _mfu(p: Program, chip: Chip) -> str:
+    t = p.seconds(chip)
+    return f"{100 * p.flops / (t * chip.peak_flops):.0f}%" if t > 0 else "n/a"
+
+
 def _secs(t: float) -> str:
     if not t > 0:
         return "n/a"
@@ -909,11 +919,10 @@ def program_table(programs: list[Program], chip: Chip) -> list[str]:
                         f"{p.calls} | FAILED (below) |")
             continue
         m = p.memory
-        mfu = p.xla_flops / (p.xla_seconds * chip.peak_flops) if p.xla_seconds > 0 else None
         rows.append(f"| {p.name} | {p.shapes} | {_gib(m['args'])} | {_gib(m['out'])} | "
                     f"{_gib(m['temp'])} | {_gib(m['alias'])} | {_gib(p.total)} | "
                     f"{100 * p.total / chip.hbm_bytes:.0f}% | {_flops(p.flops)} | "
-                    f"{_secs(p.seconds)} | {'n/a' if mfu is None else f'{100 * mfu:.0f}%'} | "
+                    f"{_secs(p.seconds(chip))} | {_mfu(p, chip)} | "
                     f"{p.calls} | "
                     f"{p.compile_s:.0f} s |")
     failed = [p for p in programs if p.error]
@@ -949,10 +958,9 @@ def time_table(programs: list[Program], chip: Chip) -> list[str]:
             rows.append(f"| {p.name} | {p.shapes} | - | - | - | {p.calls} | - | FAILED: "
                         f"{p.error} |")
             continue
-        mfu = p.xla_flops / (p.xla_seconds * chip.peak_flops) if p.xla_seconds > 0 else None
-        rows.append(f"| {p.name} | {p.shapes} | {_flops(p.flops)} | {_secs(p.seconds)} | "
-                    f"{'n/a' if mfu is None else f'{100 * mfu:.0f}%'} | {p.calls} | "
-                    f"{_secs(p.seconds * p.calls)} | {p.compile_s:.0f} s |")
+        rows.append(f"| {p.name} | {p.shapes} | {_flops(p.flops)} | {_secs(p.seconds(chip))} | "
+                    f"{_mfu(p, chip)} | {p.calls} | {_secs(p.seconds(chip) * p.calls)} | "
+                    f"{p.compile_s:.0f} s |")
     return rows
 
 
@@ -960,8 +968,8 @@ def _fits(programs: list[Program], resident: dict[str, int], limit: float) -> bo
     return all(p.error is None and live_bytes(p, resident) <= limit for p in programs)
 
 
-def step_time(programs: list[Program]) -> float:
-    return sum(p.seconds * p.calls for p in programs if not p.error and p.seconds > 0)
+def step_time(programs: list[Program], chip: Chip) -> float:
+    return sum(p.seconds(chip) * p.calls for p in programs if not p.error)
 
 
 # ------------------------------------------------------------------------------------------
@@ -991,9 +999,9 @@ def knob_candidates(ctx: Context, group: str) -> list[int]:
     s, value = ctx.shapes, knob_value(ctx, group)
     if group in ("update", "reference"):
         return [v for v in range(1, value) if s.mini_batch_rows % (v * s.dp) == 0]
+    dp = sharding.data_parallel_size(ctx.sample_mesh)
     sizes = geometric_buckets(1)
-    return sorted({v for v in sizes if v < value and v % s.dp == 0} |
-                  ({s.dp} if s.dp < value else set()))
+    return sorted({v for v in sizes if v < value and v % dp == 0} | ({dp} if dp < value else set()))
 
 
 def family_live(programs: list[Program], resident: dict[str, int]
@@ -1140,6 +1148,9 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
     resident = resident_bytes(ctx)
     n_params = qwen2_5_vl.count_params(ctx.params)
     mesh = ", ".join(f"{k} {v}" for k, v in ctx.mesh.shape.items())
+    if ctx.sample_mesh is not ctx.mesh:
+        mesh += "; rollout and judge: " + ", ".join(
+            f"{k} {v}" for k, v in ctx.sample_mesh.shape.items()) + " (rollout.mesh)"
     src = config.model.hf_dir or config.model.arch or f"tiny:{config.model.tiny}"
     out = [f"## AOT: {config_name or 'config'} on {topology.name} ({topology.topology_name}: "
            f"{len(devices)} x {chip.name}, {chip.hbm_bytes / GiB:.0f} GiB HBM and "
@@ -1148,7 +1159,8 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
            "",
            f"- model: {src}, {_count(n_params)} parameters; params {mc.param_dtype}, "
            f"compute {mc.dtype}, remat {mc.remat}, attention {mc.attention_impl}",
-           f"- mesh: {mesh}",
+           f"- mesh: {mesh}; the sampler reads a {mc.dtype} copy of the policy "
+           "(policy.sampling_params)",
            f"- image per prompt: {ctx.image.describe()} (--image=typical|max|HxW)"]
     out += ["- " + line for line in s.describe(config)]
     out += ["", "Per program (memory per device in GiB, from XLA's memory analysis; total = args "
@@ -1174,13 +1186,13 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
              f"({100 * peak / chip.hbm_bytes:.0f}%; " if ok_programs else "n/a (")
     out += ["", f"peak live memory: {shown}limit {100 * hbm_fraction:g}% = "
             f"{_gib(limit)} GiB{but})",
-            f"estimated step time (compiler estimates x calls per step, decode to "
-            f"max_new_tokens{but}): {_secs(step_time(compiled))}"]
+            f"estimated step time (roofline time x calls per step, decode to "
+            f"max_new_tokens{but}): {_secs(step_time(compiled, chip))}"]
     if expected is not None:
         failed = sum(1 for p in at_lengths if p.error)
         out.append(f"estimated step time at {expected.name} lengths (decode to the expected "
                    f"lengths{f', {failed} failed to compile' if failed else ''}): "
-                   f"{_secs(step_time(at_lengths))}")
+                   f"{_secs(step_time(at_lengths, chip))}")
     notes = []
     largest = max(config.reward.judge_prompt_buckets)
     if s.judge_prompts and s.judge_prompt_need > largest:
@@ -1190,9 +1202,10 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
         notes.append(f"multi-host slice ({s.hosts} hosts): shapes are global, one SPMD "
                      "program over the whole slice")
     if mc.attention_impl == "splash":
-        notes.append("attention runs in the splash Pallas kernel: its FLOPs (~4*T*S*heads*"
-                     "head_dim per row and layer, about half with the causal mask) and time are "
-                     "not in XLA's cost analysis, so FLOPs, time and MFU leave attention out")
+        notes.append("attention runs in the splash Pallas kernel, which XLA's cost analysis "
+                     "does not see: its FLOPs are counted from the kernel's shapes (forward "
+                     "4*T*S*head_dim per head, backward 14*T*S*head_dim, half the tiles with "
+                     "the causal mask) and are in the FLOPs, time and MFU columns")
     if notes:
         out += [""] + [f"note: {n}" for n in notes]
     if not fits:

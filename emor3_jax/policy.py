@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from emor3_jax import model_source
+from emor3_jax import model_source, sharding
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.processing import tokenizer as tok_lib
@@ -134,6 +134,35 @@ def reference_params(params, compute_dtype):
             return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
         return x.astype(dtype) if x.dtype != dtype else x.copy()
     return jax.tree.map(cast, params)
+
+
+def sampling_mesh(config, training_mesh):
+    """The mesh the rollout sampler, the evaluation and the judge run on: `config.rollout.mesh`
+    (the same devices in another layout), or the training mesh when its sizes are all 0."""
+    m = config.rollout.mesh
+    if not (m.data or m.fsdp or m.tensor):
+        return training_mesh
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=list(training_mesh.devices.flat),
+                              field="config.rollout.mesh")
+
+
+def sampling_params(model, params, mesh):
+    """The weights the sampler (and a policy judge) reads: the policy in the compute dtype,
+    laid out for `mesh`; one cast per step, as the release hands vLLM bf16 weights.
+
+    Every forward casts each weight to the compute dtype anyway, so the samples are the same;
+    what changes is what a decode step moves: it reads every weight once per token, and fp32
+    masters sharded by FSDP are all-gathered (4 bytes per parameter) at every step. Works on
+    arrays and on ShapeDtypeStructs (AOT)."""
+    dtype = jnp.dtype(model.config.compute_dtype)
+    shardings = qwen2_5_vl.param_shardings(model, mesh)
+
+    def cast(x, where):
+        to = dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, to, sharding=where)
+        return jax.device_put(x.astype(to), where)    # cast in place, then lay out for `mesh`
+    return jax.tree.map(cast, params, shardings)
 
 
 def check_update_precision(config) -> None:

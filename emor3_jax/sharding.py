@@ -38,25 +38,26 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, field: str = "config.mesh"
+               ) -> tuple[int, int, int]:
     """(data, fsdp, tensor) sizes for `num_devices`; one size may be -1 (the rest)."""
     sizes = [data, fsdp, tensor]
     known = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1 or known <= 0 or (-1 in sizes and num_devices % known) or (
             -1 not in sizes and known != num_devices):
         raise ValueError(f"mesh: data={data} fsdp={fsdp} tensor={tensor} does not fit the "
-                         f"{num_devices} devices; set config.mesh so data*fsdp*tensor = "
+                         f"{num_devices} devices; set {field} so data*fsdp*tensor = "
                          f"{num_devices} (one of them may be -1 for the rest)")
     if -1 in sizes:
         sizes[sizes.index(-1)] = num_devices // known
     return tuple(sizes)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None
-              ) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None,
+              field: str = "config.mesh") -> Mesh:
     """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(data, fsdp, tensor, len(devices))
+    sizes = mesh_shape(data, fsdp, tensor, len(devices), field)
     # Auto axes: XLA propagates shardings from the explicit in/out shardings we give jit.
     return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

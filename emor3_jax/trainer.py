@@ -79,6 +79,9 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
     m = config.mesh
     data, fsdp, _ = sharding.mesh_shape(m.data, m.fsdp, m.tensor, num_devices)
     dp = data * fsdp
+    s = config.rollout.mesh
+    if s.data or s.fsdp or s.tensor:
+        sharding.mesh_shape(s.data, s.fsdp, s.tensor, num_devices, "config.rollout.mesh")
     if config.mode not in ("train", "sft", "eval", "export"):
         raise ValueError(f"config.mode={config.mode!r}; choose train, sft, eval or export")
     policy_lib.check_model_config(config.model)
@@ -215,7 +218,8 @@ class Trainer:
         buckets = SamplerBuckets(prompt_len=tuple(config.data.prompt_buckets),
                                  new_tokens=tuple(sorted(set(r.response_buckets) | {
                                      config.eval.max_new_tokens, r.max_new_tokens})))
-        self.sampler = Sampler(self.model, mesh=self.mesh, buckets=buckets,
+        self.sample_mesh = policy_lib.sampling_mesh(config, self.mesh)
+        self.sampler = Sampler(self.model, mesh=self.sample_mesh, buckets=buckets,
                                chunk_size=r.chunk_size or None)
         self.judge = None
         self.ckpt = ckpt_lib.Checkpointer(fileio.join(workdir, "checkpoints"),
@@ -249,6 +253,7 @@ class Trainer:
     def evaluate(self, params, step: int, writer=None) -> dict[str, dict]:
         """Accuracy on each `data.eval` set (validation: no judge)."""
         c = self.config
+        params = policy_lib.sampling_params(self.model, params, self.sample_mesh)
         results, samples = {}, []
         for name in c.data.eval:
             pipe = self._pipeline(name, EVAL_SPLIT, eval_mode=True)
@@ -316,22 +321,28 @@ class Trainer:
     # ---------------------------------------------------------------------------- GRPO --
     def grpo_step(self, state, ref_params, batch, key, judge):
         """One rollout + its mini-batch updates; returns (state, metrics)."""
-        c = self.config
-        r, rl = c.rollout, c.rl
-        t0 = time.time()
-        k_sample, k_judge = jax.random.split(key)
-        ro = rollout_lib.sample(self.sampler, state.params, batch, k_sample,
-                                group_size=r.group_size, max_new_tokens=r.max_new_tokens,
-                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                                ids=self.policy.ids, tokenizer=self.policy.tokenizer)
-        t_sample = time.time() - t0
-        ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params, rng=k_judge,
-                               adv_eps=c.rl.adv_eps)
-        t_reward = time.time() - t0 - t_sample
+        ro, t_sample, t_reward = self._rollout(state.params, batch, key, judge)
         out = rollout_lib.metrics(ro)
         out.update(time_sample=t_sample, time_reward=t_reward,
                    rollout_tokens_per_s=float(ro.lengths.sum()) / max(t_sample, 1e-9))
         return self.update(state, ref_params, ro, out)
+
+    def _rollout(self, params, batch, key, judge) -> tuple[rollout_lib.Rollout, float, float]:
+        """Sample G responses per prompt and score them (rewards, advantages), from the
+        policy's sampling copy (policy.sampling_params), which is freed on return, before the
+        update needs the memory; with the seconds each part took."""
+        c, r = self.config, self.config.rollout
+        t0 = time.time()
+        params = policy_lib.sampling_params(self.model, params, self.sample_mesh)
+        k_sample, k_judge = jax.random.split(key)
+        ro = rollout_lib.sample(self.sampler, params, batch, k_sample,
+                                group_size=r.group_size, max_new_tokens=r.max_new_tokens,
+                                temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                ids=self.policy.ids, tokenizer=self.policy.tokenizer)
+        t_sample = time.time() - t0
+        ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=params, rng=k_judge,
+                               adv_eps=c.rl.adv_eps)
+        return ro, t_sample, time.time() - t0 - t_sample
 
     def update(self, state, ref_params, ro: rollout_lib.Rollout, out: dict):
         """The rollout's updates, as the release (EasyR1's `compute_log_prob` /
@@ -542,13 +553,7 @@ class Trainer:
                     f"({r.filter_low}, {r.filter_high}) (the rest were all right or all wrong). "
                     "This is the failure EMO-R3 reports for DAPO; raise "
                     "rollout.max_resample_tries, widen the filter band or use another method.")
-            k = jax.random.fold_in(key, tries)
-            ro = rollout_lib.sample(self.sampler, state.params, batch, k, group_size=g,
-                                    max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                    top_p=r.top_p, top_k=r.top_k, ids=self.policy.ids,
-                                    tokenizer=self.policy.tokenizer)
-            ro = rollout_lib.score(ro, c.reward.preset, judge, judge_params=state.params,
-                                   rng=jax.random.fold_in(k, 1), adv_eps=c.rl.adv_eps)
+            ro, _, _ = self._rollout(state.params, batch, jax.random.fold_in(key, tries), judge)
             valid = np.asarray(batch["valid"], bool)
             band = rollout_lib.groups_in_band(ro.rewards, g, r.filter_low, r.filter_high)
             dropped += int((valid & ~band).sum())
@@ -593,7 +598,8 @@ class Trainer:
         from emor3_jax.rewards.judge import Judge
         buckets = SamplerBuckets(prompt_len=tuple(c.reward.judge_prompt_buckets),
                                  new_tokens=(c.reward.judge_max_new_tokens,))
-        return Judge.from_config(c.reward, self.model, self.policy.tokenizer, mesh=self.mesh,
+        return Judge.from_config(c.reward, self.model, self.policy.tokenizer,
+                                 mesh=self.sample_mesh,
                                  chunk_size=c.reward.judge_chunk_size or None, buckets=buckets,
                                  min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
 

@@ -321,3 +321,33 @@ def test_shared_prefix_units_and_continuation_trie(setup):
                                                  [0, 0, 0, 1]])
     np.testing.assert_array_equal(trie.node_of[trie.used], [0, 0, 1, 2])
     np.testing.assert_array_equal(trie.target[trie.used], [1, 2, 1, 1])
+
+
+@pytest.mark.parametrize("compute, rollout_mesh", [("bfloat16", None), ("float32", (2, 1, 4))])
+def test_sampling_params_sample_like_the_master_weights(setup, devices8, compute, rollout_mesh):
+    """policy.sampling_params: fp32 master weights -> a copy in the compute dtype, laid out for
+    config.rollout.mesh. Every forward casts each weight to the compute dtype anyway, so the
+    copy samples the masters' tokens: bit for bit on the same mesh (bf16 compute), and up to
+    reduction order on another layout (fp32 compute, tensor-parallel rollout mesh)."""
+    from emor3_jax import policy
+    from emor3_jax.configs import base
+    cfg, _, d, _, _, batch = setup
+    train_mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    model, params = qwen2_5_vl.load_hf(d, mesh=train_mesh, dtype=jnp.dtype(compute),
+                                       param_dtype=jnp.float32)
+    config = base.get_config()
+    if rollout_mesh:
+        config.rollout.mesh.data, config.rollout.mesh.fsdp, config.rollout.mesh.tensor = \
+            rollout_mesh
+    mesh = policy.sampling_mesh(config, train_mesh)
+    assert (mesh is train_mesh) == (rollout_mesh is None)
+    copy = policy.sampling_params(model, params, mesh)
+    assert {x.dtype for x in jax.tree.leaves(copy)} == {jnp.dtype(compute)}
+    assert all(x.sharding.mesh.shape == mesh.shape for x in jax.tree.leaves(copy))
+    kw = dict(max_new_tokens=8, num_samples=2, temperature=1.0, rng=jax.random.key(5))
+    masters = Sampler(model, mesh=train_mesh).generate(params, *batch, **kw)
+    sampled = Sampler(model, mesh=mesh).generate(copy, *batch, **kw)
+    np.testing.assert_array_equal(sampled.tokens, masters.tokens)
+    np.testing.assert_array_equal(sampled.lengths, masters.lengths)
+    np.testing.assert_allclose(sampled.logprobs, masters.logprobs,
+                               atol=0 if rollout_mesh is None else 1e-5)

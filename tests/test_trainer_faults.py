@@ -365,6 +365,7 @@ def _demo_config(**fields):
 @pytest.mark.parametrize("fields, error, words", [
     ({"mesh.data": 3, "mesh.fsdp": 1}, ValueError, ["config.mesh", "data*fsdp*tensor = 2"]),
     ({"mesh.fsdp": 4}, ValueError, ["fsdp=4", "2 devices"]),
+    ({"rollout.mesh.tensor": 4}, ValueError, ["config.rollout.mesh", "2 devices"]),
     ({"rollout.batch_size": 3}, ValueError,
      ["config.rollout.batch_size=3", "config.rl.mini_batch_size=2"]),
     ({"rl.micro_batch_size": 3}, ValueError, ["rl.micro_batch_size=3", "change rl."]),

@@ -805,13 +805,9 @@ class Sampler:
         sh = None if self.mesh is None else NamedSharding(self.mesh, self._spec(names, shape))
         return jax.ShapeDtypeStruct(tuple(int(d) for d in shape), dtype, sharding=sh)
 
-    def trace_prefill(self, params, *, num_prompts: int, prompt_len: int, image_grid_thw=None):
-        """The prefill program of a chunk of `num_prompts` prompts (before bucketing, i.e.
-        min(chunk_size, batch)) of `prompt_len` tokens holding the distinct images
-        `image_grid_thw` [n, 3] (None: text only), bucketed as `prefill_chunks` buckets."""
+    def _abstract_prefill_args(self, b: int, length: int, image_grid_thw) -> tuple:
+        """`_prefill_args` of a chunk of b rows of `length` tokens, shapes only."""
         c = self.config
-        b = self._chunk_rows(num_prompts)
-        length = _round(prompt_len, self.buckets.prompt_len, "prompt_len")
         a = lambda name, shape, dtype: self._abstract(shape, dtype, _PREFILL_AXES[name])
         pv = vin = slot = None
         if image_grid_thw is not None and len(image_grid_thw):
@@ -820,10 +816,39 @@ class Sampler:
             vin = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, (None,) * x.ndim), host)
             pv = a("pixel_values", (host.num_patches, c.vision.patch_dim), np.float32)
             slot = a("image_slot", (b, length), np.int32)
-        return self._prefill.trace(
-            params, a("input_ids", (b, length), np.int32), a("attention_mask", (b, length), np.int32),
-            a("position_ids", (3, b, length), np.int32), a("next_pos", (b,), np.int32),
-            a("row_valid", (b,), np.bool_), pv, vin, slot)
+        return (a("input_ids", (b, length), np.int32), a("attention_mask", (b, length), np.int32),
+                a("position_ids", (3, b, length), np.int32), a("next_pos", (b,), np.int32),
+                a("row_valid", (b,), np.bool_), pv, vin, slot)
+
+    def trace_prefill(self, params, *, num_prompts: int, prompt_len: int, image_grid_thw=None):
+        """The prefill program of a chunk of `num_prompts` prompts (before bucketing, i.e.
+        min(chunk_size, batch)) of `prompt_len` tokens holding the distinct images
+        `image_grid_thw` [n, 3] (None: text only), bucketed as `prefill_chunks` buckets."""
+        b = self._chunk_rows(num_prompts)
+        length = _round(prompt_len, self.buckets.prompt_len, "prompt_len")
+        return self._prefill.trace(params, *self._abstract_prefill_args(b, length, image_grid_thw))
+
+    def shared_chunk_rows(self, num_prompts: int, unit: int) -> tuple[int, int]:
+        """share_prefix: (prefixes, suffix rows per prefix M) of a chunk of `num_prompts`
+        prompts in units of `unit` prompts sharing a prefix (as `_shared_chunks` cuts it)."""
+        m = _round(unit, self.buckets.num_prompts, "num_prompts")
+        return self._chunk_rows(max(1, num_prompts // m)), m
+
+    def trace_prefill_shared(self, params, *, num_prompts: int, unit: int, prefix_len: int,
+                             suffix_len: int, image_grid_thw=None):
+        """The share_prefix prefill of a chunk of `num_prompts` prompts in units of `unit`
+        sharing a `prefix_len`-token prefix (one image each: `image_grid_thw` per prefix, None
+        for text), each with its own `suffix_len`-token suffix, bucketed as the sampler does."""
+        b, m = self.shared_chunk_rows(num_prompts, unit)
+        lp = _round(prefix_len, self.buckets.prompt_len, "prompt_len")
+        ls = _round(suffix_len, self.buckets.suffix_len, "suffix_len")
+        grid = None if image_grid_thw is None else list(image_grid_thw)[:b]
+        a = lambda shape, dtype: self._abstract(shape, dtype, ("batch",) + (None,) * (
+            len(shape) - 1))
+        return self._prefill_shared.trace(
+            params, self._abstract_prefill_args(b, lp, grid), a((b * m, ls), np.int32),
+            a((b * m, ls), np.int32), a((b * m, ls), np.int32), a((b * m,), np.int32),
+            a((b * m,), np.bool_))
 
     def trace_decode(self, params, state, *, group: int, new_tokens: int, top_k: int = 0):
         """The decode program of `group` continuations of `new_tokens` (bucketed) per prompt of
