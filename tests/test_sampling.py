@@ -214,6 +214,22 @@ def test_grouped_attention_equals_repeated_cache_attention():
                                atol=1e-5)
 
 
+def test_attention_in_query_blocks_equals_all_at_once():
+    """Many new tokens at once (a suffix prefill) run in blocks of queries (padded: 11 tokens
+    in blocks of 4), with the same result as all at once."""
+    rng = np.random.default_rng(2)
+    b, g, n, kh, d, lp, s = 2, 3, 4, 2, 8, 7, 11
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    pmask = jnp.asarray(rng.random((b, lp)) > 0.3).at[:, -1].set(True)
+    causal = jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]
+    levels = [(f(b, kh, lp, d), f(b, kh, lp, d), pmask, None),
+              (f(b * g, kh, s, d), f(b * g, kh, s, d), None, causal)]
+    q = f(b * g, s, n, d)
+    whole = grouped_decode.attend(q, levels)
+    blocked = jax.jit(lambda q: grouped_decode.attend_blocked(q, levels, block=4))(q)
+    np.testing.assert_allclose(blocked, whole, atol=1e-6)
+
+
 def test_prefill_runs_once_per_prompt(setup, monkeypatch):
     """G = 8: at run time the vision tower executes once, on the 4 prompts' patches, and the
     prompt prefill once, on 4 rows (spies record each execution via jax.debug.callback)."""

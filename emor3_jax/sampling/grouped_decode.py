@@ -163,6 +163,33 @@ def attend(q, levels):
         q.dtype)
 
 
+# New tokens per attention block when many are fed at once (a shared-prefix judge's suffixes,
+# up to a response long): the fp32 scores [rows, K, block * R, keys] of one block at a time.
+QUERY_BLOCK = 256
+
+
+def attend_blocked(q, levels, block: int = QUERY_BLOCK):
+    """`attend` over blocks of `block` new tokens, one after another (lax.map), so the scores
+    of S new tokens never exist at once; the same result."""
+    n, s = q.shape[:2]
+    if s <= block:
+        return attend(q, levels)
+    nb = -(-s // block)
+    pad = nb * block - s
+    blocks = lambda x: jnp.moveaxis(x.reshape(x.shape[0], nb, block, *x.shape[2:]), 1, 0)
+    qb = blocks(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))))
+    # padded queries see what the last real one sees (never no key); their rows are dropped
+    masks = [None if qm is None else jnp.pad(qm, ((0, pad), (0, 0)), mode="edge").reshape(
+        nb, block, qm.shape[-1]) for *_, qm in levels]
+
+    def one(args):
+        qi, mi = args
+        return attend(qi, [(k, v, km, m) for (k, v, km, _), m in zip(levels, mi)])
+
+    out = jax.lax.map(one, (qb, masks))                       # [nb, N, block, H, D]
+    return jnp.moveaxis(out, 0, 1).reshape(n, nb * block, *q.shape[2:])[:, :s]
+
+
 def grouped_attention(q, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, gen_valid, *,
                       suffix_k=None, suffix_v=None, suffix_mask=None, gen_mask=None):
     """Attention of S new tokens per row over its prompt's keys, then its own generated keys.
@@ -178,7 +205,7 @@ def grouped_attention(q, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, gen_vali
     if suffix_k is not None:
         levels.append((suffix_k, suffix_v, suffix_mask, None))
     levels.append((gen_k, gen_v, gen_mask, gen_valid))
-    return attend(q, levels)
+    return attend_blocked(q, levels)
 
 
 def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv, slot,
