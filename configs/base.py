@@ -206,6 +206,10 @@ def get_config():
     c.reward.judge_max_new_tokens = 2048
     c.reward.judge_prompt_buckets = (128, 256, 512, 1024, 2048, 4096)
     c.reward.judge_chunk_size = 0  # judge prompts per program call (0 = all at once)
+    # prefill what a chunk's judge prompts share (template, image) once, their own suffixes
+    # (the response) against it; False: every prompt whole (the suffix pass has no flash
+    # kernel, so at 2,048-token responses the whole-prompt splash prefill needs less memory)
+    c.reward.judge_share_prefix = True
 
     c.rl = ml_collections.ConfigDict()
     c.rl.adv_eps = 1e-6            # advantage = (r - mean) / (unbiased std + adv_eps) per group

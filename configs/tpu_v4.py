@@ -26,8 +26,13 @@ pixel rows are sharded, not replicated. Knobs (AOT, this config):
   15.6 (+ 8.75 resident).
 - reward.judge_chunk_size = 96 judge prompts per call (the released "all at once" = 8192
   prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill of 96 prompts needs
-  18.5 GiB + 8.75 resident = 27.2 live; 86 judge calls per step at most (342 at 24, the chunk
+  16.4 GiB + 12.25 resident = 28.7 live; 86 judge calls per step at most (342 at 24, the chunk
   the einsum attention allowed with bf16 masters).
+- reward.judge_share_prefix = False: with shared prefixes the responses (up to 2048 tokens)
+  are the suffixes, whose pass attends in einsum blocks (no flash kernel): 24.1 GiB at 128
+  prompts, more than the whole-prompt splash prefill (AOT).
+The sampler and the judge read a bf16 copy of the policy (1.75 GiB, policy.sampling_params),
+while the fp32 masters stay resident: 12.25 GiB outside the sampling programs.
 """
 from emor3_jax.configs import base
 
@@ -44,6 +49,7 @@ def get_config(method: str = "emor3"):
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
     c.reward.judge_chunk_size = 96       # judge prompts per sampler call
+    c.reward.judge_share_prefix = False  # whole prompts: the splash prefill needs less (docstring)
     c.rl.micro_batch_size = 2            # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 32   # responses per device per reference log-prob step
     return base.apply_method(c, method)

@@ -328,7 +328,9 @@ class Shapes:
                 f"{self.judge_prompts} prompts in chunks of {self.judge_chunk} "
                 f"(reward.judge_chunk_size={rw.judge_chunk_size}), prompt bucket "
                 f"{self.judge_prompt_len}" + (f", {self.judge_new_tokens} new tokens"
-                                              if rw.judge_mode == "generate" else ""))
+                                              if rw.judge_mode == "generate" else "") +
+                (", shared prefixes" if rw.judge_share_prefix else
+                 ", whole prompts (reward.judge_share_prefix=False)"))
         es = "es" if self.mini_batches > 1 else ""
         out.append(f"update: {self.mini_batches} mini-batch{es} of {self.mini_batch_rows} "
                    f"responses, micro-batches of {rl.micro_batch_size}/device = "
@@ -778,10 +780,10 @@ def judge_programs(ctx: Context) -> list[Program]:
     uses = ("judge params",) if rw.judge_source == "checkpoint" else ("sampling params",)
     calls = s.judge_calls * math.ceil(s.judge_prompts / s.judge_chunk)
     images = s.judge_chunk if emotion.get_preset(rw.preset).needs_consistency else 0
-    # the trainer's judge shares prefixes: a rollout prompt's G consistency prompts share the
-    # template and image (the worst chunk: consistency units, the response in the suffix)
+    # reward.judge_share_prefix: a rollout prompt's G consistency prompts share the template
+    # and image (the worst chunk: consistency units, the response in the suffix)
     shared = (s.group, s.judge_prompt_need - s.response_len, s.response_len +
-              JUDGE_TEMPLATE_TOKENS)
+              JUDGE_TEMPLATE_TOKENS) if rw.judge_share_prefix else None
     programs = _sampler_programs(
         ctx, sampler, params, what="judge", num_prompts=s.judge_chunk,
         prompt_len=s.judge_prompt_len, images=images, group=1,

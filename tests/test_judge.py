@@ -219,8 +219,10 @@ def test_judge_argument_errors(setup):
     # from the recipe config: the released judge (policy, generate, T 0.6, top-p 0.95, 2048)
     reward = base.get_config().reward
     judge = Judge.from_config(reward, model, tok)
-    assert (judge.source, judge.mode, judge.temperature, judge.top_p, judge.max_new_tokens) == (
-        "policy", "generate", 0.6, 0.95, 2048)
+    assert (judge.source, judge.mode, judge.temperature, judge.top_p, judge.max_new_tokens,
+            judge.share_prefix) == ("policy", "generate", 0.6, 0.95, 2048, True)
+    reward.judge_share_prefix = False
+    assert not Judge.from_config(reward, model, tok).share_prefix
     reward.judge_source = "checkpoint"
     with pytest.raises(ValueError, match="judge_dir"):
         Judge.from_config(reward, model, tok)

@@ -170,7 +170,8 @@ class Judge:
                    source=reward_config.judge_source, params=params,
                    temperature=reward_config.judge_temperature,
                    top_p=reward_config.judge_top_p,
-                   max_new_tokens=reward_config.judge_max_new_tokens, mesh=mesh, **kwargs)
+                   max_new_tokens=reward_config.judge_max_new_tokens, mesh=mesh,
+                   share_prefix=reward_config.judge_share_prefix, **kwargs)
 
     # -- encoding ------------------------------------------------------------------------------
     def sanitize(self, prompt: str, num_images: int) -> str:
