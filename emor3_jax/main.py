@@ -4,6 +4,9 @@ Modes (`--config.mode=`): train (EMO-R3 or a baseline, optionally after a Cold-S
 sft (supervised baseline), eval (accuracy report of the configured model), export (Hugging Face
 directory of the latest checkpoint). Without `--config` the embedded CPU demo runs.
 Config files may name a method: `--config=configs/tpu_v4.py:grpo` (see configs/base.py).
+
+`run(config, workdir)` is the same from Python (a notebook): it picks what each mode runs; the
+loop is emor3_jax/trainer.py, each training phase's algorithm a learner (emor3_jax/learners/).
 """
 from __future__ import annotations
 
@@ -23,6 +26,30 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "where checkpoints, me
                                "report go (local path or gs://)")
 
 
+def run(config, workdir: str):
+    """Everything `python -m emor3_jax.main` does for `config.mode`; returns the report's
+    contents (export: the export directory; None when SIGTERM stopped training)."""
+    from emor3_jax import fileio, trainer
+    fileio.check_writable(workdir)
+    trainer.use_compile_cache(config, workdir)
+    with trainer.sigterm_saves():
+        loop = trainer.Trainer(config, workdir)
+        try:
+            mode = config.mode
+            if mode == "export":
+                return loop.export(loop.latest_params())
+            if mode == "eval":
+                return loop.finish(loop.policy.params, method=f"{config.method} (eval only)")
+            done = loop.train(trainer.phases(config))     # mode sft or train
+            if done is None:        # stopped by SIGTERM after saving
+                return None
+            state, step = done
+            return loop.finish(state.params, method="SFT" if mode == "sft" else config.method,
+                               step=step)
+        finally:
+            loop.close()
+
+
 def main(argv):
     del argv
     # Our progress at INFO; libraries (orbax, tfds, grain) only when something is wrong.
@@ -30,8 +57,7 @@ def main(argv):
     logging.getLogger("emor3_jax").setLevel(logging.INFO)
     from emor3_jax import distributed
     distributed.initialize()           # no-op on one host; TPU pods / SLURM from the environment
-    from emor3_jax import trainer
-    trainer.run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

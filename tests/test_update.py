@@ -353,12 +353,12 @@ def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
 
 
 @pytest.mark.parametrize("length_aware", [True, False])
-def test_trainer_takes_every_old_logprob_before_the_first_update(setup, length_aware):
+def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, length_aware):
     """The release computes the rollout's old (and reference) log-probs, then updates: with two
     mini-batches and rl.ppo_epochs = 2, every log-prob pass sees the params that sampled the
     rollout, and the four updates come after them (old log-probs taken just before each
     mini-batch would see the params the first update had moved)."""
-    from emor3_jax import trainer as trainer_lib
+    from emor3_jax.learners import GRPOLearner
     s = setup
     c = base.get_config()
     c.rollout.group_size, c.rollout.response_buckets = G, (T,)
@@ -382,14 +382,15 @@ def test_trainer_takes_every_old_logprob_before_the_first_update(setup, length_a
         events.append("update")
         return update_fn(state, batch)
 
-    t = object.__new__(trainer_lib.Trainer)
+    t = object.__new__(GRPOLearner)     # the learner's update alone (no sampler or judge)
     t.config, t.model, t.mesh = c, s["model"], mesh
     t.logprob_fn, t.update_fn = record_logprobs, record_update
+    t.ref_params = jax.tree.map(jnp.copy, s["params"])
     ro = rollout_lib.Rollout(prompts=dict(s["prompts"], valid=np.ones(2, bool)),
                              tokens=s["resp"], logprobs=s["old"],
                              lengths=s["rmask"].sum(1), texts=[""] * 2 * G,
                              group_size=G, advantages=s["adv"])
-    state, out = t.update(state, jax.tree.map(jnp.copy, s["params"]), ro, {})
+    state, out = t.update(state, ro, {})
     n_logp = events.index("update")
     assert n_logp >= 4 and set(events[:n_logp]) == {"logp"}, events     # old + ref, 2 each
     assert events[n_logp:] == ["update"] * 4, events

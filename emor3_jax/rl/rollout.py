@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from emor3_jax.processing import chat
@@ -20,18 +21,27 @@ _ROW_FIELDS = ("input_ids", "attention_mask", "rope_deltas", "image_grid_thw", "
                "label_text", "problem", "example_id", "epoch", "caption", "valid")
 
 
+# A field of Rollout with one entry per response row (prompt-major, row b * G + g): `take` and
+# `concat` slice and join every such field (arrays, lists, dicts of them) by tree operations.
+_RESPONSE_ROWS = {"rows": True}
+
+
+def _rows(**kw):
+    return dataclasses.field(metadata=_RESPONSE_ROWS, **kw)
+
+
 @dataclasses.dataclass
 class Rollout:
     prompts: dict                   # the pipeline batch the responses answer (B prompts)
-    tokens: np.ndarray              # [N, T] int32, pad after the end
-    logprobs: np.ndarray            # [N, T] fp32 sampler log-probs (the rollout policy's)
-    lengths: np.ndarray             # [N] generated tokens, EOS included
-    texts: list[str]                # decoded responses (special tokens skipped)
+    tokens: np.ndarray = _rows()    # [N, T] int32, pad after the end
+    logprobs: np.ndarray = _rows()  # [N, T] fp32 sampler log-probs (the rollout policy's)
+    lengths: np.ndarray = _rows()   # [N] generated tokens, EOS included
+    texts: list[str] = _rows()      # decoded responses (special tokens skipped)
     group_size: int
-    rewards: np.ndarray | None = None       # [N]
-    components: dict | None = None          # name -> [N]
-    advantages: np.ndarray | None = None    # [N]
-    judge: dict | None = None               # judge answers / metrics
+    rewards: np.ndarray | None = _rows(default=None)       # [N]
+    components: dict | None = _rows(default=None)          # name -> [N]
+    advantages: np.ndarray | None = _rows(default=None)    # [N]
+    judge: dict | None = None               # judge answers / metrics (of the whole rollout)
 
     @property
     def valid(self) -> np.ndarray:
@@ -46,6 +56,51 @@ class Rollout:
         t = self.tokens.shape[1]
         mask = (np.arange(t)[None, :] < self.lengths[:, None]).astype(np.int32)
         return mask * self.valid[:, None].astype(np.int32)
+
+    def _response_fields(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("rows")}
+
+    def take(self, prompts: Sequence[int]) -> "Rollout":
+        """The rollout of the prompts `prompts` (indices into this rollout's prompt batch), each
+        with its G responses; the judge metrics stay those of the whole rollout."""
+        prompts = np.asarray(prompts, np.int64)
+        g = self.group_size
+        rows = (prompts[:, None] * g + np.arange(g)[None]).reshape(-1)
+        fields = jax.tree.map(lambda x: [x[i] for i in rows] if isinstance(x, list)
+                              else np.asarray(x)[rows], self._response_fields(), is_leaf=_is_list)
+        return dataclasses.replace(self, prompts=take_prompts(self.prompts, prompts), **fields)
+
+
+def _is_list(x) -> bool:
+    return isinstance(x, list)
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    """One rollout of `parts` in order (prompt batches left-padded to the widest); the judge
+    metrics are the last part's."""
+    width = max(p.prompts["input_ids"].shape[1] for p in parts)
+    fields = jax.tree.map(lambda *xs: sum(xs, []) if isinstance(xs[0], list)
+                          else np.concatenate(xs), *[p._response_fields() for p in parts],
+                          is_leaf=_is_list)
+    return dataclasses.replace(
+        parts[-1], prompts=concat_prompts([left_pad_prompts(p.prompts, width) for p in parts]),
+        **fields)
+
+
+def left_pad_prompts(batch: Mapping[str, Any], width: int) -> dict:
+    """Left-pad a prompt batch to `width` columns (positions of pads are 0, as the pipeline's)."""
+    cur = batch["input_ids"].shape[1]
+    if cur == width:
+        return batch
+    pad = width - cur
+    out = dict(batch)
+    pad_id = int(batch["input_ids"][batch["attention_mask"] == 0][0]) if (
+        batch["attention_mask"] == 0).any() else 0
+    out["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (pad, 0)), constant_values=pad_id)
+    out["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (pad, 0)))
+    out["position_ids"] = np.pad(batch["position_ids"], ((0, 0), (0, 0), (pad, 0)))
+    return out
 
 
 def take_prompts(batch: Mapping[str, Any], index: Sequence[int]) -> dict:

@@ -1,0 +1,261 @@
+"""GRPO, and EMO-R3 (GRPO with the reflective judge reward: `reward.preset`), as one learner.
+
+One step:
+
+    prompts -> sampler: G responses per prompt (prefill once) -> rule rewards + reflective
+    judge -> group advantages                                        (`rollout`, overridable)
+    -> old and reference log-probs of every response (the params that sampled them)
+    -> rl.ppo_epochs passes over the mini-batches, one optimizer step each       (`update`)
+
+`rollout` is the seam for algorithms that change how a batch of scored responses is obtained
+(dapo.py); the loss and its options (clipping, KL, aggregation) are config (rl/losses.py).
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import numpy as np
+
+from emor3_jax import model_source, policy as policy_lib
+from emor3_jax import checkpoint as ckpt_lib
+from emor3_jax.learners.base import Context, Learner
+from emor3_jax.rewards import emotion
+from emor3_jax.rl import rollout as rollout_lib
+from emor3_jax.rl import update as update_lib
+from emor3_jax.sampling import SamplerBuckets
+
+
+def logprob_micro_rows(rows_per_call: int, mini_batch_rows: int) -> int:
+    """Rows per forward-only log-prob call: rl.logprob_micro_batch_size x data-parallel devices,
+    at most one whole mini-batch."""
+    return min(rows_per_call, mini_batch_rows)
+
+
+def _round_up(n: int, buckets) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return int(b)
+    return int(n)
+
+
+class GRPOLearner(Learner):
+    """GRPO / EMO-R3: one rollout of the batch, then its mini-batch updates."""
+
+    @classmethod
+    def check_config(cls, config, *, data_parallel: int, process_count: int) -> None:
+        r, rl = config.rollout, config.rl
+        g, dp = r.group_size, data_parallel
+        if g < 2:
+            raise ValueError(f"config.rollout.group_size={g}: GRPO needs at least 2 responses "
+                             "per prompt")
+        if r.batch_size % process_count:
+            raise ValueError(f"config.rollout.batch_size={r.batch_size} is not divisible by the "
+                             f"{process_count} hosts")
+        if r.batch_size % rl.mini_batch_size:
+            raise ValueError(f"config.rollout.batch_size={r.batch_size} is not a multiple of "
+                             f"config.rl.mini_batch_size={rl.mini_batch_size}")
+        rows = rl.mini_batch_size * g
+        if rows % (rl.micro_batch_size * dp):
+            raise ValueError(
+                f"a mini-batch of {rl.mini_batch_size} prompts x G={g} = {rows} responses does "
+                f"not split into micro-batches of rl.micro_batch_size={rl.micro_batch_size} x "
+                f"{dp} data-parallel devices; change rl.micro_batch_size or rl.mini_batch_size")
+        lp_rows = logprob_micro_rows(rl.logprob_micro_batch_size * dp, rows)
+        if rows % lp_rows:
+            raise ValueError(
+                f"a mini-batch of {rows} responses does not split into log-prob micro-batches "
+                f"of rl.logprob_micro_batch_size={rl.logprob_micro_batch_size} x {dp} "
+                "data-parallel devices; change rl.logprob_micro_batch_size")
+        if not (isinstance(rl.ppo_epochs, int) and rl.ppo_epochs >= 1):
+            raise ValueError(f"config.rl.ppo_epochs={rl.ppo_epochs!r}: passes over a rollout's "
+                             "mini-batches must be a positive integer (released: 1)")
+        buckets = rl.length_buckets
+        if not all(isinstance(b, int) and b > 0 for b in buckets):
+            raise ValueError(f"config.rl.length_buckets={tuple(buckets)}: response lengths to "
+                             "cut micro-batches to must be positive integers (() = powers of "
+                             "two from 64)")
+        emotion.get_preset(config.reward.preset)
+        if config.reward.judge_source == "checkpoint":
+            if not config.reward.judge_dir:
+                raise ValueError("config.reward.judge_source='checkpoint' needs "
+                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
+            model_source.check(config.reward.judge_dir, "config.reward.judge_dir")
+        update_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
+        if r.max_new_tokens > max(r.response_buckets):
+            raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
+                             f"largest response bucket {max(r.response_buckets)}")
+
+    @classmethod
+    def _saves_reference(cls, config) -> bool:
+        """The KL reference is the policy RL starts from: the loaded weights (rebuilt on resume)
+        or, after a Cold-Start SFT, the SFT result (only a checkpoint still has it)."""
+        return bool(config.rl.kl_coef) and config.sft.steps > 0
+
+    @classmethod
+    def saved_like(cls, config, params) -> dict:
+        if not cls._saves_reference(config):
+            return {}
+        return {"ref": policy_lib.reference_params(ckpt_lib.abstract_like(params),
+                                                   config.model.dtype)}
+
+    def __init__(self, ctx: Context, *, start_params=None, saved: dict | None = None):
+        super().__init__(ctx, start_params=start_params, saved=saved)
+        c = self.config
+        rl = c.rl
+        make_step = (update_lib.make_micro_batch_update if rl.length_aware else
+                     update_lib.make_update_step)
+        self.update_fn = make_step(self.model, self.make_optimizer(c), self.mesh, rl,
+                                   chunk=rl.logprob_chunk, optim_config=c.optim)
+        self.logprob_fn = update_lib.make_logprob_fn(self.model, self.mesh,
+                                                     chunk=rl.logprob_chunk)
+        self.ref_params = (saved or {}).get("ref")
+        if self.ref_params is None and rl.kl_coef:
+            self.ref_params = policy_lib.reference_params(start_params, c.model.dtype)
+        self.judge = self._build_judge()
+
+    def _build_judge(self):
+        c = self.config
+        preset = emotion.get_preset(c.reward.preset)
+        if not (preset.needs_coherence or preset.needs_consistency):
+            return None
+        from emor3_jax.rewards.judge import Judge
+        buckets = SamplerBuckets(prompt_len=tuple(c.reward.judge_prompt_buckets),
+                                 new_tokens=(c.reward.judge_max_new_tokens,))
+        return Judge.from_config(c.reward, self.model, self.ctx.policy.tokenizer,
+                                 mesh=self.ctx.sample_mesh,
+                                 chunk_size=c.reward.judge_chunk_size or None, buckets=buckets,
+                                 min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
+
+    def saved(self) -> dict:
+        if self.ref_params is not None and self._saves_reference(self.config):
+            return {"ref": self.ref_params}
+        return {}
+
+    def progress(self, metrics: dict) -> dict[str, float]:
+        return {"reward": metrics.get("reward/mean", 0.0),
+                "acc": metrics.get("reward/accuracy", 0.0)}
+
+    # --------------------------------------------------------------------------- the step --
+    def step(self, state, batch, step, batches):
+        key = jax.random.fold_in(jax.random.fold_in(self.ctx.base_key, 1), step)
+        ro, metrics = self.rollout(state, batch, key, batches)
+        return self.update(state, ro, metrics)
+
+    def sample(self, params, batch, key) -> rollout_lib.Rollout:
+        """G responses per prompt of `batch` under `params` (rollout.* sampling settings)."""
+        r, policy = self.config.rollout, self.ctx.policy
+        return rollout_lib.sample(self.ctx.sampler, params, batch, key, group_size=r.group_size,
+                                  max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                  top_p=r.top_p, top_k=r.top_k, ids=policy.ids,
+                                  tokenizer=policy.tokenizer)
+
+    def score(self, ro, params, key) -> rollout_lib.Rollout:
+        """Rewards (rules + the judge the preset needs) and group advantages of `ro`."""
+        c = self.config
+        return rollout_lib.score(ro, c.reward.preset, self.judge, judge_params=params, rng=key,
+                                 adv_eps=c.rl.adv_eps)
+
+    def rollout(self, state, batch, key, batches) -> tuple[rollout_lib.Rollout, dict]:
+        """The scored rollout this step learns from, and its metrics: here one rollout of
+        `batch` (the judge is the policy itself unless reward.judge_source says otherwise)."""
+        del batches
+        t0 = time.time()
+        params = self.ctx.sampling_params(state.params)   # freed on return, before the update
+        k_sample, k_judge = jax.random.split(key)
+        ro = self.sample(params, batch, k_sample)
+        t_sample = time.time() - t0
+        ro = self.score(ro, params, k_judge)
+        t_reward = time.time() - t0 - t_sample
+        out = rollout_lib.metrics(ro)
+        out.update(time_sample=t_sample, time_reward=t_reward,
+                   rollout_tokens_per_s=float(ro.lengths.sum()) / max(t_sample, 1e-9))
+        return ro, out
+
+    def update(self, state, ro: rollout_lib.Rollout, out: dict):
+        """The rollout's updates, as the release (EasyR1's `compute_log_prob` /
+        `compute_ref_log_prob`, then `update_actor`): first the old (and reference) log-probs of
+        every response, all from the params that sampled the rollout, then rl.ppo_epochs passes
+        over its mini-batches, one optimizer step each. (Old log-probs recomputed just before
+        each mini-batch would come from params the earlier mini-batches had already moved.)"""
+        c = self.config
+        rl, g = c.rl, c.rollout.group_size
+        t0 = time.time()
+        length = _round_up(max(int(ro.lengths.max()), 1), c.rollout.response_buckets)
+        length = min(length, ro.tokens.shape[1])
+        tokens, old = ro.tokens[:, :length], ro.logprobs[:, :length]
+        mask = ro.response_mask()[:, :length]
+        micro = update_lib.micro_batch_rows(rl.micro_batch_size, self.mesh)
+        per_update = rl.mini_batch_size   # prompts; the rollout is global on every host
+        lp_micro = logprob_micro_rows(
+            update_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
+        n_prompts = len(ro.prompts["input_ids"])
+        mini_batches = []
+        for start in range(0, n_prompts, per_update):
+            idx = np.arange(start, min(start + per_update, n_prompts))
+            rows = (idx[:, None] * g + np.arange(g)[None]).reshape(-1)
+            mini_batches.append((rollout_lib.take_prompts(ro.prompts, idx), rows))
+        ref = np.zeros_like(old) if rl.kl_coef else None
+        if rl.recompute_old_logp:
+            old = np.zeros_like(old)
+        for prompts, rows in mini_batches:
+            logprobs = functools.partial(self._logprobs, prompts=prompts, tokens=tokens[rows],
+                                         mask=mask[rows], lp_micro=lp_micro, length=length)
+            if ref is not None:
+                ref[rows] = logprobs(self.ref_params)
+            if rl.recompute_old_logp:
+                old[rows] = logprobs(state.params)
+        agg: dict[str, float] = {}
+        for _ in range(rl.ppo_epochs):
+            for prompts, rows in mini_batches:
+                state, m = self._update_mini_batch(
+                    state, prompts, tokens[rows], mask[rows], ro.advantages[rows], old[rows],
+                    None if ref is None else ref[rows], micro)
+                for k, v in m.items():
+                    agg[k] = agg.get(k, 0.0) + float(v)
+        n_updates = rl.ppo_epochs * len(mini_batches)
+        for k, v in agg.items():
+            out[f"loss/{k}" if k in ("loss", "pg_loss", "kl", "ppo_kl", "entropy") else
+                f"update/{k}"] = v / n_updates if k not in ("tokens", "skipped") else v
+        dt = time.time() - t0
+        out["time_update"] = dt
+        out["update_tokens_per_s"] = agg.get("tokens", 0.0) / max(dt, 1e-9)
+        return state, out
+
+    def _logprobs(self, params, prompts, tokens, mask, lp_micro: int, length: int):
+        """[rows, length] fp32 log-probs of one mini-batch's responses under `params`, in
+        micro-batches of lp_micro rows (each cut to its own bucketed length with
+        rl.length_aware, else padded to `length`)."""
+        c = self.config
+        g = c.rollout.group_size
+        if c.rl.length_aware:
+            batches = update_lib.pack_micro_batches(
+                self.model.config, prompts, tokens, mask, group_size=g,
+                micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
+                prompt_buckets=tuple(c.data.prompt_buckets))
+            return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
+        inputs = update_lib.pack_policy_inputs(self.model.config, prompts, tokens, mask,
+                                               group_size=g, micro_batch_rows=lp_micro)
+        return np.asarray(update_lib.merge_micro_batches(self.logprob_fn(params, inputs,
+                                                                         length)))
+
+    def _update_mini_batch(self, state, prompts, tokens, mask, advantages, old, ref,
+                           micro: int):
+        """One optimizer step on one mini-batch. rl.length_aware: micro-batches cut to their
+        own bucketed lengths, rows sorted by length for the token-mean loss only (the released
+        per-micro-batch mean keeps its micro-batches); else padded to the mini-batch's longest
+        and scanned in one program."""
+        c = self.config
+        g = c.rollout.group_size
+        if c.rl.length_aware:
+            batches = update_lib.pack_micro_batches(
+                self.model.config, prompts, tokens, mask, advantages, old, ref, group_size=g,
+                micro_batch_rows=micro, sort=c.rl.loss_agg == "token_mean",
+                length_buckets=tuple(c.rl.length_buckets),
+                prompt_buckets=tuple(c.data.prompt_buckets))
+        else:
+            batches = update_lib.pack_update_batch(self.model.config, prompts, tokens, mask,
+                                                   advantages, old, ref, group_size=g,
+                                                   micro_batch_rows=micro)
+        return self.update_fn(state, batches)
