@@ -134,8 +134,9 @@ def attend(q, levels):
     """Attention of S new tokens per row over several key levels, one softmax over all.
 
     q [N, S, H, D]; levels: (k [B_l, K, D, L_l] (transposed), v [B_l, K, L_l, D],
-    key_mask [B_l, L_l] bool or None, query_mask [S, L_l] bool or None), where B_l divides N and row n reads entry n // (N / B_l)
-    of the level (the rows of a group share it and read it as one batched matmul).
+    key_mask [B_l, L_l] bool or None, query_mask [S, L_l] bool or None), where B_l divides N
+    and row n reads entry n // (N / B_l) of the level (the rows of a group share it and read
+    it as one batched matmul).
     key_mask: which keys of each entry exist (padding); query_mask: which keys new token s sees
     (the same for every row, e.g. causal among the new tokens). Every query must see at least
     one key. Returns [N, S, H, D]. Scores, softmax statistics and sums in fp32, normalised at
