@@ -187,7 +187,8 @@ def test_grouped_attention_equals_repeated_cache_attention():
         f(b * g, kh, t, d), f(b * g, kh, t, d)
     pmask = jnp.asarray(rng.random((b, lp)) > 0.3).at[:, -1].set(True)
     valid = jnp.arange(t)[None, :] <= 1 + jnp.arange(s)[:, None]       # tokens at slots 1..3
-    ours = jax.jit(grouped_decode.grouped_attention)(q, pk, pv, pmask, gk, gv, valid)
+    kt = lambda x: jnp.swapaxes(x, 2, 3)                    # the cache stores keys [.., D, L]
+    ours = jax.jit(grouped_decode.grouped_attention)(q, kt(pk), pv, pmask, kt(gk), gv, valid)
     rep = lambda x: jnp.repeat(jnp.swapaxes(x, 1, 2), g, 0)            # [B*G, Lp, K, D]
     k = jnp.concatenate([rep(pk), jnp.swapaxes(gk, 1, 2)], 1)
     v = jnp.concatenate([rep(pv), jnp.swapaxes(gv, 1, 2)], 1)
@@ -200,8 +201,8 @@ def test_grouped_attention_equals_repeated_cache_attention():
     sk, sv = f(b * m, kh, 4, d), f(b * m, kh, 4, d)
     smask = jnp.asarray(np.arange(4)[None, :] >= rng.integers(0, 4, (b * m, 1)))
     q3, gk3, gv3 = f(b * m * g, s, n, d), f(b * m * g, kh, t, d), f(b * m * g, kh, t, d)
-    ours = jax.jit(grouped_decode.grouped_attention)(q3, pk, pv, pmask, gk3, gv3, valid,
-                                                     suffix_k=sk, suffix_v=sv,
+    ours = jax.jit(grouped_decode.grouped_attention)(q3, kt(pk), pv, pmask, kt(gk3), gv3, valid,
+                                                     suffix_k=kt(sk), suffix_v=sv,
                                                      suffix_mask=smask)
     rep = lambda x, r: jnp.repeat(jnp.swapaxes(x, 1, 2), r, 0)
     k = jnp.concatenate([rep(pk, m * g), rep(sk, g), jnp.swapaxes(gk3, 1, 2)], 1)
@@ -222,8 +223,8 @@ def test_attention_in_query_blocks_equals_all_at_once():
     f = lambda *shape: jnp.asarray(rng.normal(size=shape).astype(np.float32))
     pmask = jnp.asarray(rng.random((b, lp)) > 0.3).at[:, -1].set(True)
     causal = jnp.arange(s)[None, :] <= jnp.arange(s)[:, None]
-    levels = [(f(b, kh, lp, d), f(b, kh, lp, d), pmask, None),
-              (f(b * g, kh, s, d), f(b * g, kh, s, d), None, causal)]
+    levels = [(f(b, kh, d, lp), f(b, kh, lp, d), pmask, None),          # keys [.., D, L]
+              (f(b * g, kh, d, s), f(b * g, kh, s, d), None, causal)]
     q = f(b * g, s, n, d)
     whole = grouped_decode.attend(q, levels)
     blocked = jax.jit(lambda q: grouped_decode.attend_blocked(q, levels, block=4))(q)

@@ -125,14 +125,14 @@ class PromptState:
     resampling) need no second prefill. With shared prefixes, prompt_* hold the B prefixes and
     suffix_* the R = B*M prompts' own suffixes (grouped_decode's suffix level); the per-prompt
     fields then have R rows (else R = B)."""
-    prompt_k: tuple[jax.Array, ...]   # per layer [B, K, Lp, D] (grouped_decode layout)
-    prompt_v: tuple[jax.Array, ...]
+    prompt_k: tuple[jax.Array, ...]   # per layer [B, K, D, Lp] (grouped_decode layout)
+    prompt_v: tuple[jax.Array, ...]   # per layer [B, K, Lp, D]
     prompt_mask: jax.Array            # [B, Lp] bool
     logits: jax.Array                 # [R, V] fp32 next-token logits after each prompt
     next_pos: jax.Array               # [R] int32 mRoPE position of the first generated token
     row_valid: jax.Array              # [R] bool (False on rows that only pad the chunk)
-    suffix_k: tuple[jax.Array, ...] = ()      # per layer [R, K, Ls, D]; () = no shared prefix
-    suffix_v: tuple[jax.Array, ...] = ()
+    suffix_k: tuple[jax.Array, ...] = ()      # per layer [R, K, D, Ls]; () = no shared prefix
+    suffix_v: tuple[jax.Array, ...] = ()      # per layer [R, K, Ls, D]
     suffix_mask: jax.Array | None = None      # [R, Ls] bool
 
 
