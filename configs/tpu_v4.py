@@ -11,7 +11,7 @@ for v4-8 by XLA's TPU compiler). The recipe is unchanged (rollout 512 prompts x 
 is set, each against 32 GiB per chip with the train state (fp32 params, fp32 AdamW moments) and
 the bf16 reference resident (12.25 GiB/chip).
 
-Fits a v4-8 with fp32 master weights: peak 27.2 GiB live per chip (judge prefill) of 30.4
+Fits a v4-8 with fp32 master weights: peak 28.7 GiB live per chip (judge prefill) of 30.4
 usable; the update 26.9 (AOT, README). What made room (with bf16 compute unchanged):
 model.attention = "splash" (the TPU Pallas kernel: no fp32 [T, S] scores); the log-prob passes
 run prompts and responses through each layer in one scan (rl/logprobs.py: one stacked fp32
@@ -22,8 +22,8 @@ pixel rows are sharded, not replicated. Knobs (AOT, this config):
 - rl.micro_batch_size = 2 (responses/device per accumulation step): the update needs 25.2 GiB
   + the reference params (1.75) = 26.9 live.
 - rl.logprob_micro_batch_size = 32: the old log-prob pass needs 15.6 GiB + 8.75 resident.
-- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 12.4 GiB, decode
-  15.6 (+ 8.75 resident).
+- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 10.4 GiB, decode
+  14.2 (+ 12.25 resident).
 - reward.judge_chunk_size = 96 judge prompts per call (the released "all at once" = 8192
   prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill of 96 prompts needs
   16.4 GiB + 12.25 resident = 28.7 live; 86 judge calls per step at most (342 at 24, the chunk
