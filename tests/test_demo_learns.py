@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+import conftest
+
 REPO = Path(__file__).resolve().parents[1]
 RL_STEPS, WINDOW = 50, 10
 SEED = int(os.environ.get("EMOR3_TEST_SEED", "0"))   # any seed of the 5 measured passes
@@ -56,7 +58,8 @@ REWARD_GAIN, ACC_GAIN, EVAL_GAIN = 0.05, 0.06, 0.2
 
 def test_demo_reward_and_accuracy_rise(tmp_path):
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    flags = [f for f in env.get("XLA_FLAGS", "").split()       # runtime-bound: full optimization
+             if "device_count" not in f and f not in conftest.FAST_COMPILE_FLAGS]
     env.update(XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=1"]),
                JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     workdir = tmp_path / "demo"
