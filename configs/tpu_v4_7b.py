@@ -10,16 +10,16 @@ program of a step compiled for v4-32 by XLA's TPU compiler). The recipe is uncha
 512 prompts x G 8, mini-batch 256, prompt/response 2048/2048, fp32 master weights); only how it
 is split into device programs is set, each against 32 GiB per chip with the train state (fp32
 params, fp32 AdamW moments) and the bf16 reference resident (6.8 GiB/chip, FSDP over all 16
-chips). Peak 24.5 GiB live per chip (the update), with the splash kernel (no fp32 [T, S]
-attention scores):
+chips), and the sampler's bf16 copy of the policy. Peak 24.6 GiB live per chip (the judge
+prefill; the update 24.5), with the splash kernel (no fp32 [T, S] attention scores):
 - model.remat = "full": the update keeps only each layer's input for the backward pass.
 - rl.micro_batch_size = 4 (responses/device per accumulation step): the update needs 23.5 GiB
   + the reference params (0.97); at 2 it needed 18.9 and ran 13 % slower (compiler estimate).
 - rl.logprob_micro_batch_size = 16: the old log-prob pass needs 9.0 GiB + 4.8 resident.
-- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 9.9 GiB.
+- rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 8.9 GiB.
 - reward.judge_chunk_size = 128 judge prompts per call (8 per chip; the released "all at
-  once" = 8192 prompts of up to 4096 tokens needs terabytes): the judge prefill needs 18.8 GiB
-  + 4.8 resident; 64 judge calls per step (171 at 48).
+  once" = 8192 prompts of up to 4096 tokens needs terabytes): the judge prefill needs 17.8 GiB
+  + 6.8 resident; 64 judge calls per step (171 at 48).
 """
 from emor3_jax.configs import base
 
