@@ -459,31 +459,46 @@ def _sub_jaxprs(eqn):
                 yield x
 
 
-def matmul_flops(jaxpr, while_trips: int = 1) -> tuple[float, float]:
-    """(matmul FLOPs with loop trip counts, the same with every loop body counted once, as
-    XLA's cost analysis counts it). `while_trips`: iterations of data-dependent while loops
-    (scan lengths are known); `cond` counts its most expensive branch."""
+def _loop_sums(jaxpr, count, while_trips: int, per_device: bool = False
+               ) -> tuple[float, float]:
+    """(sum of count(eqn) over the jaxpr's equations with loop trip counts, the same with every
+    loop body counted once, as XLA's cost analysis counts it). `count` returns None for an
+    equation to look inside; `while_trips`: iterations of data-dependent while loops (scan
+    lengths are known); `cond` counts its most expensive branch. per_device: a shard_map body
+    has per-device shapes, so it counts once per device of its mesh."""
     full = once = 0.0
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
-            (_, rc), (_, rb) = eqn.params["dimension_numbers"]
-            free = math.prod(d for i, d in enumerate(rhs) if i not in rc and i not in rb)
-            f = 2.0 * math.prod(lhs) * free
+        f = count(eqn)
+        if f is not None:
             full, once = full + f, once + f
             continue
-        subs = [matmul_flops(j, while_trips) for j in _sub_jaxprs(eqn)]
+        subs = [_loop_sums(j, count, while_trips, per_device) for j in _sub_jaxprs(eqn)]
         if not subs:
             continue
+        name = eqn.primitive.name
         if name == "cond":
             full += max(s[0] for s in subs)
             once += max(s[1] for s in subs)
             continue
+        devices = eqn.params["mesh"].size if per_device and name == "shard_map" else 1
         trips = eqn.params["length"] if name == "scan" else while_trips if name == "while" else 1
-        full += trips * sum(s[0] for s in subs)
-        once += sum(s[1] for s in subs)
+        full += devices * trips * sum(s[0] for s in subs)
+        once += devices * sum(s[1] for s in subs)
     return full, once
+
+
+def _dot_flops(eqn) -> float | None:
+    if eqn.primitive.name != "dot_general":
+        return None
+    lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+    (_, rc), (_, rb) = eqn.params["dimension_numbers"]
+    free = math.prod(d for i, d in enumerate(rhs) if i not in rc and i not in rb)
+    return 2.0 * math.prod(lhs) * free
+
+
+def matmul_flops(jaxpr, while_trips: int = 1) -> tuple[float, float]:
+    """(matmul FLOPs with loop trip counts, the same with every loop body counted once)."""
+    return _loop_sums(jaxpr, _dot_flops, while_trips)
 
 
 # ------------------------------------------------------------------------------------------
@@ -535,7 +550,9 @@ _KERNEL_FLOPS_PER_TSD = {"fwd": 4.0, "dkv": 8.0, "dq": 6.0}
 CAUSAL_FRACTION = 0.5
 
 
-def _pallas_flops(eqn) -> float:
+def _pallas_flops(eqn) -> float | None:
+    if eqn.primitive.name != "pallas_call":
+        return None
     name = str(eqn.params.get("name_and_src_info", eqn.params.get("name", "")))
     phase = next((p for p in _KERNEL_FLOPS_PER_TSD if p in name), None)
     floats = [v.aval for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
@@ -547,24 +564,8 @@ def _pallas_flops(eqn) -> float:
 
 def kernel_flops(jaxpr, while_trips: int = 1) -> float:
     """FLOPs of the Pallas kernels in a traced jaxpr, summed over devices, with loop trip
-    counts as matmul_flops counts them (a shard_map body has per-device shapes and runs on
-    every device of its mesh)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            total += _pallas_flops(eqn)
-            continue
-        subs = [kernel_flops(j, while_trips) for j in _sub_jaxprs(eqn)]
-        if not subs:
-            continue
-        name = eqn.primitive.name
-        if name == "cond":
-            total += max(subs)
-            continue
-        trips = (eqn.params["length"] if name == "scan" else while_trips if name == "while"
-                 else eqn.params["mesh"].size if name == "shard_map" else 1)
-        total += trips * sum(subs)
-    return total
+    counts (as `matmul_flops`)."""
+    return _loop_sums(jaxpr, _pallas_flops, while_trips, per_device=True)[0]
 
 
 def _first_line(e: Exception) -> str:
@@ -659,9 +660,13 @@ def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_
     tokens, suffix tokens): the share_prefix prefill (units of `unit` prompts sharing a prefix;
     `images`: one per prefix) instead of whole prompts of `prompt_len`."""
     grid = [ctx.image.grid_thw] * images if images else None
-    rows = sampler._chunk_rows(num_prompts)      # what the sampler really runs per call
+    if shared is None:                           # what the sampler really runs per call
+        rows, why = sampler._chunk_rows(num_prompts), "bucket"
+    else:
+        b, m = sampler.shared_chunk_rows(num_prompts, shared[0])
+        rows, why = b * m, "buckets"
     chunk = f"{num_prompts}" + ("" if rows == num_prompts else
-                                f" (compiled as {rows}: the sampler's num_prompts bucket)")
+                                f" (compiled as {rows}: the sampler's num_prompts {why})")
     if shared is None:
         pre = Program(f"{what} prefill", f"{chunk} prompts x {prompt_len} tokens"
                       + (f", {images} images" if images else ""), uses, calls, knob)
@@ -669,9 +674,6 @@ def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_
                                        image_grid_thw=grid)
     else:
         unit, prefix_len, suffix_len = shared
-        b, m = sampler.shared_chunk_rows(num_prompts, unit)
-        chunk = f"{num_prompts}" + ("" if b * m == num_prompts else
-                                    f" (compiled as {b * m}: the sampler's num_prompts buckets)")
         pre = Program(f"{what} prefill", f"{chunk} prompts = {b} shared prefixes of "
                       f"{prefix_len} tokens" + (" with an image" if images else "") +
                       f", {m} suffixes of {suffix_len} tokens each", uses, calls, knob)

@@ -129,11 +129,20 @@ def reference_params(params, compute_dtype):
     the compute dtype anyway, so fp32 master weights need not be kept twice (the release's FSDP
     reference is bf16 too). Works on arrays and on ShapeDtypeStructs (AOT)."""
     def cast(x):
-        dtype = jnp.dtype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-        return x.astype(dtype) if x.dtype != dtype else x.copy()
+        y = _in_dtype(x, compute_dtype, x.sharding)
+        return x.copy() if y is x else y
     return jax.tree.map(cast, params)
+
+
+def _in_dtype(x, dtype, sharding):
+    """A float array (or ShapeDtypeStruct) in `dtype`, laid out by `sharding`; other dtypes
+    keep theirs. An array already so is returned as it is."""
+    to = jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, to, sharding=sharding)
+    if to == x.dtype and x.sharding == sharding:
+        return x
+    return jax.device_put(x.astype(to), sharding)    # cast in place, then lay out
 
 
 def sampling_mesh(config, training_mesh):
@@ -154,15 +163,9 @@ def sampling_params(model, params, mesh):
     what changes is what a decode step moves: it reads every weight once per token, and fp32
     masters sharded by FSDP are all-gathered (4 bytes per parameter) at every step. Works on
     arrays and on ShapeDtypeStructs (AOT)."""
-    dtype = jnp.dtype(model.config.compute_dtype)
-    shardings = qwen2_5_vl.param_shardings(model, mesh)
-
-    def cast(x, where):
-        to = dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return jax.ShapeDtypeStruct(x.shape, to, sharding=where)
-        return jax.device_put(x.astype(to), where)    # cast in place, then lay out for `mesh`
-    return jax.tree.map(cast, params, shardings)
+    dtype = model.config.compute_dtype
+    return jax.tree.map(lambda x, where: _in_dtype(x, dtype, where), params,
+                        qwen2_5_vl.param_shardings(model, mesh))
 
 
 def check_update_precision(config) -> None:
