@@ -35,7 +35,7 @@ def _time_pipeline(pipe, batches: int, seconds: float) -> tuple[float, float, in
     done, examples = 0, 0
     while done < batches and time.perf_counter() - first < seconds:
         batch = next(it)
-        examples += int(batch["valid"].sum()) + int(batch["num_skipped"])
+        examples += int(batch.row_valid.sum()) + int(batch.num_skipped)
         done += 1
     elapsed = time.perf_counter() - first
     it.close()

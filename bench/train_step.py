@@ -75,6 +75,7 @@ from transformers import Qwen2_5_VLConfig as HFConfig
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from emor3_jax import sharding
+from emor3_jax.batches import PromptBatch, split_flat_images
 from emor3_jax.configs import base
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
@@ -133,8 +134,8 @@ def make_rollout(cfg, prompts: int, group: int, text_len: int, response_len: int
     adv = np.asarray(losses.group_advantages(rng.integers(0, 2, n).astype(np.float32), group))
     old = -rng.uniform(5, 9, (n, response_len)).astype(np.float32)
     ref = (old + rng.normal(0, 0.1, old.shape)).astype(np.float32)
-    prompt_batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv,
-                        image_grid_thw=grid)
+    prompt_batch = PromptBatch.create(ids, mask, pos,
+                                      images=split_flat_images(pv, grid, [1] * prompts))
     return dict(prompts=prompt_batch, responses=resp, response_mask=rmask, advantages=adv,
                 old_logp=old, ref_logp=ref, group=group)
 
@@ -142,14 +143,7 @@ def make_rollout(cfg, prompts: int, group: int, text_len: int, response_len: int
 def unshared(rollout):
     """The same rollout with every response as its own prompt (its own copy of the image)."""
     g, p = rollout["group"], rollout["prompts"]
-    sizes = np.prod(p["image_grid_thw"], -1)
-    per_image = np.split(p["pixel_values"][:sizes.sum()], np.cumsum(sizes)[:-1])
-    prompts = dict(input_ids=np.repeat(p["input_ids"], g, 0),
-                   attention_mask=np.repeat(p["attention_mask"], g, 0),
-                   position_ids=np.repeat(p["position_ids"], g, 1),
-                   pixel_values=np.concatenate([im for im in per_image for _ in range(g)]),
-                   image_grid_thw=np.repeat(p["image_grid_thw"], g, 0))
-    return dict(rollout, prompts=prompts, group=1)
+    return dict(rollout, prompts=p.take(np.repeat(np.arange(p.num_rows), g)), group=1)
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -163,7 +157,7 @@ def model_flops(cfg, rollout, prompt_passes: int) -> float:
     t, v = cfg.text, cfg.vision
     p = rollout["prompts"]
     n, resp_len = rollout["responses"].shape
-    lp = p["input_ids"].shape[1]
+    lp = p.width
     kv = t.num_key_value_heads * t.head_dim
     layer = t.hidden_size * (2 * t.hidden_size + 2 * kv) + 3 * t.hidden_size * t.intermediate_size
     shared = prompt_passes < n
@@ -285,7 +279,7 @@ def main_length(args, cfg):
     lengths = long_tail_lengths(n, args.response_len, args.long_frac, short)
     rollout = make_rollout(cfg, args.prompts, args.group, args.text_len, args.response_len,
                            args.image_pixels, lengths=lengths)
-    lp = int(rollout["prompts"]["attention_mask"].sum(1).mean())
+    lp = int(rollout["prompts"].attention_mask.sum(1).mean())
     resp_tokens = int(rollout["response_mask"].sum())
     tokens = resp_tokens + n * lp          # real tokens: each response with its prompt
     buckets = tuple(int(x) for x in args.length_buckets.split(",") if x)
@@ -343,11 +337,10 @@ def setup_torch(hf, cfg, rollout, micro_rows: int):
     p = rollout["prompts"]
     g = rollout["group"]
     n, resp_len = rollout["responses"].shape
-    ids = np.concatenate([np.repeat(p["input_ids"], g, 0), rollout["responses"]], 1)
-    mask = np.concatenate([np.repeat(p["attention_mask"], g, 0), rollout["response_mask"]], 1)
-    pos = np.repeat(update.response_position_ids(p["position_ids"], resp_len), g, 1)
-    sizes = np.prod(p["image_grid_thw"], -1)
-    per_image = np.split(p["pixel_values"][:sizes.sum()], np.cumsum(sizes)[:-1])
+    ids = np.concatenate([np.repeat(p.input_ids, g, 0), rollout["responses"]], 1)
+    mask = np.concatenate([np.repeat(p.attention_mask, g, 0), rollout["response_mask"]], 1)
+    pos = np.repeat(update.response_position_ids(p.mrope_positions, resp_len), g, 1)
+    grid = p.flat_images(np.arange(n) // g)[1]
     tt = lambda x, dtype=torch.long: torch.tensor(np.ascontiguousarray(x), dtype=dtype)
     micro = []
     for start in range(0, n, micro_rows):
@@ -355,8 +348,8 @@ def setup_torch(hf, cfg, rollout, micro_rows: int):
         micro.append(dict(
             input_ids=tt(ids[rows]), attention_mask=tt(mask[rows]),
             position_ids=tt(pos[:, rows]),
-            pixel_values=tt(np.concatenate([per_image[r // g] for r in rows]), torch.float32),
-            image_grid_thw=tt(np.stack([p["image_grid_thw"][r // g] for r in rows])),
+            pixel_values=tt(p.flat_images([r // g for r in rows])[0], torch.float32),
+            image_grid_thw=tt(grid[rows]),
             mm_token_type_ids=tt((ids[rows] == cfg.image_token_id).astype(np.int64)),
             rmask=tt(rollout["response_mask"][rows], torch.float32),
             adv=tt(rollout["advantages"][rows], torch.float32),

@@ -127,7 +127,7 @@ def apply_method(c, method: str):
         c.data.prompt_format = "grpo_think"
         c.reward.preset = "grpo_think"
     if method == "dapo":
-        c.rollout.dynamic_sampling = True
+        c.rl.learner = "dapo"
         c.rollout.mini_batch_size = 128
         c.rl.clip_high = 0.28
         c.rl.kl_coef = 0.0
@@ -190,8 +190,7 @@ def get_config():
     # every weight once per token, so splitting weights over `tensor` (no per-token gather)
     # decodes faster than FSDP, which all-gathers each layer at every token.
     c.rollout.mesh = ml_collections.ConfigDict({"data": 0, "fsdp": 0, "tensor": 0})
-    c.rollout.dynamic_sampling = False  # DAPO online filtering (EasyR1 algorithm.online_filtering)
-    c.rollout.filter_low = 0.01    # keep groups whose mean overall reward is strictly inside
+    c.rollout.filter_low = 0.01    # DAPO: keep groups whose mean overall reward is strictly in
     c.rollout.filter_high = 0.99   # (filter_low, filter_high), as EasyR1's filter
     c.rollout.mini_batch_size = 0  # dynamic sampling: prompts per generation try (0 = batch_size)
     c.rollout.max_resample_tries = 20
@@ -212,6 +211,10 @@ def get_config():
     c.reward.judge_share_prefix = True
 
     c.rl = ml_collections.ConfigDict()
+    # The RL algorithm: a key of emor3_jax.learners.LEARNERS (grpo: GRPO and EMO-R3, the reward
+    # preset picking rule or reflective rewards; dapo: GRPO + dynamic sampling, EasyR1's
+    # algorithm.online_filtering, with the rollout.filter_* band and rollout.mini_batch_size)
+    c.rl.learner = "grpo"
     c.rl.adv_eps = 1e-6            # advantage = (r - mean) / (unbiased std + adv_eps) per group
     c.rl.clip_low = 0.2
     c.rl.clip_high = 0.3

@@ -80,6 +80,7 @@ import numpy as np  # noqa: E402
 
 from emor3_jax import model_source, policy as policy_lib  # noqa: E402
 from emor3_jax import sharding  # noqa: E402
+from emor3_jax.batches import PromptBatch  # noqa: E402
 from emor3_jax.configs import base  # noqa: E402
 from emor3_jax.models import qwen2_5_vl  # noqa: E402
 from emor3_jax.models.config import Qwen2_5_VLConfig  # noqa: E402
@@ -434,11 +435,9 @@ def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Im
         raise ValueError(f"an image of {image.tokens} tokens does not fit a {lp}-token prompt")
     ids = np.full((prompts_n, lp), 0, np.int32)
     ids[:, lp - image.tokens - 1:-1] = model_cfg.image_token_id      # image, then text
-    prompts = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-               "position_ids": np.zeros((3, prompts_n, lp), np.int32),
-               "pixel_values": np.zeros((prompts_n * image.patches, model_cfg.vision.patch_dim),
-                                        np.float32),
-               "image_grid_thw": np.asarray([image.grid_thw] * prompts_n, np.int64)}
+    pixels = np.zeros((image.patches, model_cfg.vision.patch_dim), np.float32)
+    prompts = PromptBatch.create(ids, np.ones_like(ids), np.zeros((3, prompts_n, lp), np.int32),
+                                 images=[[(pixels, image.grid_thw)]] * prompts_n)
     responses = np.zeros((rows, t), np.int32)
     batch = update_lib.pack_update_batch(
         model_cfg, prompts, responses, np.ones_like(responses), np.zeros(rows, np.float32),

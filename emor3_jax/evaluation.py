@@ -34,18 +34,18 @@ def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, 
     for i, batch in enumerate(batches):
         rng, key = jax.random.split(rng)
         out = generate(batch, key, max_new_tokens, **sampling_kwargs(eval_config))
-        valid = np.asarray(batch["valid"], bool)
+        valid = batch.row_valid
         for row in np.nonzero(valid)[0]:
             if max_examples and total >= max_examples:
                 break
             text = chat.decode_response(tokenizer, out.tokens[row], int(out.lengths[row]))
-            acc = preset.accuracy_fn(text, batch["label_text"][row])
+            acc = preset.accuracy_fn(text, batch.label_text[row])
             correct += acc
             formatted += preset.format_fn(text)
             length += int(out.lengths[row])
             total += 1
             if samples is not None and len(samples) < 8:
-                samples.append({"label": str(batch["label_text"][row]), "response": text,
+                samples.append({"label": str(batch.label_text[row]), "response": text,
                                 "correct": bool(acc)})
         if max_examples and total >= max_examples:
             break

@@ -56,18 +56,18 @@ def target_tokens(tokenizer, texts: Sequence[str], end_id: int, pad_id: int, len
 
 
 def batch_labels(batch, *, random_labels: bool, rng: np.random.Generator) -> list[str]:
-    names = list(batch["labels_of_dataset"])
+    names = list(batch.labels_of_dataset)
     if random_labels:
-        return [names[i] for i in rng.integers(0, len(names), len(batch["label"]))]
-    return [str(t) for t in batch["label_text"]]
+        return [names[i] for i in rng.integers(0, len(names), batch.num_rows)]
+    return [str(t) for t in batch.label_text]
 
 
 def batch_captions(batch) -> list[str]:
     """Each row's `caption` (filler rows: the fixed sentence). A real row without one is an
     error: `set_caption` would otherwise teach an empty step 1."""
-    valid = np.asarray(batch["valid"], bool)
-    captions = [str(c) for c in batch.get("caption", [""] * len(valid))]
-    missing = [str(i) for i, c, v in zip(batch["example_id"], captions, valid)
+    valid = batch.row_valid
+    captions = [""] * len(valid) if batch.caption is None else [str(c) for c in batch.caption]
+    missing = [str(i) for i, c, v in zip(batch.example_id, captions, valid)
                if v and not c.strip()]
     if missing:
         raise ValueError(f"sft.target='set_caption' needs a `caption` feature on every example; "
@@ -111,7 +111,7 @@ def pack_sft_batch(model_config, batch, tokenizer, ids, *, labels: Sequence[str]
     captions = batch_captions(batch) if target == "set_caption" else [""] * len(labels)
     texts = [sft_target(label, target, caption) for label, caption in zip(labels, captions)]
     tokens, mask = target_tokens(tokenizer, texts, ids.im_end, ids.pad, max_len)
-    mask = mask * np.asarray(batch["valid"], np.int32)[:, None]   # filler rows teach nothing
+    mask = mask * batch.row_valid.astype(np.int32)[:, None]   # filler rows teach nothing
     n = tokens.shape[0]
     zeros = np.zeros((n,), np.float32)
     return update_lib.pack_update_batch(model_config, batch, tokens, mask, zeros,

@@ -35,6 +35,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("length", None),
     ("layers", None),           # stacked (nn.scan) decoder / vision layers
     ("cache_heads", "tensor"),  # KV-cache key/value heads (unflattened)
+    ("act_embed", None),        # the residual stream between layers (activations)
 )
 
 

@@ -43,12 +43,13 @@ def _synth(synth_dir, tokenizer, split="train", **cfg):
 
 
 def assert_same_batch(x, y):
-    assert x.keys() == y.keys()
-    for key in x:
-        if isinstance(x[key], np.ndarray):
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    for f in dataclasses.fields(x):
+        a, b = getattr(x, f.name), getattr(y, f.name)
+        if isinstance(a, np.ndarray):
+            assert a.dtype == b.dtype, f.name
+            np.testing.assert_array_equal(a, b, err_msg=f.name)
         else:
-            assert x[key] == y[key], key
+            assert a == b, f.name
 
 
 def _assert_batches_equal(a, b):
@@ -58,7 +59,7 @@ def _assert_batches_equal(a, b):
 
 
 def _ids(batches):
-    return [i for b in batches for i, v in zip(b["example_id"], b["valid"]) if v]
+    return [i for b in batches for i, v in zip(b.example_id, b.valid) if v]
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,44 +78,41 @@ def test_batch_format_on_real_photos(tmp_path, tokenizer):
     by_id = {ex["id"].decode(): ex for ex in builder.as_data_source(
         "test", decoders={"image": tfds.decode.SkipDecoding()})}
     for batch in batches:
-        b, length = batch["input_ids"].shape
+        b, length = batch.input_ids.shape
         assert b == 4 and length in SMALL["prompt_buckets"]
-        assert batch["position_ids"].shape == (3, b, length)
-        assert batch["labels_of_dataset"] == base.LABELS["emotion6"]
-        pixel_rows = []
+        assert batch.position_ids.shape == (b, 3, length)
+        assert batch.labels_of_dataset == base.LABELS["emotion6"]
         for row in range(b):
-            mask = batch["attention_mask"][row].astype(bool)
+            mask = batch.attention_mask[row].astype(bool)
             assert mask[-1] and (mask[:-1] <= mask[1:]).all()  # left padding
-            assert (batch["input_ids"][row][~mask] == ids.pad).all()
-            if not batch["valid"][row]:
-                assert batch["label"][row] == -1 and batch["label_text"][row] == ""
+            assert (batch.input_ids[row][~mask] == ids.pad).all()
+            if not batch.valid[row]:
+                assert batch.label[row] == -1 and batch.label_text[row] == ""
             else:
-                ex = by_id[batch["example_id"][row]]
+                ex = by_id[batch.example_id[row]]
                 rgb = images.decode_rgb(ex["image"])
                 pv, grid = image_processing.process_image(rgb, min_pixels=SMALL["min_pixels"],
                                                           max_pixels=SMALL["max_pixels"])
-                assert tuple(batch["image_grid_thw"][row]) == grid
-                assert batch["label"][row] == ex["label"]
-                assert batch["label_text"][row] == base.LABELS["emotion6"][ex["label"]]
-                assert batch["problem"][row] == ex["problem"].decode()
-                assert batch["caption"][row] == ""       # emotion6 has no caption feature
-                prompt = chat.encode_prompt(tokenizer, chat.task_prompt(batch["problem"][row], "set"),
+                (pixels, row_grid), = batch.row_images(row)     # one image per row
+                assert row_grid == grid
+                np.testing.assert_array_equal(pixels, pv)
+                assert batch.label[row] == ex["label"]
+                assert batch.label_text[row] == base.LABELS["emotion6"][ex["label"]]
+                assert batch.problem[row] == ex["problem"].decode()
+                assert batch.caption[row] == ""       # emotion6 has no caption feature
+                prompt = chat.encode_prompt(tokenizer, chat.task_prompt(batch.problem[row], "set"),
                                             [grid])
-                np.testing.assert_array_equal(batch["input_ids"][row][mask], prompt)
+                np.testing.assert_array_equal(batch.input_ids[row][mask], prompt)
                 # mRoPE of the row alone equals the row inside the padded batch.
                 pos, delta = get_rope_index(prompt[None], [grid], image_token_id=ids.image_pad)
-                np.testing.assert_array_equal(batch["position_ids"][:, row][:, mask], pos[:, 0])
-                assert batch["rope_deltas"][row] == delta[0]
-                pixel_rows.append(pv)
-        # Real rows come first, so their patches are the prefix; filler rows' patches follow.
-        real = np.concatenate(pixel_rows)
-        np.testing.assert_array_equal(batch["pixel_values"][:len(real)], real)
-        num_patches = int(batch["image_grid_thw"].prod(1).sum())
-        assert batch["num_patches"] == num_patches
-        assert (batch["pixel_values"][num_patches:] == 0).all()
-        assert len(batch["pixel_values"]) == pipeline.patch_bucket(num_patches, None)
+                np.testing.assert_array_equal(batch.position_ids[row][:, mask], pos[:, 0])
+                assert batch.rope_deltas[row] == delta[0]
+        # Each row's patches, then zero rows up to the bucket of the batch's largest image.
+        for row, n in enumerate(batch.num_patches):
+            assert (batch.pixel_values[row, n:] == 0).all()
+        assert batch.pixel_values.shape[1] == pipeline.patch_bucket(batch.num_patches.max(), None)
     assert sorted(_ids(batches)) == sorted(by_id)
-    assert [int(b["valid"].sum()) for b in batches] == [4, 1]
+    assert [int(b.valid.sum()) for b in batches] == [4, 1]
 
 
 def test_captions_travel_with_their_rows(synth_dir, tokenizer):
@@ -123,13 +121,12 @@ def test_captions_travel_with_their_rows(synth_dir, tokenizer):
         "emo_synth/" + config.name, data_dir=data_dir).as_data_source("test")}
     batches = list(_synth(synth_dir, tokenizer, split="test", batch_size=8, eval_mode=True))
     for batch in batches:
-        for example_id, caption, valid in zip(batch["example_id"], batch["caption"],
-                                              batch["valid"]):
+        for example_id, caption, valid in zip(batch.example_id, batch.caption,
+                                              batch.valid):
             assert caption == (by_id[example_id] if valid else "")
-    merged = pipeline.concat_batches(batches[:2], labels=base.LABELS["emo_synth"],
-                                     cfg=pipeline.PipelineConfig(batch_size=8, **SMALL),
-                                     ids=token_ids(tokenizer))
-    assert list(merged["caption"]) == list(batches[0]["caption"]) + list(batches[1]["caption"])
+    merged = pipeline.concat_batches(batches[:2],
+                                     cfg=pipeline.PipelineConfig(batch_size=8, **SMALL))
+    assert list(merged.caption) == list(batches[0].caption) + list(batches[1].caption)
 
 
 def test_resume_continues_with_the_same_batches(synth_dir, tokenizer):
@@ -165,7 +162,7 @@ def test_worker_processes_give_the_same_batches_and_resume(synth_dir, tokenizer,
 
 def test_epochs_are_reshuffled_and_seeded(synth_dir, tokenizer):
     batches = list(_synth(synth_dir, tokenizer, batch_size=8, num_epochs=2, seed=1))
-    epochs = np.concatenate([b["epoch"] for b in batches])
+    epochs = np.concatenate([b.epoch for b in batches])
     ids = np.asarray(_ids(batches))
     assert len(batches) == 10 and (np.bincount(epochs) == [40, 40]).all()
     first, second = ids[epochs == 0], ids[epochs == 1]
@@ -188,7 +185,7 @@ def test_two_hosts_get_disjoint_shards_covering_the_split(synth_dir, tokenizer):
         batches = list(pipe)
         assert len(batches) == pipe.num_batches == 3        # ceil(ceil(21 / 2) / 4) on both
         shards.append(_ids(batches))
-        assert all(b["input_ids"].shape[0] == 4 for b in batches)
+        assert all(b.input_ids.shape[0] == 4 for b in batches)
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == sorted(all_ids)
     assert (len(shards[0]), len(shards[1])) == (11, 10)
@@ -208,9 +205,9 @@ def test_a_host_without_examples_still_yields_its_eval_batches(tokenizer):
                                       **{**SMALL, "process_index": host, "process_count": 3})
         per_host.append(list(pipeline.Pipeline(source, tokenizer, labels, cfg)))
     assert [len(b) for b in per_host] == [1, 1, 1]
-    assert [b[0]["valid"].tolist() for b in per_host] == [[True, False], [True, False],
+    assert [b[0].valid.tolist() for b in per_host] == [[True, False], [True, False],
                                                           [False, False]]
-    assert per_host[2][0]["input_ids"].shape == per_host[0][0]["input_ids"].shape
+    assert per_host[2][0].input_ids.shape == per_host[0][0].input_ids.shape
 
 
 def test_eval_mode_keeps_order_and_pads_the_last_batch(synth_dir, tokenizer):
@@ -220,9 +217,9 @@ def test_eval_mode_keeps_order_and_pads_the_last_batch(synth_dir, tokenizer):
     batches = list(_synth(synth_dir, tokenizer, "test", batch_size=4, eval_mode=True))
     assert len(batches) == 6 and _ids(batches) == source_ids
     last = batches[-1]
-    assert last["valid"].tolist() == [True, False, False, False]
-    assert (last["label"][1:] == -1).all() and (last["epoch"][1:] == -1).all()
-    assert (last["image_grid_thw"][1:] > 0).all() and (last["attention_mask"][1:].sum(1) > 0).all()
+    assert last.valid.tolist() == [True, False, False, False]
+    assert (last.label[1:] == -1).all() and (last.epoch[1:] == -1).all()
+    assert (last.image_grid_thw[1:] > 0).all() and (last.attention_mask[1:].sum(1) > 0).all()
 
 
 def test_bad_examples_at_read_time_are_counted_never_raised(tokenizer):
@@ -243,7 +240,7 @@ def test_bad_examples_at_read_time_are_counted_never_raised(tokenizer):
     assert _ids(batches) == ["r0", "r2", "r6"]
     assert it.skip_counts() == {"corrupt_image": 1, "empty_file": 1, "too_long": 1,
                                 "unprocessable": 1}
-    assert sum(b["num_skipped"] for b in batches) == 4
+    assert sum(b.num_skipped for b in batches) == 4
     assert it.get_state()["skips"] == it.skip_counts()
 
 

@@ -102,7 +102,7 @@ def build_world():
     collate = lambda rows: pipeline.collate(rows, [True] * len(rows), labels=LABELS, cfg=pcfg,
                                             ids=ids)
     batch = collate(examples)
-    assert batch["input_ids"].shape[0] == len(PHOTOS) and batch["attention_mask"].sum(1).min() > 150
+    assert batch.input_ids.shape[0] == len(PHOTOS) and batch.attention_mask.sum(1).min() > 150
     return dict(tok=tok, ids=ids, cfg=cfg, model=model, mesh=mesh, params=params, batch=batch,
                 micro=update.micro_batch_rows(4, mesh),            # 4 responses per device
                 logprob_fn=update.make_logprob_fn(model, mesh, chunk=16))

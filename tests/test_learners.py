@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from emor3_jax import learners
+from emor3_jax.batches import PromptBatch
 from emor3_jax.configs import base
 from emor3_jax.rl import rollout as rollout_lib
 
@@ -21,15 +22,13 @@ def _rollout(widths_pad: int, seed: int, batch: int = 3) -> rollout_lib.Rollout:
     width = 4 + widths_pad
     mask = np.ones((batch, width), np.int32)
     mask[:, :widths_pad] = 0
-    grid = np.array([[1, 2, i + 1] for i in range(batch)])
-    patches = int(np.prod(grid, -1).sum())
-    prompts = dict(input_ids=(r.integers(1, 50, (batch, width)) * mask),
-                   attention_mask=mask, position_ids=r.integers(1, 9, (3, batch, width)) * mask,
-                   rope_deltas=r.integers(0, 4, (batch, 1)), image_grid_thw=grid,
-                   pixel_values=r.normal(size=(patches, 5)).astype(np.float32),
-                   num_patches=patches, label=np.arange(batch) + 10 * seed,
-                   label_text=np.array([f"l{seed}{i}" for i in range(batch)], object),
-                   valid=np.ones(batch, bool), labels_of_dataset=("a", "b"))
+    images = [[(r.normal(size=(2 * (i + 1), 5)), (1, 2, i + 1))] for i in range(batch)]
+    prompts = PromptBatch.create(
+        r.integers(1, 50, (batch, width)) * mask, mask,
+        r.integers(1, 9, (3, batch, width)) * mask, r.integers(0, 4, batch), images=images,
+        label=np.arange(batch) + 10 * seed,
+        label_text=np.array([f"l{seed}{i}" for i in range(batch)], object),
+        labels_of_dataset=("a", "b"))
     n = batch * G
     return rollout_lib.Rollout(
         prompts=prompts, tokens=r.integers(0, 9, (n, 5)),
@@ -48,23 +47,25 @@ def test_take_keeps_each_prompt_with_its_group_and_image():
     assert part.texts == [ro.texts[i] for i in rows]
     for k in ro.components:
         np.testing.assert_array_equal(part.components[k], ro.components[k][rows])
-    np.testing.assert_array_equal(part.prompts["label"], ro.prompts["label"][[2, 0]])
-    np.testing.assert_array_equal(part.prompts["position_ids"],
-                                  ro.prompts["position_ids"][:, [2, 0]])
-    # prompt 2's 6 patches start after prompt 0's 2 and prompt 1's 4
-    np.testing.assert_array_equal(part.prompts["pixel_values"][:6],
-                                  ro.prompts["pixel_values"][6:12])
+    np.testing.assert_array_equal(part.prompts.label, ro.prompts.label[[2, 0]])
+    np.testing.assert_array_equal(part.prompts.mrope_positions,
+                                  ro.prompts.mrope_positions[:, [2, 0]])
+    for new, old in ((0, 2), (1, 0)):                      # each row keeps its own image
+        (pixels, grid), = part.prompts.row_images(new)
+        (want, want_grid), = ro.prompts.row_images(old)
+        np.testing.assert_array_equal(pixels, want)
+        assert grid == want_grid == (1, 2, old + 1)
+    assert part.prompts.labels_of_dataset == ("a", "b")
     assert part.group_size == G and part.judge == ro.judge
 
 
 def test_concat_left_pads_prompts_and_joins_every_response_field():
     a, b = _rollout(0, seed=1).take([1]), _rollout(2, seed=2).take([0, 2])
     ro = rollout_lib.concat_rollouts([a, b])
-    assert ro.prompts["input_ids"].shape == (3, 6)
-    np.testing.assert_array_equal(ro.prompts["input_ids"][0],
-                                  np.r_[0, 0, a.prompts["input_ids"][0]])
-    np.testing.assert_array_equal(ro.prompts["attention_mask"][0, :2], [0, 0])
-    np.testing.assert_array_equal(ro.prompts["position_ids"][:, 0, :2], 0)
+    assert ro.prompts.input_ids.shape == (3, 6)
+    np.testing.assert_array_equal(ro.prompts.input_ids[0], np.r_[0, 0, a.prompts.input_ids[0]])
+    np.testing.assert_array_equal(ro.prompts.attention_mask[0, :2], [0, 0])
+    np.testing.assert_array_equal(ro.prompts.position_ids[0, :, :2], 0)
     assert ro.texts == a.texts + b.texts
     for f in dataclasses.fields(ro):
         if f.metadata.get("rows") and f.name not in ("texts", "components"):
@@ -72,7 +73,11 @@ def test_concat_left_pads_prompts_and_joins_every_response_field():
                 getattr(ro, f.name), np.concatenate([getattr(a, f.name), getattr(b, f.name)]))
     np.testing.assert_array_equal(ro.components["format"],
                                   np.r_[a.components["format"], b.components["format"]])
-    assert ro.prompts["num_patches"] == ro.prompts["pixel_values"].shape[0] == 4 + 2 + 6
+    np.testing.assert_array_equal(ro.prompts.num_patches, [4, 2, 6])
+    assert ro.prompts.pixel_values.shape[1] == 6            # padded to the largest image
+    for row, part, old in ((0, a, 0), (1, b, 0), (2, b, 1)):
+        np.testing.assert_array_equal(ro.prompts.row_images(row)[0][0],
+                                      part.prompts.row_images(old)[0][0])
     assert ro.judge == b.judge                               # the last try's judge answers
     np.testing.assert_array_equal(ro.valid, np.ones(6, bool))
 
@@ -85,6 +90,9 @@ def test_learner_per_phase_and_method():
         is learners.DAPOLearner
     with pytest.raises(ValueError, match="unknown training phase"):
         learners.learner_class(c, "ppo")
+    c.rl.learner = "ppo"
+    with pytest.raises(ValueError, match=r"config.rl.learner='ppo' .* \['dapo', 'grpo'\]"):
+        learners.learner_class(c, "rl")
 
 
 def test_dapo_is_grpo_with_another_rollout():

@@ -2,12 +2,13 @@
 import re
 
 import jax
+import jax.extend.core
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emor3_jax import sharding
-from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models import layers, qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import rope_index, vision
 from qwen_testutil import chat_row, hf_model, images, left_pad
@@ -47,7 +48,9 @@ def _forward_and_decode(model, params, inputs, batch_sharding=None, replicated=N
                 jax.device_put(pv, replicated), jax.device_put(vin, replicated),
                 jax.device_put(pos, NamedSharding(batch_sharding.mesh, P(None, ("data", "fsdp")))),
                 jax.device_put(deltas, NamedSharding(batch_sharding.mesh, P(("data", "fsdp")))))
-    return [np.asarray(x) for x in jax.jit(run)(params, *args)]
+    mesh = None if batch_sharding is None else batch_sharding.mesh
+    with layers.kernel_mesh(mesh):      # activations constrained to their logical axes
+        return [np.asarray(x) for x in jax.jit(run)(params, *args)]
 
 
 def test_fsdp2_tensor4_equals_single_device(setup):
@@ -72,6 +75,36 @@ def test_fsdp2_tensor4_equals_single_device(setup):
     # fp32; sharded contractions only change the summation order
     for a, b in zip(single, sharded):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+def _constraint_specs(jaxpr) -> list:
+    """The PartitionSpecs of every sharding constraint in `jaxpr` and its sub-jaxprs."""
+    out = [eqn.params["sharding"].spec for eqn in jaxpr.eqns
+           if eqn.primitive.name == "sharding_constraint"]
+    for sub in jax.extend.core.subjaxprs(jaxpr):
+        out += _constraint_specs(sub)
+    return out
+
+
+def test_decoder_activations_carry_their_logical_axes(devices8):
+    """Traced under a mesh, the decoder's residual stream (rows over data x fsdp), queries and
+    keys/values (heads over tensor; 2 KV heads do not split 4 ways) and MLP activation
+    (intermediate over tensor) are constrained, so a tensor-parallel run cannot quietly
+    replicate them; without a mesh nothing is constrained."""
+    cfg = tiny_config()                        # 4 query heads, 2 KV heads, MLP 128
+    model = qwen2_5_vl.build_model(cfg)
+    params = jax.eval_shape(lambda: qwen2_5_vl.init_params(model, jax.random.key(0)))
+    ids = np.full((4, 8), 5, np.int32)
+    forward = lambda p: model.apply({"params": p}, ids, np.ones_like(ids)).logits
+    assert _constraint_specs(jax.make_jaxpr(forward)(params).jaxpr) == []
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    with layers.kernel_mesh(mesh):
+        specs = _constraint_specs(jax.make_jaxpr(forward)(params).jaxpr)
+    rows = ("data", "fsdp")
+    assert P(rows, None, None) in specs                       # residual stream
+    assert P(rows, None, "tensor", None) in specs             # queries
+    assert P(rows, None, None, None) in specs                 # keys / values
+    assert P(rows, None, "tensor") in specs                   # MLP activation
 
 
 def test_init_params_on_mesh(devices8):

@@ -17,7 +17,7 @@ from absl import flags
 
 import emor3_jax.data as data
 from emor3_jax.data import pipeline
-from emor3_jax.processing.tokenizer import build_demo_tokenizer, token_ids
+from emor3_jax.processing.tokenizer import build_demo_tokenizer
 from test_data_pipeline import assert_same_batch
 
 flags.FLAGS.mark_as_parsed()
@@ -48,7 +48,6 @@ def test_host_blocks_concatenate_to_the_one_process_batches(synth):
     """Global batch k is the same rows, padded the same way, for 1, 2 or 3 hosts (14 examples,
     global batch 6: batches cross epoch boundaries)."""
     tokenizer = build_demo_tokenizer()
-    ids = token_ids(tokenizer)
     one = iter(_train_pipe(synth, tokenizer, 6, 0, 1))
     reference = [next(one) for _ in range(5)]
     for count in (2, 3):
@@ -56,13 +55,13 @@ def test_host_blocks_concatenate_to_the_one_process_batches(synth):
         hosts = [iter(p) for p in pipes]
         for k, ref in enumerate(reference):
             parts = [next(h) for h in hosts]
-            glued = pipeline.concat_batches(parts, labels=synth[1], cfg=pipes[0].cfg, ids=ids)
+            glued = pipeline.concat_batches(parts, cfg=pipes[0].cfg)
             assert_same_batch(glued, ref)
-        assert [int(e) for e in glued["epoch"]] == [int(e) for e in reference[-1]["epoch"]]
-    epochs = np.concatenate([b["epoch"] for b in reference])
+        assert [int(e) for e in glued.epoch] == [int(e) for e in reference[-1].epoch]
+    epochs = np.concatenate([b.epoch for b in reference])
     assert epochs.min() == 0 and epochs.max() == 2          # 30 rows of a 14-example split
     # each epoch is a permutation of the split
-    ids_ = np.concatenate([b["example_id"] for b in reference])
+    ids_ = np.concatenate([b.example_id for b in reference])
     assert len(set(ids_[:14])) == 14 and len(set(ids_[14:28])) == 14
 
 
@@ -73,7 +72,7 @@ def test_finite_pass_host_lengths_cover_every_example(synth):
         pipe = _train_pipe(synth, tokenizer, 2, p, 3)
         pipe = pipeline.Pipeline(synth[0], tokenizer, synth[1],
                                  pipeline.dataclasses.replace(pipe.cfg, num_epochs=1))
-        seen += [i for b in pipe for i, v in zip(b["example_id"], b["valid"]) if v]
+        seen += [i for b in pipe for i, v in zip(b.example_id, b.valid) if v]
     assert sorted(seen) == sorted(ex["id"].decode() for ex in synth[0])
 
 

@@ -43,7 +43,7 @@ def test_set_targets_have_the_format_the_reward_checks():
 
 def test_set_caption_puts_each_rows_caption_before_its_label(synth_batch):
     batch, tokenizer = synth_batch
-    assert batch["valid"].tolist() == [True] * 6 + [False] * 2
+    assert batch.valid.tolist() == [True] * 6 + [False] * 2
     labels = sft.batch_labels(batch, random_labels=True, rng=np.random.default_rng(0))
     ids = token_ids(tokenizer)
     ub = sft.pack_sft_batch(_model_config(ids), batch, tokenizer, ids, labels=labels,
@@ -52,10 +52,10 @@ def test_set_caption_puts_each_rows_caption_before_its_label(synth_batch):
     mask = np.asarray(ub.inputs.response_mask).reshape(8, -1)
     for row in range(8):
         text = tokenizer.decode(tokens[row][mask[row] != 0][:-1])   # without end-of-turn
-        if not batch["valid"][row]:
+        if not batch.valid[row]:
             assert mask[row].sum() == 0      # filler rows teach nothing
             continue
-        caption = batch["caption"][row]
+        caption = batch.caption[row]
         assert caption.startswith("The scene is ")
         assert text == sft.sft_target(labels[row], "set_caption", caption)
         assert text.startswith(f"<step1>{caption}</step1>")
@@ -65,7 +65,7 @@ def test_set_caption_puts_each_rows_caption_before_its_label(synth_batch):
 
 def test_set_caption_without_captions_names_the_field_and_the_fix(synth_batch):
     batch, tokenizer = synth_batch
-    no_caption = {**batch, "caption": np.asarray([""] * 8, dtype=object)}
+    no_caption = batch.replace(caption=np.asarray([""] * 8, dtype=object))
     with pytest.raises(ValueError, match="caption.*set_template"):
         sft.pack_sft_batch(_model_config(token_ids(tokenizer)), no_caption, tokenizer,
                            token_ids(tokenizer),

@@ -386,7 +386,7 @@ def _demo_config(**fields):
     ({"data.train": "emoset3k"}, ValueError, ["'emoset3k'", "emoset2k"]),
     ({"data.prompt_format": "cot"}, ValueError, ["config.data.prompt_format='cot'"]),
     ({"mode": "serve"}, ValueError, ["config.mode='serve'"]),
-    ({"rollout.dynamic_sampling": True, "rollout.filter_low": 0.5, "rollout.filter_high": 0.5},
+    ({"rl.learner": "dapo", "rollout.filter_low": 0.5, "rollout.filter_high": 0.5},
      ValueError, ["config.rollout.filter_low=0.5", "filter_low < filter_high"]),
     ({"data.labels.webemo": ("joy",)}, ValueError, ["two distinct", "config.data.labels"]),
 ])
@@ -423,7 +423,7 @@ def test_rl_steps_drop_the_last_partial_batch_of_each_epoch():
 # a band around 0 keeps every group (2 tries fill the batch of 2) and the released band
 # (0.01, 0.99) keeps none (the run stops after max_resample_tries, saying why).
 DAPO = {"sft.steps": 0, "train.max_steps": 2, "train.eval_every": 0,
-        "train.checkpoint_every": 1000, "rollout.dynamic_sampling": True,
+        "train.checkpoint_every": 1000, "rl.learner": "dapo",
         "rollout.mini_batch_size": 1, "rl.kl_coef": 0.0, "rl.clip_high": 0.28}
 
 

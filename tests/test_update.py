@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from emor3_jax import sharding
+from emor3_jax.batches import PromptBatch, split_flat_images
 from emor3_jax.configs import base
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
@@ -38,8 +39,7 @@ def setup():
     rows = [chat_row(cfg, rng, [3, "img", 4], grid[:1]), chat_row(cfg, rng, [5, "img", 2], grid[1:])]
     ids, mask = left_pad(rows, cfg.text.pad_token_id)
     pos, _ = rope_index.get_rope_index(ids, grid, mask, image_token_id=cfg.image_token_id)
-    prompts = dict(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pv,
-                   image_grid_thw=grid)
+    prompts = PromptBatch.create(ids, mask, pos, images=split_flat_images(pv, grid, [1, 1]))
     n = 2 * G
     lengths = np.array([T, 2, 5, T, 3, T, 1, 6])
     rmask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
@@ -102,13 +102,10 @@ def _full_sequences(s):
     """The [N, Lp + T] batch the packed inputs stand for: each response after its own prompt
     copy, each with its own copy of the image (the plain model path, HF's layout)."""
     prompts, cfg = s["prompts"], s["cfg"]
-    ids = np.concatenate([np.repeat(prompts["input_ids"], G, 0), s["resp"]], 1)
-    mask = np.concatenate([np.repeat(prompts["attention_mask"], G, 0), s["rmask"]], 1)
-    pos = np.repeat(update.response_position_ids(prompts["position_ids"], T), G, 1)
-    grid = np.repeat(prompts["image_grid_thw"], G, axis=0)
-    sizes = np.prod(prompts["image_grid_thw"], -1)
-    per_image = np.split(prompts["pixel_values"][:sizes.sum()], np.cumsum(sizes)[:-1])
-    pv = np.concatenate([im for im in per_image for _ in range(G)])
+    ids = np.concatenate([np.repeat(prompts.input_ids, G, 0), s["resp"]], 1)
+    mask = np.concatenate([np.repeat(prompts.attention_mask, G, 0), s["rmask"]], 1)
+    pos = np.repeat(update.response_position_ids(prompts.mrope_positions, T), G, 1)
+    pv, grid = prompts.flat_images(np.repeat(np.arange(prompts.num_rows), G))
     return ids, mask, pos, pv, vision.build_vision_inputs_for(cfg, grid)
 
 
@@ -335,13 +332,11 @@ def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
                                     micro_batch_rows=2 * G)
     item = mbs.items[0]
     np.testing.assert_array_equal(mbs.rows[0], [5, 7, 4, 6, 2, 1, 3, 0])
-    np.testing.assert_array_equal(item.prompt_ids[0], s["prompts"]["input_ids"][::-1])
+    np.testing.assert_array_equal(item.prompt_ids[0], s["prompts"].input_ids[::-1])
     np.testing.assert_array_equal(item.prompt_index[0], [0, 0, 0, 0, 1, 1, 1, 1])
-    n0, n1 = np.prod(s["prompts"]["image_grid_thw"], axis=-1)
-    np.testing.assert_array_equal(item.pixel_values[0, :n1],
-                                  s["prompts"]["pixel_values"][n0:n0 + n1])
-    np.testing.assert_array_equal(item.pixel_values[0, n1:n0 + n1],
-                                  s["prompts"]["pixel_values"][:n0])
+    n0, n1 = s["prompts"].num_patches
+    np.testing.assert_array_equal(item.pixel_values[0, :n1 + n0],
+                                  s["prompts"].flat_images([1, 0])[0])
     # per-micro-batch results come back in the mini-batch's row order (a stand-in log-prob
     # function that returns each slot's token id), cut micro-batches padded with 0
     fake = lambda params, x: x.response_ids.astype(np.float32)
@@ -362,7 +357,7 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, len
     s = setup
     c = base.get_config()
     c.rollout.group_size, c.rollout.response_buckets = G, (T,)
-    c.data.prompt_buckets = (s["prompts"]["input_ids"].shape[1],)
+    c.data.prompt_buckets = (s["prompts"].width,)
     c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
                 ppo_epochs=2, logprob_chunk=4, length_aware=length_aware)
     mesh, opt = _mesh1(), update.make_optimizer(_optim(1e-2))
@@ -386,7 +381,7 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, len
     t.config, t.model, t.mesh = c, s["model"], mesh
     t.logprob_fn, t.update_fn = record_logprobs, record_update
     t.ref_params = jax.tree.map(jnp.copy, s["params"])
-    ro = rollout_lib.Rollout(prompts=dict(s["prompts"], valid=np.ones(2, bool)),
+    ro = rollout_lib.Rollout(prompts=s["prompts"],
                              tokens=s["resp"], logprobs=s["old"],
                              lengths=s["rmask"].sum(1), texts=[""] * 2 * G,
                              group_size=G, advantages=s["adv"])
@@ -504,8 +499,10 @@ def test_pack_rejects_bad_shapes(setup):
     with pytest.raises(ValueError, match="prompt-major"):
         update.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"][:6], s["rmask"][:6],
                                   group_size=G, micro_batch_rows=2)
-    prompts = dict(s["prompts"], image_grid_thw=s["prompts"]["image_grid_thw"][:1])
-    with pytest.raises(ValueError, match="image-pad tokens"):
+    grid = s["prompts"].image_grid_thw.copy()
+    grid[1, 0, 1] += 2                  # row 1's image larger than its image-pad tokens
+    prompts = s["prompts"].replace(image_grid_thw=grid)
+    with pytest.raises(ValueError, match="row 1: .* image-pad tokens"):
         update.pack_policy_inputs(s["cfg"], prompts, s["resp"], s["rmask"], group_size=G,
                                   micro_batch_rows=2)
 
@@ -516,13 +513,13 @@ def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
     whole = update.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
                                       micro_batch_rows=2 * G)
     np.testing.assert_array_equal(whole.prompt_index, [[0, 0, 0, 0, 1, 1, 1, 1]])
-    np.testing.assert_array_equal(whole.prompt_ids[0], prompts["input_ids"])
+    np.testing.assert_array_equal(whole.prompt_ids[0], prompts.input_ids)
     halves = update.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
                                        micro_batch_rows=2)
     assert halves.prompt_ids.shape[:2] == (4, 1) and (halves.prompt_index == 0).all()
-    np.testing.assert_array_equal(halves.prompt_ids[:, 0], np.repeat(prompts["input_ids"], 2, 0))
+    np.testing.assert_array_equal(halves.prompt_ids[:, 0], np.repeat(prompts.input_ids, 2, 0))
     np.testing.assert_array_equal(halves.response_position_ids[0, :, :, 0],
-                                  prompts["position_ids"][:, :1].max() + 1)
+                                  prompts.position_ids[:1].max() + 1)
 
     # G = 3 in micro-batches of 2 straddles groups: rows {0,1} {2,3} {4,5} need prompts
     # {0} {0,1} {1}; the 1-prompt micro-batches get a padding prompt row (mask 0)
@@ -537,15 +534,16 @@ def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
                                atol=1e-5, rtol=0)
 
     # a text-only prompt: its micro-batch gets an unread dummy image
-    text_only = dict(prompts, image_grid_thw=prompts["image_grid_thw"][:1])
-    ids = text_only["input_ids"].copy()
+    ids = prompts.input_ids.copy()
     ids[1][ids[1] == cfg.image_token_id] = 7
-    text_only["input_ids"] = ids
+    grid = prompts.image_grid_thw.copy()
+    grid[1] = 0
+    text_only = prompts.replace(input_ids=ids, image_grid_thw=grid)
     mixed = update.pack_policy_inputs(cfg, text_only, s["resp"], s["rmask"], group_size=G,
                                       micro_batch_rows=G)
     assert mixed.pixel_values.shape[0] == 2 and not mixed.pixel_values[1].any()
-    no_images = {k: v for k, v in text_only.items() if k not in ("pixel_values", "image_grid_thw")}
-    no_images["input_ids"] = np.where(ids == cfg.image_token_id, 7, ids)
+    no_images = text_only.replace(input_ids=np.where(ids == cfg.image_token_id, 7, ids),
+                                  pixel_values=None, image_grid_thw=None)
     plain = update.pack_policy_inputs(cfg, no_images, s["resp"], s["rmask"], group_size=G,
                                       micro_batch_rows=G)
     assert plain.pixel_values is None and plain.vision_inputs is None

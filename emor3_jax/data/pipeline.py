@@ -10,29 +10,15 @@ prompt bucket, pixel rows padded to a patch bucket, mRoPE position ids).
 
 Nothing is lost silently. An example whose image cannot be decoded or processed, or whose
 prompt is longer than `max_prompt_len` (prompts are never truncated, so an image span is never
-cut), is skipped, logged and counted: `batch["num_skipped"]` for the batch and
+cut), is skipped, logged and counted: `batch.num_skipped` for the batch and
 `iterator.skip_counts()` in total (part of the saved state). Because skips travel through grain
 as markers (no filtering inside grain), the batches are the same for any `num_workers`.
 
-Batch format (numpy dict; shapes are static per bucket; B = `batch_size` on this host):
-    input_ids        [B, L] int32   left-padded with the tokenizer's pad id; L a prompt bucket
-    attention_mask   [B, L] int32   1 on prompt tokens
-    position_ids     [3, B, L] int32  mRoPE positions (processing.rope_index.get_rope_index)
-    rope_deltas      [B] int32      per-row decode delta (HF semantics)
-    pixel_values     [P, 1176] float32  every row's image patches concatenated in row order,
-                                    then zero rows up to P (a patch bucket)
-    image_grid_thw   [B, 3] int32   (t, h, w) of each row's single image
-    num_patches      int            true number of patch rows (sum of t*h*w)
-    label            [B] int32      ClassLabel index; -1 on padding rows
-    label_text       [B] object     label name ("" on padding rows)
-    labels_of_dataset tuple[str]    the data set's label names (index order)
-    problem          [B] object     the question text as stored in the data set
-    example_id       [B] object     `id` feature (file / row / generated key)
-    caption          [B] object     `caption` feature: what the image shows, in words ("" when
-                                    the data set has none; emo_synth has one, for SFT targets)
-    epoch            [B] int32      epoch the example was drawn in (-1 on padding rows)
-    valid            [B] bool       False on padding rows
-    num_skipped      int            examples skipped while filling this batch
+Batches are `emor3_jax.batches.PromptBatch`es (fields and shapes there; B = `batch_size` on
+this host, L a prompt bucket, each row's one image padded to P pixel rows, a patch bucket of
+the batch's largest image), with the pipeline's metadata filled: labels, the question, the
+example id, the caption (what the image shows, in words; "" when the data set has none), the
+epoch drawn and `num_skipped`.
 Padding rows (only in the last batch of a finite pass, or to give every host the same number of
 eval batches) hold a well-formed filler example (a grey image with the data set's question),
 so every row has an image and real tokens; `valid` marks them and consumers must mask them.
@@ -66,6 +52,7 @@ from typing import Any, Sequence
 import grain
 import numpy as np
 
+from emor3_jax.batches import PromptBatch, concat_prompt_batches, pack_row_images
 from emor3_jax.configs import base
 from emor3_jax.data import images
 from emor3_jax.processing import chat
@@ -90,8 +77,9 @@ class PipelineConfig:
     max_pixels: int = base.MAX_PIXELS
     max_prompt_len: int = 2048            # longer prompts are skipped (counted), never cut
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
-    # Pixel-row padding: a list of sizes (smallest that fits), an int (round up to a multiple),
-    # or None for powers of two and 1.5x powers of two (at most 1/3 padding).
+    # Pixel rows per prompt (its image padded to the batch's largest, rounded up): a list of
+    # sizes (smallest that fits), an int (a multiple), or None for powers of two and 1.5x
+    # powers of two (at most 1/3 padding).
     patch_buckets: tuple[int, ...] | int | None = None
     seed: int = 0
     shuffle: bool = True
@@ -132,10 +120,11 @@ def dataset_labels(config, name: str) -> tuple[str, ...]:
 
 
 def generation_batch_size(config) -> int:
-    """Prompts per training batch: rollout.batch_size, or with DAPO dynamic sampling the mini
-    rollout batch that each generation try draws (EasyR1 data.mini_rollout_batch_size)."""
+    """Prompts per training batch: rollout.batch_size, or with DAPO's dynamic sampling
+    (rl.learner "dapo") the mini rollout batch that each generation try draws (EasyR1
+    data.mini_rollout_batch_size)."""
     r = config.rollout
-    if r.dynamic_sampling and r.get("mini_batch_size", 0):
+    if config.rl.learner == "dapo" and r.get("mini_batch_size", 0):
         return int(r.mini_batch_size)
     return int(r.batch_size)
 
@@ -248,7 +237,7 @@ def patch_bucket(n: int, buckets: Sequence[int] | int | None, minimum: int = 64)
 
 
 def collate(rows: Sequence[dict], valid: Sequence[bool], *, labels: Sequence[str],
-            cfg: PipelineConfig, ids) -> dict[str, Any]:
+            cfg: PipelineConfig, ids) -> PromptBatch:
     """Examples (real rows first, then filler rows) -> one padded batch (module docstring)."""
     b = len(rows)
     lengths = [len(r["input_ids"]) for r in rows]
@@ -262,23 +251,21 @@ def collate(rows: Sequence[dict], valid: Sequence[bool], *, labels: Sequence[str
     position_ids, rope_deltas = get_rope_index(
         input_ids, grid_thw, attention_mask, image_token_id=ids.image_pad,
         vision_start_token_id=ids.vision_start, spatial_merge_size=base.MERGE_SIZE)
-    num_patches = int(sum(r["pixel_values"].shape[0] for r in rows))
-    pixel_values = np.zeros((patch_bucket(num_patches, cfg.patch_buckets),
-                             rows[0]["pixel_values"].shape[1]), np.float32)
-    np.concatenate([r["pixel_values"] for r in rows], axis=0, out=pixel_values[:num_patches])
-    return {
-        "input_ids": input_ids, "attention_mask": attention_mask,
-        "position_ids": position_ids, "rope_deltas": rope_deltas,
-        "pixel_values": pixel_values, "image_grid_thw": grid_thw, "num_patches": num_patches,
-        "label": np.asarray([r["label"] for r in rows], np.int32),
-        "label_text": np.asarray([r["label_text"] for r in rows], dtype=object),
-        "labels_of_dataset": tuple(labels),
-        "problem": np.asarray([r["problem"] for r in rows], dtype=object),
-        "example_id": np.asarray([r["example_id"] for r in rows], dtype=object),
-        "caption": np.asarray([r["caption"] for r in rows], dtype=object),
-        "epoch": np.asarray([r["epoch"] for r in rows], np.int32),
-        "valid": np.asarray(valid, bool),
-    }
+    patches = patch_bucket(max(r["pixel_values"].shape[0] for r in rows), cfg.patch_buckets)
+    pixel_values, image_grid_thw = pack_row_images(
+        [[(r["pixel_values"], r["grid_thw"])] for r in rows], patches)
+    return PromptBatch(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=np.moveaxis(position_ids, 0, 1), rope_deltas=rope_deltas,
+        pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+        valid=np.asarray(valid, bool),
+        label=np.asarray([r["label"] for r in rows], np.int32),
+        label_text=np.asarray([r["label_text"] for r in rows], dtype=object),
+        problem=np.asarray([r["problem"] for r in rows], dtype=object),
+        example_id=np.asarray([r["example_id"] for r in rows], dtype=object),
+        caption=np.asarray([r["caption"] for r in rows], dtype=object),
+        epoch=np.asarray([r["epoch"] for r in rows], np.int32),
+        labels_of_dataset=tuple(labels))
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -295,7 +282,7 @@ class BatchIterator(grain.DatasetIterator):
         self._batches = 0
         self._skips: collections.Counter = collections.Counter()
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> PromptBatch:
         self._assert_not_closed()
         if self._num_batches is not None and self._batches >= self._num_batches:
             raise StopIteration
@@ -317,10 +304,8 @@ class BatchIterator(grain.DatasetIterator):
             if self._filler is None:
                 self._filler = self._filler_fn()
             rows += [self._filler] * (self._batch_size - len(rows))
-        batch = self._collate(rows, valid)
-        batch["num_skipped"] = skipped
         self._batches += 1
-        return batch
+        return self._collate(rows, valid).replace(num_skipped=skipped)
 
     def _count_skip(self, marker: dict) -> None:
         reason = marker["skip"]
@@ -476,38 +461,16 @@ class Pipeline:
                              f"{jax.process_count()}; leave process_index/count unset (None)")
         from emor3_jax import distributed
         return GlobalBatchIterator(
-            iter(self), combine=lambda parts: concat_batches(parts, labels=self.labels, cfg=cfg,
-                                                             ids=self.token_ids),
+            iter(self), combine=lambda parts: concat_batches(parts, cfg=cfg),
             gather=distributed.allgather_objects, index=cfg.process_index,
             count=cfg.process_count)
 
 
-def batch_rows(batch: dict[str, Any]) -> list[dict]:
-    """The examples of a batch, filler rows included (the inverse of `collate`)."""
-    grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-    starts = np.concatenate([[0], np.cumsum(np.prod(grid, -1))])
-    rows = []
-    for i in range(len(batch["input_ids"])):
-        rows.append({"input_ids": batch["input_ids"][i][batch["attention_mask"][i] != 0],
-                     "pixel_values": batch["pixel_values"][starts[i]:starts[i + 1]],
-                     "grid_thw": grid[i], "label": int(batch["label"][i]),
-                     "label_text": batch["label_text"][i], "problem": batch["problem"][i],
-                     "example_id": batch["example_id"][i], "epoch": int(batch["epoch"][i]),
-                     "caption": batch["caption"][i]})
-    return rows
-
-
-def concat_batches(batches: Sequence[dict[str, Any]], *, labels: Sequence[str],
-                   cfg: PipelineConfig, ids) -> dict[str, Any]:
+def concat_batches(batches: Sequence[PromptBatch], *, cfg: PipelineConfig) -> PromptBatch:
     """Host batches -> one batch of all their rows, in order, padded and bucketed exactly as
     `collate` pads one batch of those rows (prompt and patch buckets of `cfg`)."""
-    if len(batches) == 1:
-        return batches[0]
-    rows = [row for b in batches for row in batch_rows(b)]
-    valid = np.concatenate([np.asarray(b["valid"], bool) for b in batches])
-    out = collate(rows, valid, labels=labels, cfg=cfg, ids=ids)
-    out["num_skipped"] = sum(int(b.get("num_skipped", 0)) for b in batches)
-    return out
+    out = concat_prompt_batches(batches)
+    return out.padded(patches=patch_bucket(int(out.num_patches.max()), cfg.patch_buckets))
 
 
 class GlobalBatchIterator:
@@ -526,13 +489,13 @@ class GlobalBatchIterator:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> PromptBatch:
         try:
             batch = next(self._it)
         except StopIteration:
             batch = None
-        if batch is not None and batch.get("pixel_values") is not None:  # real rows only
-            batch = {**batch, "pixel_values": batch["pixel_values"][:batch["num_patches"]]}
+        if batch is not None:           # pixel rows up to the widest real image only
+            batch = batch.trimmed()
         parts = self._gather((batch, self._it.skip_counts()))
         skips: collections.Counter = collections.Counter()
         for _, counts in parts:

@@ -56,7 +56,7 @@ class DAPOLearner(GRPOLearner):
             k = jax.random.fold_in(key, tries)
             ro = self.sample(params, batch, k)
             ro = self.score(ro, params, jax.random.fold_in(k, 1))
-            valid = np.asarray(batch["valid"], bool)
+            valid = batch.row_valid
             band = rollout_lib.groups_in_band(ro.rewards, g, r.filter_low, r.filter_high)
             dropped += int((valid & ~band).sum())
             keep = np.nonzero(band & valid)[0][:need - have]

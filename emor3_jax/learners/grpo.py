@@ -190,12 +190,12 @@ class GRPOLearner(Learner):
         per_update = rl.mini_batch_size   # prompts; the rollout is global on every host
         lp_micro = logprob_micro_rows(
             update_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
-        n_prompts = len(ro.prompts["input_ids"])
+        n_prompts = ro.prompts.num_rows
         mini_batches = []
         for start in range(0, n_prompts, per_update):
             idx = np.arange(start, min(start + per_update, n_prompts))
             rows = (idx[:, None] * g + np.arange(g)[None]).reshape(-1)
-            mini_batches.append((rollout_lib.take_prompts(ro.prompts, idx), rows))
+            mini_batches.append((ro.prompts.take(idx), rows))
         ref = np.zeros_like(old) if rl.kl_coef else None
         if rl.recompute_old_logp:
             old = np.zeros_like(old)

@@ -89,6 +89,8 @@ class GatedMLP(nn.Module):
     axes: tuple[str, str]          # (embed axis, mlp axis)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    # logical axes of the [..., intermediate] activation (None: left to the compiler)
+    activation_axes: tuple[str | None, ...] | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -96,8 +98,10 @@ class GatedMLP(nn.Module):
         embed, mlp = self.axes
         gate = dense(self.intermediate_size, (embed, mlp), name="gate_proj", **kw)(x)
         up = dense(self.intermediate_size, (embed, mlp), name="up_proj", **kw)(x)
-        return dense(self.hidden_size, (mlp, embed), name="down_proj", **kw)(
-            activation(self.act)(gate) * up)
+        hidden = activation(self.act)(gate) * up
+        if self.activation_axes is not None:
+            hidden = constrain(hidden, self.activation_axes)
+        return dense(self.hidden_size, (mlp, embed), name="down_proj", **kw)(hidden)
 
 
 # ------------------------------------------------------------------------------------------

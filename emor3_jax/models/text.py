@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from emor3_jax.models.config import Qwen2_5_VLConfig
-from emor3_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, attention, dense, mrope,
-                                     remat_policy)
+from emor3_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, attention, constrain, dense,
+                                     mrope, remat_policy)
 
 FORWARD, PREFILL, DECODE = "forward", "prefill", "decode"
 # Prompts, then the responses that continue them, through each layer in turn (one scan; see
@@ -85,6 +85,18 @@ def cache_shardings(config: Qwen2_5_VLConfig, mesh, batch_size: int, max_len: in
     return KVCache(k=kv, v=kv, key_mask=one(names.key_mask, shapes.key_mask))
 
 
+# Logical axes of the decoder's activations (emor3_jax.sharding.LOGICAL_RULES): rows over the
+# data-parallel axes, heads and the MLP's intermediate over `tensor`, the residual stream
+# replicated over `tensor` (Megatron's layout). Applied when tracing under a mesh
+# (`layers.kernel_mesh`), so a tensor-parallel run cannot quietly replicate them.
+ACTIVATION_AXES = {
+    "hidden": ("batch", "length", "act_embed"),
+    "q": ("batch", "length", "heads", None),
+    "kv": ("batch", "length", "kv_heads", None),
+    "mlp": ("batch", "length", "mlp"),
+}
+
+
 class Attention(nn.Module):
     config: Qwen2_5_VLConfig
 
@@ -103,6 +115,8 @@ class Attention(nn.Module):
         q = apply_rotary(q.reshape(b, length, t.num_attention_heads, t.head_dim), cos, sin)
         k = apply_rotary(k.reshape(b, length, t.num_key_value_heads, t.head_dim), cos, sin)
         v = v.reshape(b, length, t.num_key_value_heads, t.head_dim)
+        q = constrain(q, ACTIVATION_AXES["q"])
+        k, v = constrain(k, ACTIVATION_AXES["kv"]), constrain(v, ACTIVATION_AXES["kv"])
         new_cache = None
         if mode != FORWARD:
             ck, cv = layer_cache
@@ -130,9 +144,10 @@ class DecoderLayer(nn.Module):
         attn = Attention(c, name="self_attn")
         norm2 = RMSNorm(t.rms_norm_eps, name="post_attention_layernorm", **kw)
         mlp = GatedMLP(t.hidden_size, t.intermediate_size, t.hidden_act, False,
-                       ("embed", "mlp"), name="mlp", **kw)
+                       ("embed", "mlp"), activation_axes=ACTIVATION_AXES["mlp"], name="mlp", **kw)
 
         def block(x, layer_cache, cos, sin, mask, write_index, mode):
+            x = constrain(x, ACTIVATION_AXES["hidden"])
             h, new_cache = attn(norm1(x), layer_cache, cos, sin, mask, write_index, mode)
             x = x + h
             return x + mlp(norm2(x)), new_cache

@@ -7,19 +7,15 @@ so they never reach the loss or the metrics.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
+from emor3_jax.batches import PromptBatch, concat_prompt_batches
 from emor3_jax.processing import chat
 from emor3_jax.rewards import emotion
 from emor3_jax.rl import losses
-
-# Per-row fields of a pipeline batch (numpy dict, see emor3_jax/data/pipeline.py).
-_ROW_FIELDS = ("input_ids", "attention_mask", "rope_deltas", "image_grid_thw", "label",
-               "label_text", "problem", "example_id", "epoch", "caption", "valid")
-
 
 # A field of Rollout with one entry per response row (prompt-major, row b * G + g): `take` and
 # `concat` slice and join every such field (arrays, lists, dicts of them) by tree operations.
@@ -32,7 +28,7 @@ def _rows(**kw):
 
 @dataclasses.dataclass
 class Rollout:
-    prompts: dict                   # the pipeline batch the responses answer (B prompts)
+    prompts: PromptBatch            # the prompts the responses answer (B rows)
     tokens: np.ndarray = _rows()    # [N, T] int32, pad after the end
     logprobs: np.ndarray = _rows()  # [N, T] fp32 sampler log-probs (the rollout policy's)
     lengths: np.ndarray = _rows()   # [N] generated tokens, EOS included
@@ -45,11 +41,11 @@ class Rollout:
 
     @property
     def valid(self) -> np.ndarray:
-        return np.repeat(np.asarray(self.prompts["valid"], bool), self.group_size)
+        return np.repeat(self.prompts.row_valid, self.group_size)
 
     @property
     def labels(self) -> list[str]:
-        return [str(x) for x in np.repeat(np.asarray(self.prompts["label_text"], object),
+        return [str(x) for x in np.repeat(np.asarray(self.prompts.label_text, object),
                                           self.group_size)]
 
     def response_mask(self) -> np.ndarray:
@@ -69,7 +65,7 @@ class Rollout:
         rows = (prompts[:, None] * g + np.arange(g)[None]).reshape(-1)
         fields = jax.tree.map(lambda x: [x[i] for i in rows] if isinstance(x, list)
                               else np.asarray(x)[rows], self._response_fields(), is_leaf=_is_list)
-        return dataclasses.replace(self, prompts=take_prompts(self.prompts, prompts), **fields)
+        return dataclasses.replace(self, prompts=self.prompts.take(prompts), **fields)
 
 
 def _is_list(x) -> bool:
@@ -79,77 +75,26 @@ def _is_list(x) -> bool:
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
     """One rollout of `parts` in order (prompt batches left-padded to the widest); the judge
     metrics are the last part's."""
-    width = max(p.prompts["input_ids"].shape[1] for p in parts)
     fields = jax.tree.map(lambda *xs: sum(xs, []) if isinstance(xs[0], list)
                           else np.concatenate(xs), *[p._response_fields() for p in parts],
                           is_leaf=_is_list)
     return dataclasses.replace(
-        parts[-1], prompts=concat_prompts([left_pad_prompts(p.prompts, width) for p in parts]),
-        **fields)
+        parts[-1], prompts=concat_prompt_batches([p.prompts for p in parts]), **fields)
 
 
-def left_pad_prompts(batch: Mapping[str, Any], width: int) -> dict:
-    """Left-pad a prompt batch to `width` columns (positions of pads are 0, as the pipeline's)."""
-    cur = batch["input_ids"].shape[1]
-    if cur == width:
-        return batch
-    pad = width - cur
-    out = dict(batch)
-    pad_id = int(batch["input_ids"][batch["attention_mask"] == 0][0]) if (
-        batch["attention_mask"] == 0).any() else 0
-    out["input_ids"] = np.pad(batch["input_ids"], ((0, 0), (pad, 0)), constant_values=pad_id)
-    out["attention_mask"] = np.pad(batch["attention_mask"], ((0, 0), (pad, 0)))
-    out["position_ids"] = np.pad(batch["position_ids"], ((0, 0), (0, 0), (pad, 0)))
-    return out
-
-
-def take_prompts(batch: Mapping[str, Any], index: Sequence[int]) -> dict:
-    """The sub-batch of prompts `index` (pixel rows, grids and positions follow their rows)."""
-    index = np.asarray(index, np.int64)
-    out = {k: v for k, v in batch.items() if k not in _ROW_FIELDS}
-    for k in _ROW_FIELDS:
-        if k in batch:
-            out[k] = np.asarray(batch[k])[index]
-    out["position_ids"] = np.asarray(batch["position_ids"])[:, index]
-    if batch.get("pixel_values") is not None:
-        grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-        patches = np.prod(grid, axis=-1)
-        if len(patches) != len(batch["input_ids"]):
-            raise ValueError("take_prompts expects one image per prompt (the pipeline's layout)")
-        starts = np.concatenate([[0], np.cumsum(patches)])
-        pixels = np.asarray(batch["pixel_values"])
-        out["pixel_values"] = np.concatenate([pixels[starts[i]:starts[i + 1]] for i in index])
-        out["num_patches"] = int(patches[index].sum())
-    return out
-
-
-def concat_prompts(batches: Sequence[Mapping[str, Any]]) -> dict:
-    """Stack prompt batches of the same prompt length (pixel rows trimmed to the real ones)."""
-    out = dict(batches[0])
-    for k in _ROW_FIELDS:
-        if k in out:
-            out[k] = np.concatenate([np.asarray(b[k]) for b in batches])
-    out["position_ids"] = np.concatenate([np.asarray(b["position_ids"]) for b in batches], 1)
-    if out.get("pixel_values") is not None:
-        out["pixel_values"] = np.concatenate(
-            [np.asarray(b["pixel_values"])[:int(np.prod(np.asarray(b["image_grid_thw"]), -1).sum())]
-             for b in batches])
-        out["num_patches"] = int(out["pixel_values"].shape[0])
-    return out
-
-
-def sample(sampler, params, batch: Mapping[str, Any], rng, *, group_size: int,
+def sample(sampler, params, batch: PromptBatch, rng, *, group_size: int,
            max_new_tokens: int, temperature: float, top_p: float, top_k: int, ids, tokenizer
            ) -> Rollout:
+    pixel_values, grid = batch.flat_images()
     out = sampler.generate(
-        params, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-        batch.get("image_grid_thw"), max_new_tokens=max_new_tokens, num_samples=group_size,
+        params, batch.input_ids, batch.attention_mask, pixel_values, grid,
+        max_new_tokens=max_new_tokens, num_samples=group_size,
         temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=ids.eos,
         forbidden_token_ids=ids.forbidden, pad_token_id=ids.pad, valid_vocab_size=ids.vocab_size,
-        rng=rng, position_ids=batch["position_ids"], rope_deltas=batch["rope_deltas"])
+        rng=rng, position_ids=batch.mrope_positions, rope_deltas=batch.rope_deltas)
     texts = [chat.decode_response(tokenizer, out.tokens[r], int(out.lengths[r]))
              for r in range(out.tokens.shape[0])]
-    return Rollout(prompts=dict(batch), tokens=np.asarray(out.tokens),
+    return Rollout(prompts=batch, tokens=np.asarray(out.tokens),
                    logprobs=np.asarray(out.logprobs, np.float32),
                    lengths=np.asarray(out.lengths), texts=texts, group_size=group_size)
 
@@ -165,7 +110,7 @@ def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None,
     if preset.needs_coherence or preset.needs_consistency:
         if judge is None:
             raise ValueError(f"reward preset {preset.name!r} needs the judge, but none was built")
-        verdict = judge.rewards(rollout.texts, labels, tuple(rollout.prompts["labels_of_dataset"]),
+        verdict = judge.rewards(rollout.texts, labels, tuple(rollout.prompts.labels_of_dataset),
                                 preset, image_rows(rollout), rng, policy_params=judge_params)
         answers = verdict.score_kwargs()
         rollout.judge = judge_metrics(verdict, rollout)
@@ -198,16 +143,11 @@ def judge_metrics(verdict, rollout: Rollout) -> dict[str, float]:
 
 
 def image_rows(rollout: Rollout):
-    """Per response row: its prompt's image as a ProcessedImage (one object per prompt)."""
+    """Per response row: its prompt's (first) image as a ProcessedImage (one object per
+    prompt), None for a prompt without one."""
     from emor3_jax.rewards.judge import ProcessedImage
-    batch = rollout.prompts
-    if batch.get("pixel_values") is None:
-        return [None] * len(rollout.texts)
-    grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-    starts = np.concatenate([[0], np.cumsum(np.prod(grid, -1))])
-    pixels = np.asarray(batch["pixel_values"])
-    per_prompt = [ProcessedImage(pixels[starts[i]:starts[i + 1]], tuple(int(x) for x in grid[i]))
-                  for i in range(len(grid))]
+    per_prompt = [next((ProcessedImage(p, g) for p, g in rollout.prompts.row_images(b)), None)
+                  for b in range(rollout.prompts.num_rows)]
     return [per_prompt[r // rollout.group_size] for r in range(len(rollout.texts))]
 
 

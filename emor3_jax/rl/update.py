@@ -55,8 +55,7 @@ metrics["padded_fraction"]: padded response slots / all response slots computed.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -67,9 +66,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from emor3_jax import sharding
+from emor3_jax.batches import PromptBatch
 from emor3_jax.models import layers, qwen2_5_vl
 from emor3_jax.processing import vision as vision_lib
-from emor3_jax.processing.vision import VisionInputs, VisionPadding
+from emor3_jax.processing.vision import VisionPadding
 from emor3_jax.rl import losses
 from emor3_jax.rl.logprobs import PolicyInputs, response_logprobs
 
@@ -145,30 +145,17 @@ def merge_micro_batches(x, axis: int = 0):
     return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
 
 
-def _images_of_prompts(config, prompt_ids, prompt_mask, grid_thw) -> list[list[int]]:
-    """The image numbers (rows of image_grid_thw) of each prompt row, checked against its
-    image-pad token count (images are listed in row-major token order, as the HF processor)."""
-    tokens = np.prod(grid_thw, axis=-1) // config.vision.merge_unit
-    out, next_image = [], 0
-    for b in range(prompt_ids.shape[0]):
-        wanted = int(((prompt_ids[b] == config.image_token_id) & (prompt_mask[b] != 0)).sum())
-        images, count = [], 0
-        while count < wanted:
-            if next_image >= len(grid_thw):
-                raise ValueError(f"prompt row {b}: {wanted} image-pad tokens but image_grid_thw "
-                                 f"lists only {len(grid_thw)} images in all")
-            images.append(next_image)
-            count += int(tokens[next_image])
-            next_image += 1
-        if count != wanted:
-            raise ValueError(f"prompt row {b}: {wanted} image-pad tokens do not match its "
-                             f"images' {count} merged tokens (image_grid_thw "
-                             f"{grid_thw[images].tolist()}); prompts must not be truncated")
-        out.append(images)
-    if next_image != len(grid_thw):
-        raise ValueError(f"image_grid_thw lists {len(grid_thw)} images but the prompts' image-pad "
-                         f"tokens account for {next_image}")
-    return out
+def _check_image_tokens(config, prompts: PromptBatch) -> None:
+    """Every prompt row's image-pad tokens must be exactly its images' merged tokens (a
+    truncated prompt or a wrong grid would misplace every image embedding)."""
+    merged = prompts.num_patches // config.vision.merge_unit
+    tokens = ((prompts.input_ids == config.image_token_id) & (prompts.attention_mask != 0)).sum(1)
+    bad = np.flatnonzero(tokens != merged)
+    if len(bad):
+        b = int(bad[0])
+        raise ValueError(f"prompt row {b}: {int(tokens[b])} image-pad tokens do not match its "
+                         f"images' {int(merged[b])} merged tokens (image_grid_thw "
+                         f"{prompts.image_grid_thw[b].tolist()}); prompts must not be truncated")
 
 
 def _padded_vision(config, grids: list[np.ndarray], padding: VisionPadding):
@@ -193,31 +180,23 @@ def _gather_rows(x, rows, axis: int) -> np.ndarray:
     return np.moveaxis(np.where(valid, out, 0), axis, 0).astype(np.int32)
 
 
-def pack_policy_inputs(config, prompts: Mapping[str, Any], responses, response_mask, *,
+def pack_policy_inputs(config, prompts: PromptBatch, responses, response_mask, *,
                        group_size: int, micro_batch_rows: int,
                        vision_padding: VisionPadding = DEFAULT_VISION_PADDING) -> PolicyInputs:
     """Stack a rollout into micro-batches of n responses + their distinct prompts (module
     docstring); numpy arrays, every leaf with a leading [M] axis.
 
     config: the model's Qwen2_5_VLConfig (image token id, vision geometry).
-    prompts: the data pipeline's batch (B prompts): `input_ids` [B, Lp] (left-padded),
-      `attention_mask` [B, Lp], `position_ids` [3, B, Lp], and for images `pixel_values`
-      [>= sum t*h*w, patch_dim] (images in row order, extra rows ignored) and
-      `image_grid_thw` [n_images, 3] (row-major token order, as the HF processor).
+    prompts: the B prompts (`PromptBatch`, left-padded, each row with its images).
     responses, response_mask: [N, T] with N = B * group_size, prompt-major rows.
     micro_batch_rows: rows per micro-batch over all devices (`micro_batch_rows(per_device, mesh)`).
     """
-    prompt_ids = np.asarray(prompts["input_ids"])
-    prompt_mask = np.asarray(prompts["attention_mask"])
-    prompt_pos = np.asarray(prompts["position_ids"])
+    prompt_ids, prompt_mask = prompts.input_ids, prompts.attention_mask
+    prompt_pos = prompts.mrope_positions
     responses = np.asarray(responses)
     response_mask = (np.asarray(response_mask) != 0).astype(np.int32)
     b, lp = prompt_ids.shape
     n_rows, t = responses.shape
-    if prompt_mask.shape != (b, lp) or prompt_pos.shape != (3, b, lp):
-        raise ValueError(f"prompts: attention_mask {prompt_mask.shape} and position_ids "
-                         f"{prompt_pos.shape} must be [B, Lp] and [3, B, Lp] for input_ids "
-                         f"{prompt_ids.shape}")
     if n_rows != b * group_size:
         raise ValueError(f"responses: {n_rows} rows but {b} prompts x group_size {group_size} = "
                          f"{b * group_size}; rows must be prompt-major (b*G + g)")
@@ -240,25 +219,16 @@ def pack_policy_inputs(config, prompts: Mapping[str, Any], responses, response_m
     local = np.stack([np.searchsorted(members[i], prompt_of_row[i * n:(i + 1) * n])
                       for i in range(m)]).astype(np.int32)
     pixel_values = vision_inputs = None
-    grid_thw = prompts.get("image_grid_thw")
-    grid_thw = np.zeros((0, 3), np.int64) if grid_thw is None else \
-        np.asarray(grid_thw, np.int64).reshape(-1, 3)
-    if len(grid_thw):
-        if prompts.get("pixel_values") is None:
-            raise ValueError("prompts: image_grid_thw given without pixel_values")
-        pixels = np.asarray(prompts["pixel_values"], np.float32)
-        starts = np.concatenate([[0], np.cumsum(np.prod(grid_thw, axis=-1))])
-        if pixels.shape[0] < starts[-1]:
-            raise ValueError(f"prompts: pixel_values has {pixels.shape[0]} rows but "
-                             f"image_grid_thw needs {starts[-1]}")
-        images_of = _images_of_prompts(config, prompt_ids, prompt_mask, grid_thw)
+    if prompts.has_images:
+        _check_image_tokens(config, prompts)
         grids, pixel_lists = [], []
         for x in members:
-            images = [i for prompt in x for i in images_of[prompt]]
+            images = [im for prompt in x for im in prompts.row_images(int(prompt))]
             # a micro-batch without images still needs a (dummy, unread) one: static shapes
-            grids.append(grid_thw[images] if images else np.array([[1, 2, 2]]))
-            pixel_lists.append(np.concatenate([pixels[starts[i]:starts[i + 1]] for i in images])
-                               if images else np.zeros((4, pixels.shape[1]), np.float32))
+            grids.append(np.asarray([g for _, g in images]) if images else np.array([[1, 2, 2]]))
+            pixel_lists.append(np.concatenate([p for p, _ in images]).astype(np.float32)
+                               if images else np.zeros((4, prompts.pixel_values.shape[-1]),
+                                                       np.float32))
         vins, num_patches = _padded_vision(config, grids, vision_padding)
         pixel_values = np.stack([vision_lib.pad_pixel_values(x, num_patches)
                                  for x in pixel_lists])
@@ -274,7 +244,7 @@ def pack_policy_inputs(config, prompts: Mapping[str, Any], responses, response_m
         prompt_index=local)
 
 
-def pack_update_batch(config, prompts: Mapping[str, Any], responses, response_mask, advantages,
+def pack_update_batch(config, prompts: PromptBatch, responses, response_mask, advantages,
                       old_logp, ref_logp=None, *, group_size: int, micro_batch_rows: int,
                       vision_padding: VisionPadding = DEFAULT_VISION_PADDING,
                       inputs: PolicyInputs | None = None) -> UpdateBatch:
@@ -332,26 +302,6 @@ def response_lengths(response_mask) -> np.ndarray:
     return np.where(mask.any(1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
 
 
-def _prompts_in_order(config, prompts: Mapping[str, Any], order) -> dict:
-    """The prompt batch with its rows (and their images) in `order`."""
-    ids, mask = np.asarray(prompts["input_ids"]), np.asarray(prompts["attention_mask"])
-    out = dict(input_ids=ids[order], attention_mask=mask[order],
-               position_ids=np.asarray(prompts["position_ids"])[:, order])
-    grid = prompts.get("image_grid_thw")
-    grid = None if grid is None else np.asarray(grid, np.int64).reshape(-1, 3)
-    if grid is None or not len(grid) or prompts.get("pixel_values") is None:
-        out.update(image_grid_thw=grid, pixel_values=prompts.get("pixel_values"))
-        return out      # (no images; or pack_policy_inputs names what is missing)
-    pixels = np.asarray(prompts["pixel_values"])
-    starts = np.concatenate([[0], np.cumsum(np.prod(grid, axis=-1))])
-    images_of = _images_of_prompts(config, ids, mask, grid)
-    images = [i for b in order for i in images_of[b]]
-    out["image_grid_thw"] = grid[images].reshape(-1, 3)
-    out["pixel_values"] = (np.concatenate([pixels[starts[i]:starts[i + 1]] for i in images])
-                           if images else pixels[:0])
-    return out
-
-
 @dataclasses.dataclass
 class MicroBatches:
     """A mini-batch as micro-batches each padded to its own bucketed response (and prompt)
@@ -384,7 +334,7 @@ class MicroBatches:
                 (getattr(item, "inputs", item) for item in self.items)]
 
 
-def pack_micro_batches(config, prompts: Mapping[str, Any], responses, response_mask,
+def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
                        advantages=None, old_logp=None, ref_logp=None, *, group_size: int,
                        micro_batch_rows: int, sort: bool = True, length_buckets=(),
                        prompt_buckets=None,
@@ -406,7 +356,7 @@ def pack_micro_batches(config, prompts: Mapping[str, Any], responses, response_m
     responses = np.asarray(responses)
     mask = (np.asarray(response_mask) != 0).astype(np.int32)
     n_rows, t = responses.shape
-    b = np.shape(prompts["input_ids"])[0]
+    b = prompts.num_rows
     if mask.shape != responses.shape:
         raise ValueError(f"response_mask {mask.shape} != responses {responses.shape}")
     if n_rows != b * group_size:
@@ -425,7 +375,7 @@ def pack_micro_batches(config, prompts: Mapping[str, Any], responses, response_m
         prompt_order = np.argsort(-per_prompt.max(axis=1), kind="stable")
         within = np.argsort(-per_prompt, axis=1, kind="stable")[prompt_order]
         order = (prompt_order[:, None] * group_size + within).reshape(-1)
-        prompts = _prompts_in_order(config, prompts, prompt_order)
+        prompts = prompts.take(prompt_order)
     else:
         order = np.arange(n_rows)
     inputs = pack_policy_inputs(config, prompts, responses[order], mask[order],
