@@ -1,6 +1,7 @@
 """Grouped sampler == transformers generate (greedy), right sampling distribution, prefill once
 per prompt, same tokens on a mesh, few programs, memory check (tiny fp32 models)."""
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,8 @@ from emor3_jax.models.config import tiny_config
 from emor3_jax.models.text import TextModel
 from emor3_jax.models.vision import VisionTransformer
 from emor3_jax.processing import rope_index
-from emor3_jax.sampling import (Sampler, SamplerMemoryError, generate, grouped_decode, packing,
-                                rules)
+from emor3_jax.sampling import (Sampler, SamplerMemoryError, generate, grouped_decode, memory,
+                                packing, rules)
 from qwen_testutil import chat_row, hf_logits, hf_model, images, left_pad
 
 NEW_TOKENS = 24
@@ -300,6 +301,27 @@ def test_few_programs_traced_knobs_and_memory_check(setup):
                        r".* \(memory_limit_bytes\)"):
         small.generate(params, ids, mask, pv, grid, max_new_tokens=4)
     assert small.compiled == {"prefill": 1}        # compiled and checked, then never run
+
+
+def test_fit_check_reads_xla_memory_analysis():
+    """memory.check_fits: args + outputs - aliased + temporaries against the limit; a backend
+    without memory analysis is not checked."""
+    class Compiled:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_analysis(self):
+            return self.stats
+
+    gib = 1 << 30
+    stats = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=gib,
+                                  alias_size_in_bytes=gib, temp_size_in_bytes=2 * gib,
+                                  generated_code_size_in_bytes=0)
+    memory.check_fits(Compiled(stats), "decode of 4 prompts", 6 * gib, "test")      # 5 GiB
+    with pytest.raises(SamplerMemoryError, match=r"decode of 4 prompts needs about 5.00 GiB "
+                       r"per device .* limit is 4.00 GiB \(test\)"):
+        memory.check_fits(Compiled(stats), "decode of 4 prompts", 4 * gib, "test")
+    memory.check_fits(Compiled(None), "decode of 4 prompts", 1, "test")
 
 
 def test_prompts_sharing_an_image_equal_duplicated_images(setup):

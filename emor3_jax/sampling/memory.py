@@ -22,7 +22,7 @@ def program_memory(compiled) -> dict[str, int] | None:
     (donated outputs reusing argument buffers) and code; None where the backend has none."""
     try:
         mem = compiled.memory_analysis()
-    except (NotImplementedError, RuntimeError):   # noqa: PERF203 (backends without it)
+    except (NotImplementedError, RuntimeError):       # backends without it
         mem = None
     if mem is None:
         return None
