@@ -278,7 +278,7 @@ def get_config():
     c.mesh.tensor = 1
 
     c.aot = ml_collections.ConfigDict()
-    c.aot.topology = ""            # e.g. v4:2x2x1 (v4-8); see emor3_jax/aot.py
+    c.aot.topology = ""            # e.g. v4:2x2x1 (v4-8); see emor3_jax/aot/
 
     c.profile = ml_collections.ConfigDict()
     c.profile.steps = ()           # training steps to trace with jax.profiler

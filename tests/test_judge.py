@@ -17,6 +17,7 @@ from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import tokenizer as tokenizer_lib
 from emor3_jax.rewards import emotion
 from emor3_jax.rewards.judge import Judge, ProcessedImage
+from emor3_jax.sampling import packing
 from qwen_testutil import hf_logits, hf_model, images
 
 LABELS = base.LABELS["emoset2k"]
@@ -241,7 +242,7 @@ def test_shared_prefix_equals_unshared(setup):
                   temperature=0.6, max_new_tokens=6)
     p_ids, p_mask, pv, grid, rows = judge.encode(coh + cons, [None] * 4 + imgs)
     tokens = [p_ids[r][p_mask[r] == 1] for r in range(8)]
-    units = judge.sampler._shared_units(tokens, rows, cap=8)
+    units = packing.shared_units(tokens, rows, cap=8, image_token_id=ids.image_pad)
     by_rows = {tuple(sorted(u.tolist())): p for u, p in units}
     assert set(by_rows) == {(0, 1, 2, 3), (4, 5), (6, 7)}          # text; image 0; image 1
     for unit, p in by_rows.items():

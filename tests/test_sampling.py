@@ -1,5 +1,8 @@
 """Grouped sampler == transformers generate (greedy), right sampling distribution, prefill once
 per prompt, same tokens on a mesh, few programs, memory check (tiny fp32 models)."""
+import functools
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +16,8 @@ from emor3_jax.models.config import tiny_config
 from emor3_jax.models.text import TextModel
 from emor3_jax.models.vision import VisionTransformer
 from emor3_jax.processing import rope_index
-from emor3_jax.sampling import (Sampler, SamplerMemoryError, generate, grouped_decode, rules)
+from emor3_jax.sampling import (Sampler, SamplerMemoryError, generate, grouped_decode, memory,
+                                packing, rules)
 from qwen_testutil import chat_row, hf_logits, hf_model, images, left_pad
 
 NEW_TOKENS = 24
@@ -292,9 +296,32 @@ def test_few_programs_traced_knobs_and_memory_check(setup):
     assert sampler.num_programs == 4
 
     small = Sampler(model, memory_limit_bytes=1 << 20)
-    with pytest.raises(SamplerMemoryError, match=r"needs about .* GiB per device .* limit"):
+    with pytest.raises(SamplerMemoryError, match=r"prefill of \d+ prompts \(prompt bucket \d+, "
+                       r"\d+ image patches\) needs about .* GiB per device .* limit is "
+                       r".* \(memory_limit_bytes\)"):
         small.generate(params, ids, mask, pv, grid, max_new_tokens=4)
-    assert small.num_programs == 0                                   # failed before compiling
+    assert small.compiled == {"prefill": 1}        # compiled and checked, then never run
+
+
+def test_fit_check_reads_xla_memory_analysis():
+    """memory.check_fits: args + outputs - aliased + temporaries against the limit; a backend
+    without memory analysis is not checked."""
+    class Compiled:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_analysis(self):
+            return self.stats
+
+    gib = 1 << 30
+    stats = types.SimpleNamespace(argument_size_in_bytes=3 * gib, output_size_in_bytes=gib,
+                                  alias_size_in_bytes=gib, temp_size_in_bytes=2 * gib,
+                                  generated_code_size_in_bytes=0)
+    memory.check_fits(Compiled(stats), "decode of 4 prompts", 6 * gib, "test")      # 5 GiB
+    with pytest.raises(SamplerMemoryError, match=r"decode of 4 prompts needs about 5.00 GiB "
+                       r"per device .* limit is 4.00 GiB \(test\)"):
+        memory.check_fits(Compiled(stats), "decode of 4 prompts", 4 * gib, "test")
+    memory.check_fits(Compiled(None), "decode of 4 prompts", 1, "test")
 
 
 def test_prompts_sharing_an_image_equal_duplicated_images(setup):
@@ -320,16 +347,15 @@ def test_shared_prefix_units_and_continuation_trie(setup):
     prompt; a prompt ending in image tokens cannot be split; the continuation trie feeds each
     distinct proper prefix once and every node sees exactly its ancestors."""
     cfg = setup[0]
-    sampler = Sampler(setup[3])
     img = cfg.image_token_id
+    units_of = functools.partial(packing.shared_units, image_token_id=img)
     a = np.array([5, 6, img, img, 7, 8])
-    units = sampler._shared_units([a, np.array([5, 9, img, img, 7]), a[:5], a], [[0]] * 4,
-                                  cap=4)
+    units = units_of([a, np.array([5, 9, img, img, 7]), a[:5], a], [[0]] * 4, cap=4)
     assert sorted((u.tolist(), p) for u, p in units) == [([0], 5), ([1], 4), ([2], 4), ([3], 5)]
-    units = sampler._shared_units([a, a[:5], np.array([3, 4, 5])], [[0], [0], []], cap=4)
+    units = units_of([a, a[:5], np.array([3, 4, 5])], [[0], [0], []], cap=4)
     assert sorted((sorted(u.tolist()), p) for u, p in units) == [([0, 1], 4), ([2], 2)]
     with pytest.raises(ValueError, match="cannot be split"):
-        sampler._shared_units([a[:4]], [[0]], cap=4)
+        units_of([a[:4]], [[0]], cap=4)
     trie = sampling.continuation_trie([[7, 1], [7, 2, 1], [8, 1], [9]], pad=0, buckets=4)
     np.testing.assert_array_equal(trie.first, [7, 7, 8, 9])
     np.testing.assert_array_equal(trie.nodes, [7, 2, 8, 0])             # (7), (7 2), (8), filler

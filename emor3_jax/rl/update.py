@@ -617,7 +617,7 @@ def make_logprob_fn(model, mesh, *, chunk: int):
         inputs = sharding.host_to_global(inputs, policy_inputs_shardings(mesh, inputs))
         return jitted(inputs)(params, inputs)
     fn.compiled = compiled
-    # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs
+    # AOT (emor3_jax/aot/): the same program traced from abstract (ShapeDtypeStruct) inputs
     fn.trace = lambda params, inputs: jitted(inputs).trace(params, inputs)
     return fn
 
@@ -763,7 +763,7 @@ def make_train_step(loss_and_grad, model, optimizer, mesh, optim_config=None, *,
         batch = sharding.host_to_global(batch, update_batch_shardings(mesh, batch))
         return jitted(batch)(state, batch)
     call.compiled = compiled
-    # AOT (emor3_jax/aot.py): the same program traced from abstract (ShapeDtypeStruct) inputs
+    # AOT (emor3_jax/aot/): the same program traced from abstract (ShapeDtypeStruct) inputs
     call.trace = lambda state, batch: jitted(batch).trace(state, batch)
     return call
 

@@ -7,8 +7,9 @@
     res.tokens [B*G, T], res.logprobs [B*G, T], res.lengths [B*G]   (rows b*G + g)
 
 `Sampler` keeps the compiled programs for repeated calls (the trainer, the judge);
-`sampler.py` documents the flow, `grouped_decode.py` the KV-cache layout, `rules.py` the
-next-token rules.
+`sampler.py` documents the flow, `packing.py` the host side, `programs.py` the jitted programs,
+`memory.py` the fit check, `grouped_decode.py` the KV-cache layout, `rules.py` the next-token
+rules.
 """
 from emor3_jax.sampling.grouped_decode import GroupedCache, grouped_cache_bytes  # noqa: F401
 from emor3_jax.sampling.rules import allowed_mask, next_tokens, processed_logits  # noqa: F401

@@ -1,0 +1,428 @@
+"""The step's programs, compiled from abstract inputs through the functions the trainer calls
+(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_update_step(...).trace`), and what
+each one needs beside the trees that stay resident."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emor3_jax import model_source, policy as policy_lib
+from emor3_jax import sharding
+from emor3_jax.batches import PromptBatch
+from emor3_jax.aot import hlo
+from emor3_jax.aot.chips import GiB, Chip, Topology
+from emor3_jax.aot.cost import kernel_flops, matmul_flops
+from emor3_jax.aot.shapes import (JUDGE_CANDIDATE_TOKENS, JUDGE_TEMPLATE_TOKENS, Image,
+                                  Lengths, Shapes, _round_up, image_for, lengths_for,
+                                  model_config, step_shapes)
+from emor3_jax.models import qwen2_5_vl
+from emor3_jax.models.config import Qwen2_5_VLConfig
+from emor3_jax.rewards import emotion
+from emor3_jax.rl import update as update_lib
+from emor3_jax.sampling import Sampler, SamplerBuckets
+from emor3_jax.sampling import memory as memory_lib
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def abstract_params(model, mesh):
+    """The parameter tree as ShapeDtypeStructs placed with the model's shardings."""
+    shapes = nn.unbox(qwen2_5_vl.abstract_params(model))
+    return _with_shardings(shapes, qwen2_5_vl.param_shardings(model, mesh))
+
+
+def abstract_train_state(model, optimizer, mesh) -> update_lib.TrainState:
+    """TrainState (params + optimizer state) as ShapeDtypeStructs with its shardings."""
+    params = nn.unbox(qwen2_5_vl.abstract_params(model))
+    state = update_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                  opt_state=jax.eval_shape(optimizer.init, params))
+    return _with_shardings(state, update_lib.train_state_shardings(model, optimizer, mesh))
+
+
+def _stack_micro_batches(tree, num_micro_batches: int):
+    """Host arrays [M0, ...] -> ShapeDtypeStructs [M, ...] (every micro-batch is alike)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((num_micro_batches,) + x.shape[1:],
+                                                       x.dtype), tree)
+
+
+def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Image,
+                          micro_rows: int, *, with_ref: bool) -> update_lib.UpdateBatch:
+    """An UpdateBatch of one mini-batch, shapes only: the smallest rollout that packs into
+    whole micro-batches goes through `pack_update_batch` (the trainer's packing), then its
+    micro-batch axis is widened to the mini-batch's."""
+    g, lp, t = shapes.group, shapes.prompt_len, shapes.response_len
+    rows = math.lcm(micro_rows, g)
+    prompts_n = rows // g
+    if shapes.mini_batch_rows % micro_rows:
+        raise ValueError(f"a mini-batch of {shapes.mini_batch_rows} responses does not split "
+                         f"into micro-batches of {micro_rows} rows (per-device micro-batch x "
+                         f"{shapes.dp} data-parallel devices); change rl.micro_batch_size, "
+                         "rl.logprob_micro_batch_size or rl.mini_batch_size")
+    if image.tokens + 1 > lp:
+        raise ValueError(f"an image of {image.tokens} tokens does not fit a {lp}-token prompt")
+    ids = np.full((prompts_n, lp), 0, np.int32)
+    ids[:, lp - image.tokens - 1:-1] = model_cfg.image_token_id      # image, then text
+    pixels = np.zeros((image.patches, model_cfg.vision.patch_dim), np.float32)
+    prompts = PromptBatch.create(ids, np.ones_like(ids), np.zeros((3, prompts_n, lp), np.int32),
+                                 images=[[(pixels, image.grid_thw)]] * prompts_n)
+    responses = np.zeros((rows, t), np.int32)
+    batch = update_lib.pack_update_batch(
+        model_cfg, prompts, responses, np.ones_like(responses), np.zeros(rows, np.float32),
+        np.zeros((rows, t), np.float32), np.zeros((rows, t), np.float32) if with_ref else None,
+        group_size=g, micro_batch_rows=micro_rows)
+    return _stack_micro_batches(batch, shapes.mini_batch_rows // micro_rows)
+
+
+RESIDENT = ("policy params", "optimizer state", "reference params", "judge params")
+
+
+@dataclasses.dataclass
+class Program:
+    name: str
+    shapes: str
+    uses: tuple[str, ...]            # resident trees it takes as arguments
+    calls: int                       # calls per training step
+    group: str                       # which knob family it belongs to (for suggestions)
+    memory: dict | None = None       # per-device bytes: args, out, temp, alias, code
+    xla_flops: float = 0.0           # per device, loop bodies once (XLA cost analysis)
+    xla_bytes: float = 0.0           # HBM bytes accessed, the same way
+    kernel_flops: float = 0.0        # per device, Pallas kernels (analytic, loops counted)
+    loop_scale: float = 1.0
+    compile_s: float = 0.0
+    error: str | None = None
+    extra_live: int = 0              # bytes live beside it that belong to no resident tree
+    extra_what: str = ""
+
+    @property
+    def total(self) -> int:
+        return memory_lib.total_bytes(self.memory or {})
+
+    @property
+    def flops(self) -> float:
+        return self.xla_flops * self.loop_scale + self.kernel_flops
+
+    def seconds(self, chip: Chip) -> float:
+        """Roofline time on `chip`: FLOPs at the MXU's peak or bytes at HBM bandwidth,
+        whichever takes longer (a lower bound where overlap or collectives fall short)."""
+        return max(self.flops / chip.peak_flops,
+                   self.xla_bytes * self.loop_scale / chip.hbm_bandwidth)
+
+
+def compile_program(program: Program, traced, *, while_trips: int = 1, log=None):
+    """Lower + compile a traced program; fill in its memory, FLOPs and time (or its error)."""
+    t0 = time.time()
+    if log:
+        log(f"compiling {program.name} ({program.shapes}) ...")
+    try:
+        compiled = traced.lower().compile()
+    except Exception as e:  # noqa: BLE001 (XLA reports out-of-memory as a runtime error)
+        program.error = hlo.error_line(e)
+        program.compile_s = time.time() - t0
+        return None
+    program.compile_s = time.time() - t0
+    program.memory = memory_lib.program_memory(compiled)     # as the sampler's fit check
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    program.xla_flops = float(cost.get("flops", 0.0))
+    program.xla_bytes = float(cost.get("bytes accessed", 0.0))
+    full, once = matmul_flops(traced.jaxpr.jaxpr, while_trips)
+    program.loop_scale = full / once if once else 1.0
+    # the jaxpr has global shapes: per device, as XLA's figures
+    devices = max(len(x.device_set) for x in jax.tree.leaves(compiled.input_shardings))
+    program.kernel_flops = kernel_flops(traced.jaxpr.jaxpr, while_trips) / devices
+    if log:
+        log(f"  {program.name}: {program.total / GiB:.2f} GiB per device, "
+            f"compiled in {program.compile_s:.0f} s")
+    return compiled
+
+
+def _abstract_outputs(traced, compiled):
+    """A program's outputs as ShapeDtypeStructs with the shardings XLA gave them (what the
+    next program receives at run time)."""
+    return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
+                        traced.out_info, compiled.output_shardings)
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything the program builders share (one config variant)."""
+    config: Any
+    topology: Topology
+    mesh: Any
+    model: Any
+    params: Any                  # abstract, sharded
+    image: Image
+    shapes: Shapes
+    log: Any = None
+    lengths: Lengths | None = None
+    sample_mesh: Any = None      # the sampler's and judge's (config.rollout.mesh)
+
+    @property
+    def sampling_params(self):
+        """What the rollout and a policy judge read: policy.sampling_params (abstract)."""
+        return policy_lib.sampling_params(self.model, self.params, self.sample_mesh)
+
+
+def make_context(config, topology: Topology, devices, image_name: str, log=None,
+                 lengths: str = "max") -> Context:
+    m = config.mesh
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
+    model = qwen2_5_vl.build_model(model_config(config))
+    image = image_for(config.data, image_name, model.config)
+    hosts = len({d.process_index for d in devices})
+    expected = lengths_for(lengths, config, image)
+    return Context(config=config, topology=topology, mesh=mesh, model=model,
+                   params=abstract_params(model, mesh), image=image,
+                   shapes=step_shapes(config, mesh, image, hosts, expected), log=log,
+                   lengths=expected, sample_mesh=policy_lib.sampling_mesh(config, mesh))
+
+
+def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_prompts: int,
+                      prompt_len: int, images: int, group: int, new_tokens: int,
+                      calls: int, uses: tuple[str, ...], knob: str,
+                      score: tuple[int, int] | None = None, steps: int = 0,
+                      shared: tuple[int, int, int] | None = None) -> list[Program]:
+    """steps: decode loop iterations to count (default new_tokens). shared: (unit, prefix
+    tokens, suffix tokens): the share_prefix prefill (units of `unit` prompts sharing a prefix;
+    `images`: one per prefix) instead of whole prompts of `prompt_len`."""
+    grid = [ctx.image.grid_thw] * images if images else None
+    if shared is None:                           # what the sampler really runs per call
+        rows, why = sampler._chunk_rows(num_prompts), "bucket"
+    else:
+        b, m = sampler.shared_chunk_rows(num_prompts, shared[0])
+        rows, why = b * m, "buckets"
+    chunk = f"{num_prompts}" + ("" if rows == num_prompts else
+                                f" (compiled as {rows}: the sampler's num_prompts {why})")
+    if shared is None:
+        pre = Program(f"{what} prefill", f"{chunk} prompts x {prompt_len} tokens"
+                      + (f", {images} images" if images else ""), uses, calls, knob)
+        traced = sampler.trace_prefill(params, num_prompts=num_prompts, prompt_len=prompt_len,
+                                       image_grid_thw=grid)
+    else:
+        unit, prefix_len, suffix_len = shared
+        pre = Program(f"{what} prefill", f"{chunk} prompts = {b} shared prefixes of "
+                      f"{prefix_len} tokens" + (" with an image" if images else "") +
+                      f", {m} suffixes of {suffix_len} tokens each", uses, calls, knob)
+        traced = sampler.trace_prefill_shared(params, num_prompts=num_prompts, unit=unit,
+                                              prefix_len=prefix_len, suffix_len=suffix_len,
+                                              image_grid_thw=grid)
+    compiled = compile_program(pre, traced, log=ctx.log)
+    if score is None:
+        dec = Program(f"{what} decode", f"{chunk} x G={group} rows, {new_tokens} "
+                      "new tokens", uses, calls, knob)
+    else:
+        n_cont, width = score
+        dec = Program(f"{what} score", f"{chunk} prompts x {n_cont} continuations of "
+                      f"<= {width} tokens", uses, calls, knob)
+    if compiled is None:      # its input layout (the prefill's output shardings) is unknown
+        dec.error = "not compiled, it takes the prefill's output and the prefill failed"
+        return [pre, dec]
+    state = _abstract_outputs(traced, compiled)
+    if score is None:
+        traced = sampler.trace_decode(params, state, group=group, new_tokens=new_tokens)
+        compile_program(dec, traced, while_trips=max(1, (steps or new_tokens) - 1),
+                        log=ctx.log)
+    else:
+        traced = sampler.trace_score(params, state, num_continuations=n_cont, width=width)
+        compile_program(dec, traced, log=ctx.log)
+    return [pre, dec]
+
+
+def rollout_programs(ctx: Context) -> list[Program]:
+    """The rollout sampler's prefill and decode for one chunk (as Trainer builds it)."""
+    c, s = ctx.config, ctx.shapes
+    r = c.rollout
+    buckets = SamplerBuckets(prompt_len=tuple(c.data.prompt_buckets),
+                             new_tokens=tuple(sorted(set(r.response_buckets) | {
+                                 c.eval.max_new_tokens, r.max_new_tokens})))
+    sampler = Sampler(ctx.model, mesh=ctx.sample_mesh, buckets=buckets,
+                      chunk_size=s.rollout_chunk)
+    chunks = math.ceil(s.rollout_prompts / s.rollout_chunk)
+    programs = _sampler_programs(ctx, sampler, ctx.sampling_params, what="rollout",
+                                 num_prompts=s.rollout_chunk, prompt_len=s.prompt_len,
+                                 images=s.rollout_chunk, group=s.group,
+                                 new_tokens=r.max_new_tokens, calls=chunks,
+                                 uses=("sampling params",), knob="rollout",
+                                 steps=s.rollout_decode_steps)
+    _earlier_chunks(programs[1], sampler, s.rollout_chunk, s.group, s.response_len, chunks)
+    return programs
+
+
+def _earlier_chunks(decode: Program, sampler: Sampler, chunk: int, group: int,
+                    new_tokens: int, chunks: int) -> None:
+    """Sampler.generate fetches after dispatching every chunk: the sampled tokens, log-probs
+    and lengths of the earlier chunks of one call wait on the device beside the last decode."""
+    if chunks > 1:
+        rows = sampler._chunk_rows(chunk) * group
+        decode.extra_live = ((chunks - 1) * (rows * new_tokens * 8 + rows * 4)
+                             // sampler.data_parallel)
+        decode.extra_what = f"outputs of {chunks - 1} earlier chunk{'s' if chunks > 2 else ''}"
+
+
+def judge_model(ctx: Context):
+    """(model, abstract params) of the judge: the policy's sampling copy, or reward.judge_dir's
+    shapes (on the sampler's mesh)."""
+    rw = ctx.config.reward
+    if rw.judge_source != "checkpoint":
+        return ctx.model, ctx.sampling_params
+    if not rw.judge_dir:
+        raise ValueError("config.reward.judge_source='checkpoint': AOT needs "
+                         "reward.judge_dir (the judge's config.json)")
+    judge_dir = model_source.resolve(rw.judge_dir, "config.reward.judge_dir",
+                                     patterns=("config.json",))
+    cfg = Qwen2_5_VLConfig.from_json_file(os.path.join(judge_dir, "config.json"),
+                                          **policy_lib.runtime_fields(ctx.config.model))
+    model = qwen2_5_vl.build_model(cfg)
+    return model, abstract_params(model, ctx.sample_mesh)
+
+
+def _score_continuations(ctx: Context) -> tuple[int, int]:
+    """(count, longest) of the coherence candidates' continuations (the larger set)."""
+    from emor3_jax.rewards import judge as judge_lib
+    from emor3_jax.data import pipeline as data_lib
+    labels = data_lib.dataset_labels(ctx.config, ctx.config.data.train)
+    candidates = judge_lib.coherence_candidates(labels)
+    m = ctx.config.model
+    if m.tiny or m.tokenizer or m.hf_dir:
+        try:
+            from emor3_jax.processing import tokenizer as tok_lib
+            tok = policy_lib.load_tokenizer(m)
+            conts, _ = judge_lib.candidate_tokens(tok, tok_lib.token_ids(tok).im_end, candidates)
+            return len(conts), max(map(len, conts))
+        except (OSError, ValueError):
+            pass
+    spellings = sum(len({x.lower(), x.capitalize()}) for x in candidates)
+    return spellings, JUDGE_CANDIDATE_TOKENS
+
+
+def judge_programs(ctx: Context) -> list[Program]:
+    """The judge's programs over one chunk of its prompts (as Trainer._judge builds it)."""
+    c, s = ctx.config, ctx.shapes
+    rw = c.reward
+    if not s.judge_prompts:
+        return []
+    model, params = judge_model(ctx)
+    buckets = SamplerBuckets(prompt_len=tuple(rw.judge_prompt_buckets),
+                             new_tokens=(rw.judge_max_new_tokens,))
+    sampler = Sampler(model, mesh=ctx.sample_mesh, buckets=buckets, chunk_size=s.judge_chunk)
+    uses = ("judge params",) if rw.judge_source == "checkpoint" else ("sampling params",)
+    calls = s.judge_calls * math.ceil(s.judge_prompts / s.judge_chunk)
+    images = s.judge_chunk if emotion.get_preset(rw.preset).needs_consistency else 0
+    # reward.judge_share_prefix: a rollout prompt's G consistency prompts share the template
+    # and image (the worst chunk: consistency units, the response in the suffix)
+    shared = (s.group, s.judge_prompt_need - s.response_len, s.response_len +
+              JUDGE_TEMPLATE_TOKENS) if rw.judge_share_prefix else None
+    programs = _sampler_programs(
+        ctx, sampler, params, what="judge", num_prompts=s.judge_chunk,
+        prompt_len=s.judge_prompt_len, images=images, group=1,
+        new_tokens=rw.judge_max_new_tokens, calls=calls, uses=uses, knob="judge",
+        score=None if rw.judge_mode == "generate" else _score_continuations(ctx),
+        steps=s.judge_decode_steps, shared=shared)
+    if rw.judge_mode == "generate":
+        _earlier_chunks(programs[1], sampler, s.judge_chunk, 1,
+                        _round_up(rw.judge_max_new_tokens, sampler.buckets.new_tokens),
+                        math.ceil(s.judge_prompts / s.judge_chunk))
+    return programs
+
+
+def reference_programs(ctx: Context) -> list[Program]:
+    """The log-prob passes over one mini-batch (make_logprob_fn): the frozen reference's
+    (rl.kl_coef != 0, compute-dtype params) and, with rl.recompute_old_logp, the current
+    policy's (its master params: another dtype, so another program)."""
+    c, s = ctx.config, ctx.shapes
+    passes = []
+    if c.rl.kl_coef:
+        passes.append(("reference log-probs", ("reference params",), _reference(ctx)))
+    if c.rl.recompute_old_logp:
+        passes.append(("old log-probs", ("policy params",), ctx.params))
+    if not passes:
+        return []
+    fn = update_lib.make_logprob_fn(ctx.model, ctx.mesh, chunk=c.rl.logprob_chunk)
+    batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.logprob_micro_rows,
+                                  with_ref=False)
+    m = s.mini_batch_rows // s.logprob_micro_rows
+    programs = []
+    for name, uses, params in passes:
+        prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
+                       f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} tokens",
+                       uses, s.mini_batches, "reference")
+        compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
+        programs.append(prog)
+    return programs
+
+
+def _reference(ctx: Context):
+    """The frozen reference as the trainer keeps it: a copy in the compute dtype."""
+    return policy_lib.reference_params(ctx.params, ctx.config.model.dtype)
+
+
+def update_programs(ctx: Context) -> list[Program]:
+    """One GRPO update of a mini-batch (make_update_step: train state donated)."""
+    c, s = ctx.config, ctx.shapes
+    optimizer = update_lib.make_optimizer(c.optim)
+    step = update_lib.make_update_step(ctx.model, optimizer, ctx.mesh, c.rl,
+                                       chunk=c.rl.logprob_chunk, optim_config=c.optim)
+    state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
+    batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.micro_rows,
+                                  with_ref=bool(c.rl.kl_coef))
+    m = s.mini_batch_rows // s.micro_rows
+    prog = Program("update", f"{s.mini_batch_rows} responses = {m} x {s.micro_rows} rows, "
+                   f"{s.prompt_len}+{s.response_len} tokens, remat {c.model.remat}",
+                   ("policy params", "optimizer state"), s.mini_batches, "update")
+    compile_program(prog, step.trace(state, batch), log=ctx.log)
+    return [prog]
+
+
+BUILDERS = {"rollout": rollout_programs, "judge": judge_programs,
+            "reference": reference_programs, "update": update_programs}
+
+
+def _compile_all(ctx: Context, names: Sequence[str]) -> list[Program]:
+    compiled = []
+    for name in names:
+        compiled += BUILDERS[name](ctx)
+    return compiled
+
+
+def resident_bytes(ctx: Context) -> dict[str, int]:
+    """Per-device bytes of what stays on the chips for the whole run."""
+    c = ctx.config
+    optimizer = update_lib.make_optimizer(c.optim)
+    state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
+    out = {"policy params": per_device_bytes(state.params),
+           "optimizer state": per_device_bytes((state.opt_state, state.step)),
+           "reference params": per_device_bytes(_reference(ctx)) if c.rl.kl_coef else 0,
+           "judge params": 0}
+    if c.reward.judge_source == "checkpoint" and ctx.shapes.judge_prompts:
+        out["judge params"] = per_device_bytes(judge_model(ctx)[1])
+    return out
+
+
+def live_bytes(program: Program, resident: dict[str, int]) -> int:
+    """A program's peak plus the resident trees it does not take as arguments."""
+    return program.total + program.extra_live + sum(
+        v for k, v in resident.items() if k not in program.uses)
+
+
+def all_fit(programs: list[Program], resident: dict[str, int], limit: float) -> bool:
+    return all(p.error is None and live_bytes(p, resident) <= limit for p in programs)

@@ -1,0 +1,266 @@
+"""The sampler's jitted programs: prefill, shared-prefix prefill, decode and score.
+
+Their bodies hold no host logic, so what is traced (and recompiled) is visible in one place;
+settings that change a program's shape are fields of the frozen `DecodeSettings` (a static jit
+argument), everything else (temperature, top-p, max_new_tokens, EOS ids...) is traced.
+`CompiledProgram` compiles each argument layout once ahead of running it, so its memory can be
+checked first (memory.py) and the same executable then runs.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from emor3_jax import sharding as shd
+from emor3_jax.models import layers, qwen2_5_vl
+from emor3_jax.sampling import grouped_decode, rules
+from emor3_jax.sampling.packing import ContinuationTrie
+
+
+@flax.struct.dataclass
+class PromptState:
+    """A prefilled chunk of prompts: what the decode and score programs start from. They take
+    it donated and hand it back unchanged, so more continuations of the same prompts (e.g.
+    resampling) need no second prefill. With shared prefixes, prompt_* hold the B prefixes and
+    suffix_* the R = B*M prompts' own suffixes (grouped_decode's suffix level); the per-prompt
+    fields then have R rows (else R = B)."""
+    prompt_k: tuple[jax.Array, ...]   # per layer [B, K, D, Lp] (grouped_decode layout)
+    prompt_v: tuple[jax.Array, ...]   # per layer [B, K, Lp, D]
+    prompt_mask: jax.Array            # [B, Lp] bool
+    logits: jax.Array                 # [R, V] fp32 next-token logits after each prompt
+    next_pos: jax.Array               # [R] int32 mRoPE position of the first generated token
+    row_valid: jax.Array              # [R] bool (False on rows that only pad the chunk)
+    suffix_k: tuple[jax.Array, ...] = ()      # per layer [R, K, D, Ls]; () = no shared prefix
+    suffix_v: tuple[jax.Array, ...] = ()      # per layer [R, K, Ls, D]
+    suffix_mask: jax.Array | None = None      # [R, Ls] bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """The decode program's static settings: each distinct value is its own program."""
+    group: int          # continuations per prompt (G)
+    new_tokens: int     # generated-token buffer (the max_new_tokens bucket)
+    top_k: int          # 0 = off
+
+
+def spec(names, shape, mesh) -> P:
+    """The PartitionSpec of logical axis `names` for an array of `shape` on `mesh`."""
+    return shd._fit_spec(shd.logical_to_spec(names), shape, mesh)
+
+
+class SamplerPrograms:
+    """The program bodies for one model and mesh; `compiled` counts traces per program."""
+
+    def __init__(self, model, mesh=None):
+        self.model = model
+        self.config = model.config
+        self.mesh = mesh
+        self.compiled = collections.Counter()     # program kind -> traces (= compilations)
+
+    def _constrain(self, x, names):
+        if self.mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, spec(names, x.shape, self.mesh)))
+
+    def prefill(self, params, input_ids, attention_mask, position_ids, next_pos, row_valid,
+                pixel_values, vision_inputs, image_slot):
+        """Vision tower once per distinct image, prompt forward once per prompt (B rows)."""
+        self.compiled["prefill"] += 1
+        return self._prefill_state(params, input_ids, attention_mask, position_ids, next_pos,
+                                   row_valid, pixel_values, vision_inputs, image_slot)
+
+    def prefill_shared(self, params, prefix, suffix_ids, suffix_mask, suffix_positions,
+                       next_pos, row_valid):
+        """share_prefix: the B prefixes (prefix: the prefill arguments, vision included), then
+        their M suffixes each (suffix_ids [B*M, Ls], left-padded) in one multi-token call over
+        the prefixes' cache -> the state of the B*M whole prompts. One program, so a shared
+        chunk compiles as many programs as an unshared one."""
+        self.compiled["prefill_shared"] += 1
+        state = self._prefill_state(params, *prefix)
+        return self._prefill_suffix(params, state, suffix_ids, suffix_mask, suffix_positions,
+                                    next_pos, row_valid)
+
+    def _prefill_state(self, params, input_ids, attention_mask, position_ids, next_pos,
+                       row_valid, pixel_values, vision_inputs, image_slot) -> PromptState:
+        model = self.model
+        params = jax.lax.stop_gradient(params)
+        b, length = input_ids.shape
+
+        def forward(m, ids, mask, pos, pv, vin, slot):
+            # = Qwen2_5_VLForConditionalGeneration.prefill, except that image-token positions
+            # gather their merged vision token by index (`slot`), so prompts can share images
+            embeds = m.model.language_model.embed(ids)
+            if pv is not None:
+                image = m.model.visual(pv, vin).astype(embeds.dtype)        # [P/4, D]
+                picked = jnp.take(image, jnp.maximum(slot, 0), axis=0)
+                embeds = jnp.where((slot >= 0)[..., None], picked, embeds)
+            cache = qwen2_5_vl.init_cache(m.config, b, length)
+            hidden, (k, v) = m.model.language_model(
+                embeds, pos, qwen2_5_vl.causal_mask(mask), kv=(cache.k, cache.v),
+                write_index=0, mode=qwen2_5_vl.PREFILL)
+            return m.logits(hidden[:, -1]), qwen2_5_vl.KVCache(k=k, v=v, key_mask=mask != 0)
+
+        with layers.kernel_mesh(self.mesh):
+            logits, cache = model.apply({"params": params}, input_ids, attention_mask,
+                                        position_ids, pixel_values, vision_inputs, image_slot,
+                                        method=forward)
+        prompt_k, prompt_v = grouped_decode.prompt_part(cache)
+        kv = grouped_decode.logical_axes()
+        return PromptState(prompt_k=tuple(self._constrain(x, kv) for x in prompt_k),
+                           prompt_v=tuple(self._constrain(x, kv) for x in prompt_v),
+                           prompt_mask=cache.key_mask, logits=logits.astype(jnp.float32),
+                           next_pos=next_pos, row_valid=row_valid)
+
+    def _prefill_suffix(self, params, state: PromptState, input_ids, attention_mask,
+                        positions, next_pos, row_valid) -> PromptState:
+        """The suffixes as S = Ls new tokens per row over the prefixes (grouped_decode),
+        left padding masked per row; their k/v become the state's suffix level."""
+        model = self.model
+        params = jax.lax.stop_gradient(params)
+        n, length = input_ids.shape
+        cache = self._grouped_cache(state, n // state.prompt_k[0].shape[0], length)
+        key_mask = attention_mask != 0
+        hidden, cache = grouped_decode.decode_hidden(model, params, self._per_layer(params),
+                                                     input_ids, positions, cache, 0,
+                                                     gen_mask=key_mask)
+        logits = model.apply({"params": params}, hidden[:, -1], method=lambda m, h: m.logits(h))
+        return PromptState(prompt_k=state.prompt_k, prompt_v=state.prompt_v,
+                           prompt_mask=state.prompt_mask, logits=logits.astype(jnp.float32),
+                           next_pos=next_pos, row_valid=row_valid, suffix_k=cache.gen_k,
+                           suffix_v=cache.gen_v, suffix_mask=key_mask)
+
+    def _grouped_cache(self, state: PromptState, group: int, slots: int):
+        cache = grouped_decode.with_empty_gen(state.prompt_k, state.prompt_v, state.prompt_mask,
+                                              group, slots, state.suffix_k, state.suffix_v,
+                                              state.suffix_mask)
+        kv = grouped_decode.logical_axes()
+        return cache.replace(gen_k=tuple(self._constrain(x, kv) for x in cache.gen_k),
+                             gen_v=tuple(self._constrain(x, kv) for x in cache.gen_v))
+
+    def _per_layer(self, params):
+        return grouped_decode.split_layers(params["model"]["language_model"]["layers"],
+                                           self.config.text.num_hidden_layers)
+
+    def decode(self, params, state: PromptState, rng, temperature, top_p, max_new_tokens,
+               eos_ids, pad_id, allowed, row_ids, *, settings: DecodeSettings):
+        """row_ids [rows * group] int32: each row's random stream (fold_in of the step key)."""
+        self.compiled["decode"] += 1
+        model, group, top_k = self.model, settings.group, settings.top_k
+        params = jax.lax.stop_gradient(params)
+        cache = self._grouped_cache(state, group, settings.new_tokens)
+        n_rows, t_max = cache.gen_k[0].shape[0], cache.max_new_tokens
+        per_layer = self._per_layer(params)
+        positions = jnp.repeat(state.next_pos, group)
+        max_new_tokens = jnp.minimum(max_new_tokens, t_max)
+
+        def choose(step, logits):
+            step_key = jax.random.fold_in(rng, step)
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, row_ids)
+            # Whole vocabulary rows per device: the draw's cumsum over a `tensor`-sharded
+            # vocabulary is partitioned pathologically (151k ids on a 2 x 4 CPU mesh: 35 s per
+            # step instead of 0.1 s); gathering the [rows, V] logits is cheap.
+            logits = self._constrain(logits, ("batch", None))
+            return rules.next_tokens(keys, logits, allowed, temperature, top_p, top_k)
+
+        def record(step, tok, lp, tokens, logprobs, lengths, done):
+            alive = ~done
+            tok = jnp.where(alive, tok, pad_id)
+            lp = jnp.where(alive, lp, 0.0)
+            tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
+            logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, step))
+            lengths = lengths + alive.astype(jnp.int32)
+            done = done | (tok[:, None] == eos_ids[None, :]).any(-1)
+            return tok, tokens, logprobs, lengths, done
+
+        tokens = jnp.full((n_rows, t_max), pad_id, jnp.int32)
+        logprobs = jnp.zeros((n_rows, t_max), jnp.float32)
+        lengths = jnp.zeros((n_rows,), jnp.int32)
+        done = ~jnp.repeat(state.row_valid, group)
+        tok, lp = choose(0, jnp.repeat(state.logits, group, axis=0))
+        tok, tokens, logprobs, lengths, done = record(0, tok, lp, tokens, logprobs, lengths, done)
+
+        def cond(carry):
+            step, _, _, _, _, _, done = carry
+            return (step < max_new_tokens) & ~done.all()
+
+        def body(carry):
+            step, cache, tok, tokens, logprobs, lengths, done = carry
+            logits, cache = grouped_decode.decode_step(model, params, per_layer, tok,
+                                                       positions + step - 1, cache, step - 1)
+            new, lp = choose(step, logits)
+            new, tokens, logprobs, lengths, done = record(step, new, lp, tokens, logprobs,
+                                                          lengths, done)
+            return step + 1, cache, new, tokens, logprobs, lengths, done
+
+        carry = (jnp.int32(1), cache, tok, tokens, logprobs, lengths, done)
+        _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
+        return state, tokens, logprobs, lengths
+
+    def score(self, params, state: PromptState, trie: ContinuationTrie, temperature):
+        """log p(continuation c | prompt r) [R, C]: token log-probs under the full softmax of
+        logits / temperature (a traced scalar: one program for every temperature). The
+        continuations' proper prefixes are the trie's S nodes, fed in ONE multi-token call per
+        prompt, each node seeing its ancestors (a token tree: the C candidates share their
+        common prefixes and the prompt)."""
+        self.compiled["score"] += 1
+        model = self.model
+        params = jax.lax.stop_gradient(params)
+        inv_t = 1.0 / temperature
+        first = jax.nn.log_softmax(state.logits * inv_t, -1)[:, trie.first]          # [R, C]
+        n_rows, n_nodes = state.logits.shape[0], trie.nodes.shape[0]
+        if n_nodes == 0:                                 # every continuation is one token
+            return state, first
+        cache = self._grouped_cache(state, 1, n_nodes)
+        tokens = jnp.broadcast_to(trie.nodes, (n_rows, n_nodes))
+        positions = state.next_pos[:, None] + trie.depth[None, :]
+        hidden, _ = grouped_decode.decode_hidden(model, params, self._per_layer(params),
+                                                 tokens, positions, cache, 0,
+                                                 gen_valid=trie.visible)
+        logits = model.apply({"params": params}, hidden, method=lambda m, h: m.logits(h))
+        logits = logits.astype(jnp.float32) * inv_t                                  # [R, S, V]
+        lse = jax.nn.logsumexp(logits, -1)                                           # [R, S]
+        rest = logits[:, trie.node_of, trie.target] - lse[:, trie.node_of]           # [R, C, W]
+        return state, first + jnp.where(trie.used, rest, 0.0).sum(-1)
+
+
+def _layout(tree) -> tuple:
+    """What an executable is compiled for: the tree's structure and each leaf's type and
+    placement (the shapes alone would let a differently sharded argument through)."""
+    leaves, structure = jax.tree.flatten(tree)
+    return structure, tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves)
+
+
+class CompiledProgram:
+    """A jitted program run through executables compiled ahead, one per argument layout.
+
+    `check(name, executable, args, kwargs)` sees each executable before it first runs (the
+    sampler's memory check); the same executable then runs, so checking costs no second
+    compilation. `trace` is the jitted function's (AOT)."""
+
+    def __init__(self, fn: Callable, name: str, check: Callable, *,
+                 static_argnames: tuple[str, ...] = (), donate_argnames: tuple[str, ...] = ()):
+        self.name, self.check, self.static = name, check, static_argnames
+        self.jitted = jax.jit(fn, static_argnames=static_argnames,
+                              donate_argnames=donate_argnames)
+        self.executables: dict = {}
+
+    def trace(self, *args, **kwargs):
+        return self.jitted.trace(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        dynamic = {k: v for k, v in kwargs.items() if k not in self.static}
+        key = (_layout((args, dynamic)),
+               tuple((k, kwargs[k]) for k in self.static if k in kwargs))
+        executable = self.executables.get(key)
+        if executable is None:
+            executable = self.jitted.trace(*args, **kwargs).lower().compile()
+            self.check(self.name, executable, args, kwargs)
+            self.executables[key] = executable
+        return executable(*args, **dynamic)
