@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import Mapping
 
@@ -44,8 +45,7 @@ class MetricWriter:
             return
         fileio.makedirs(workdir)
         self._rows = read_jsonl(self.path)
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(fileio.join(workdir, "tensorboard"))
+        self._tb = _summary_writer_class()(fileio.join(workdir, "tensorboard"))
         if progress and total_steps:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
@@ -123,3 +123,18 @@ def read_jsonl(path: str) -> list[dict]:
     if not fileio.exists(path):
         return []
     return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: where torch is installed (the
+    tests' HF reference) tensorboardX imports it only to accept torch tensors, 2 s of every
+    run's start; we log floats. torch stays importable afterwards."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None           # `import torch` raises ImportError meanwhile
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
