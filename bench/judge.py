@@ -21,10 +21,12 @@ Measured on an idle 2-core AMD EPYC (AVX2) host (quiet-bench: load < 1 at the st
 median of 3, chunks of 32 prompts:
 
     max-new-tokens | mode     | unshared ms/response | shared ms/response | speed-up
-    64             | generate |        114.2         |        89.4        |  1.28x
-    64             | score    |         38.6         |        22.4        |  1.72x
-    8              | generate |         43.4         |        28.2        |  1.54x
-    8              | score    |         38.2         |        20.7        |  1.85x
+    64             | generate |        100.2         |        86.7        |  1.16x
+    64             | score    |         45.8         |        22.5        |  2.04x
+    8              | generate |         42.3         |        26.6        |  1.59x
+    8              | score    |         36.1         |        21.7        |  1.67x
+(2026-12-01, after the sampler split; the run before it: generate 1.28x / 1.54x, score
+1.72x / 1.85x.)
 
 (earlier runs at load 4-6: score 1.72-1.88x, generate 1.22-1.41x at 64 tokens.) The
 prefill shrinks from 22,528 to 12,336 padded tokens (5.5 s -> 2.7 s in the breakdown: 2.0x;

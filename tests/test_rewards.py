@@ -391,10 +391,12 @@ def test_judge_prompts_follow_preset_needs():
 
 def test_rollout_advantages_use_config_adv_eps():
     """config.rl.adv_eps reaches the advantages: (r - mean) / (std + eps) per group."""
+    from emor3_jax.batches import PromptBatch
     from emor3_jax.rl import rollout as rollout_lib
     good = ("<step1>a</step1><step2>b</step2><step3>c</step3> \\boxed{awe}")
     bad = "no format"
-    prompts = {"valid": np.array([True]), "label_text": np.array(["awe"], object)}
+    prompts = PromptBatch.create(np.ones((1, 1)), np.ones((1, 1)), np.zeros((3, 1, 1)),
+                                 label_text=np.array(["awe"], object))
     ro = lambda: rollout_lib.Rollout(prompts=prompts, tokens=np.zeros((2, 1), np.int32),  # noqa
                                      logprobs=np.zeros((2, 1), np.float32),
                                      lengths=np.ones(2, np.int32), texts=[good, bad],
