@@ -145,14 +145,23 @@ def _in_dtype(x, dtype, sharding):
     return jax.device_put(x.astype(to), sharding)    # cast in place, then lay out
 
 
-def sampling_mesh(config, training_mesh):
-    """The mesh the rollout sampler, the evaluation and the judge run on: `config.rollout.mesh`
-    (the same devices in another layout), or the training mesh when its sizes are all 0."""
+def sampling_mesh_shape(config, num_devices: int) -> tuple[int, int, int] | None:
+    """(data, fsdp, tensor) of `config.rollout.mesh` over `num_devices` (checked), or None when
+    its sizes are all 0: the sampler then runs on the training mesh."""
     m = config.rollout.mesh
     if not (m.data or m.fsdp or m.tensor):
+        return None
+    return sharding.mesh_shape(m.data, m.fsdp, m.tensor, num_devices, "config.rollout.mesh")
+
+
+def sampling_mesh(config, training_mesh):
+    """The mesh the rollout sampler, the evaluation and the judge run on: `config.rollout.mesh`
+    (the same devices in another layout), or the training mesh."""
+    devices = list(training_mesh.devices.flat)
+    shape = sampling_mesh_shape(config, len(devices))
+    if shape is None:
         return training_mesh
-    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=list(training_mesh.devices.flat),
-                              field="config.rollout.mesh")
+    return sharding.make_mesh(*shape, devices=devices, field="config.rollout.mesh")
 
 
 def sampling_params(model, params, mesh):

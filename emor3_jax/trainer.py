@@ -79,9 +79,7 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
     m = config.mesh
     data, fsdp, _ = sharding.mesh_shape(m.data, m.fsdp, m.tensor, num_devices)
     dp = data * fsdp
-    s = config.rollout.mesh
-    if s.data or s.fsdp or s.tensor:
-        sharding.mesh_shape(s.data, s.fsdp, s.tensor, num_devices, "config.rollout.mesh")
+    policy_lib.sampling_mesh_shape(config, num_devices)     # a rollout.mesh that fits
     if config.mode not in ("train", "sft", "eval", "export"):
         raise ValueError(f"config.mode={config.mode!r}; choose train, sft, eval or export")
     policy_lib.check_model_config(config.model)
