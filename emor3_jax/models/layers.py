@@ -225,12 +225,6 @@ def attention(q, k, v, mask, *, impl: str = "einsum"):
     return _einsum_attention(q, k, v, mask)
 
 
-def score_elements(impl: str, q_len: int, k_len: int) -> int:
-    """fp32 attention scores alive at once per (row, head): T*S when materialized, T*BLOCK for
-    the fused/blockwise kernels (for memory estimates)."""
-    return q_len * (k_len if impl in ("einsum", "xla") else min(k_len, BLOCK))
-
-
 @jax.checkpoint
 def _einsum_attention(q, k, v, mask):
     """Rematerialized under autodiff: the backward recomputes the [T, S] scores instead of

@@ -85,13 +85,11 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
 def sample(sampler, params, batch: PromptBatch, rng, *, group_size: int,
            max_new_tokens: int, temperature: float, top_p: float, top_k: int, ids, tokenizer
            ) -> Rollout:
-    pixel_values, grid = batch.flat_images()
     out = sampler.generate(
-        params, batch.input_ids, batch.attention_mask, pixel_values, grid,
-        max_new_tokens=max_new_tokens, num_samples=group_size,
-        temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=ids.eos,
-        forbidden_token_ids=ids.forbidden, pad_token_id=ids.pad, valid_vocab_size=ids.vocab_size,
-        rng=rng, position_ids=batch.mrope_positions, rope_deltas=batch.rope_deltas)
+        params, **batch.sampler_inputs(), max_new_tokens=max_new_tokens,
+        num_samples=group_size, temperature=temperature, top_p=top_p, top_k=top_k,
+        eos_token_ids=ids.eos, forbidden_token_ids=ids.forbidden, pad_token_id=ids.pad,
+        valid_vocab_size=ids.vocab_size, rng=rng)
     texts = [chat.decode_response(tokenizer, out.tokens[r], int(out.lengths[r]))
              for r in range(out.tokens.shape[0])]
     return Rollout(prompts=batch, tokens=np.asarray(out.tokens),

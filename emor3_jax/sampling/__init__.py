@@ -11,7 +11,7 @@
 `memory.py` the fit check, `grouped_decode.py` the KV-cache layout, `rules.py` the next-token
 rules.
 """
-from emor3_jax.sampling.grouped_decode import GroupedCache, grouped_cache_bytes  # noqa: F401
+from emor3_jax.sampling.grouped_decode import GroupedCache  # noqa: F401
 from emor3_jax.sampling.rules import allowed_mask, next_tokens, processed_logits  # noqa: F401
 from emor3_jax.sampling.sampler import (ContinuationTrie, SampleOutput, Sampler,  # noqa: F401
                                         SamplerBuckets, SamplerMemoryError, continuation_trie,

@@ -18,8 +18,7 @@ cost of the score matmul for a 64-row decode):
     prompt_mask         [B, Lp] bool       the prompt's attention mask (left padding False)
     gen_k               [B*G, K, D, T]     row b*G + g; slot t holds the t-th generated token
     gen_v               [B*G, K, T, D]
-Bytes: 2 * layers * K * D * itemsize * (B * Lp + B * G * T) (+ B * Lp for the mask); see
-`grouped_cache_bytes`.
+Bytes: 2 * layers * K * D * itemsize * (B * Lp + B * G * T) (+ B * Lp for the mask).
 
 Shared prompt prefixes (the judge's G consistency prompts of one image differ only after the
 image and the question) add a middle level: the prompt part is then the prefix shared by M
@@ -78,16 +77,6 @@ def logical_axes() -> tuple[str | None, ...]:
     """Logical axis names of every k/v buffer ([rows, K, slots, D] or, keys, [rows, K, D,
     slots]: only rows and heads are sharded; emor3_jax.sharding rules)."""
     return ("batch", "cache_heads", None, None)
-
-
-def grouped_cache_bytes(config: Qwen2_5_VLConfig, num_prompts: int, prompt_len: int,
-                        group_size: int, max_new_tokens: int, dtype=None) -> int:
-    """Bytes of a GroupedCache (the repeated layout would need B*G*(Lp+T) token slots)."""
-    t = config.text
-    item = jnp.dtype(config.compute_dtype if dtype is None else dtype).itemsize
-    slots = num_prompts * prompt_len + num_prompts * group_size * max_new_tokens
-    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * item * slots \
-        + num_prompts * prompt_len
 
 
 def prompt_part(prompt_cache) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
