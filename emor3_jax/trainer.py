@@ -230,7 +230,8 @@ class Trainer:
                 return self.sampler.generate(
                     params, **batch.sampler_inputs(), max_new_tokens=max_new, num_samples=1,
                     eos_token_ids=self.policy.ids.eos,
-                    forbidden_token_ids=self.policy.ids.forbidden, pad_token_id=self.policy.ids.pad, valid_vocab_size=self.policy.ids.vocab_size,
+                    forbidden_token_ids=self.policy.ids.forbidden,
+                    pad_token_id=self.policy.ids.pad, valid_vocab_size=self.policy.ids.vocab_size,
                     rng=key, **kw)
 
             key = jax.random.fold_in(jax.random.fold_in(self.base_key, 7), step + 1)  # final: -1
