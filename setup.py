@@ -9,7 +9,7 @@ setup(
     name="emor3_jax",
     version="0.1.0",
     description="EMO-R3 reflective GRPO for Qwen2.5-VL emotion reasoning, in JAX/Flax",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax >= 0.7 declares Requires-Python >= 3.11
     packages=packages,
     package_dir={"emor3_jax.configs": "configs"},
     include_package_data=True,

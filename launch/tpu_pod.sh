@@ -4,7 +4,8 @@
 # 1. create the TPU VM, or reuse one of that name (READY; STOPPED is started; PREEMPTED is
 #    deleted and created again)
 # 2. put the code on every worker: this checkout (tar + scp) or `git clone` of --repo
-# 3. `pip install -e ".[tpu]"` on every worker
+# 3. on every worker: a Python >= 3.11 venv made by uv (the TPU images ship Python 3.10, and
+#    jax >= 0.7 needs 3.11), then `uv pip install -e ".[tpu]"` into it
 # 4. run the same `python -m emor3_jax.main` on every worker at once; EMOR3_DISTRIBUTED=1 makes
 #    emor3_jax/distributed.py call jax.distributed.initialize(), which finds the other workers
 #    through the TPU metadata server
@@ -41,7 +42,13 @@ copies the report back. Options (or the environment variable in brackets):
   --ref REF             branch or tag of --repo             [EMOR3_REF]          (default branch)
   --remote-dir DIR      code directory on the workers, relative to home
                                                             [EMOR3_REMOTE_DIR]   emor3_jax
-  --python PY           python on the workers               [EMOR3_PYTHON]       python3
+  --python-version V    Python the worker venv is made with [EMOR3_PYTHON_VERSION] 3.12
+                        (uv fetches a standalone build; 3.11 or later, as jax >= 0.7 needs)
+  --venv DIR            that venv on the workers, relative to home
+                                                            [EMOR3_VENV]         emor3_venv
+  --python PY           use this interpreter on the workers instead of a venv (it must be
+                        Python >= 3.11; checked before installing)
+                                                            [EMOR3_PYTHON]       (the venv's)
   --report-dir DIR      where the report lands locally      [EMOR3_REPORT_DIR]   reports/NAME
   --skip-create         the TPU VM exists: do not describe/create it
   --skip-code           the code is already on the workers (no copy / clone)
@@ -73,7 +80,9 @@ WORKDIR=${EMOR3_WORKDIR:-}
 REPO=${EMOR3_REPO:-}
 REF=${EMOR3_REF:-}
 REMOTE_DIR=${EMOR3_REMOTE_DIR:-emor3_jax}
-PY=${EMOR3_PYTHON:-python3}
+PY=${EMOR3_PYTHON:-}
+PY_VERSION=${EMOR3_PYTHON_VERSION:-3.12}
+VENV=${EMOR3_VENV:-emor3_venv}
 REPORT_DIR=${EMOR3_REPORT_DIR:-}
 SPOT=0 DELETE=0 DRY_RUN=0 DO_CREATE=1 DO_CODE=1 DO_INSTALL=1 DO_RUN=1
 EXTRA=()
@@ -86,7 +95,7 @@ while [ $# -gt 0 ]; do
   esac
   case $opt in
     --name|--zone|--type|--version|--project|--config|--workdir|--repo|--ref|--remote-dir|\
-    --python|--report-dir)
+    --python|--python-version|--venv|--report-dir)
       if [ $has_val = 0 ]; then
         [ $# -ge 2 ] || die "$opt needs a value (see --help)"
         val=$2; shift
@@ -96,6 +105,7 @@ while [ $# -gt 0 ]; do
         --version) VERSION=$val ;; --project) PROJECT=$val ;; --config) CONFIG=$val ;;
         --workdir) WORKDIR=$val ;; --repo) REPO=$val ;; --ref) REF=$val ;;
         --remote-dir) REMOTE_DIR=$val ;; --python) PY=$val ;; --report-dir) REPORT_DIR=$val ;;
+        --python-version) PY_VERSION=$val ;; --venv) VENV=$val ;;
       esac ;;
     --spot) SPOT=1 ;;
     --delete) DELETE=1 ;;
@@ -122,6 +132,13 @@ case $REMOTE_DIR in
 esac
 echo "$REMOTE_DIR" | grep -Eq '^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$' \
   || die "--remote-dir '$REMOTE_DIR' may only hold letters, digits, '_', '.', '-' and '/'"
+echo "$PY_VERSION" | grep -Eq '^3\.(1[1-9]|[2-9][0-9])(\.[0-9]+)?$' \
+  || die "--python-version '$PY_VERSION': emor3_jax needs Python 3.11 or later (jax >= 0.7" \
+         "declares Requires-Python >= 3.11), e.g. --python-version 3.12"
+case $VENV in
+  ""|.|..|/*|~*|*..*) die "--venv '$VENV' must be a plain path relative to the worker's home" \
+                        "(e.g. emor3_venv)" ;;
+esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -198,12 +215,35 @@ if [ $DO_CODE = 1 ]; then
 fi
 
 # ------------------------------------------------------------------------------- 3. install --
+# The TPU VM images (Ubuntu 22.04) ship Python 3.10, which jax >= 0.7 does not support: by
+# default every worker gets a venv of Python $PY_VERSION made by uv (installed into
+# ~/.local/bin by its standalone installer; uv fetches a standalone CPython build), and the
+# package goes into it. An existing interpreter (--python) is checked to be >= 3.11 instead.
+# uv makes a PEP 660 editable install, whose import hook maps emor3_jax.configs to configs/.
+if [ -n "$PY" ]; then
+  wpy=$(q "$PY")
+else
+  wpy="\"\$HOME\"/$(q "$VENV")/bin/python"
+fi
+need_311="import sys; sys.exit(sys.version_info < (3, 11))"
+py_mm=${PY_VERSION#*.}
+is_venv_version="import sys; sys.exit(sys.version_info[:2] != (${PY_VERSION%%.*}, ${py_mm%%.*}))"
 if [ $DO_INSTALL = 1 ]; then
-  step "pip install -e \".[tpu]\" on every worker"
-  # A current pip makes a PEP 660 editable install, whose import hook maps emor3_jax.configs to
-  # configs/; the TPU images' pip 22 would fall back to `setup.py develop`, which does not.
-  pyq=$(q "$PY")
-  ssh_all "set -e; cd $RD; $pyq -m pip install -q --upgrade pip; $pyq -m pip install -q -e '.[tpu]'; $pyq -c 'import emor3_jax.configs.base'"
+  if [ -n "$PY" ]; then
+    step "pip install -e \".[tpu]\" into $PY on every worker"
+    ssh_all "set -e; cd $RD; $wpy -c '$need_311' || { echo \"tpu_pod.sh: $PY on \$(hostname) is\
+ \$($wpy -V 2>&1); emor3_jax needs Python >= 3.11 (jax >= 0.7). Leave out --python to get a uv\
+ venv of Python $PY_VERSION.\" >&2; exit 2; }; $wpy -m pip install -q --upgrade pip;\
+ $wpy -m pip install -q -e '.[tpu]'; $wpy -c 'import emor3_jax.configs.base'"
+  else
+    step "Python $PY_VERSION venv ~/$VENV (uv) and uv pip install -e \".[tpu]\" on every worker"
+    uv='"$HOME"/.local/bin/uv'
+    ssh_all "set -e; cd $RD; if [ ! -x $uv ]; then curl -LsSf https://astral.sh/uv/install.sh |\
+ env UV_INSTALL_DIR=\"\$HOME\"/.local/bin UV_NO_MODIFY_PATH=1 sh; fi; if ! $wpy -c\
+ '$is_venv_version' 2>/dev/null; then $uv venv --clear --python $(q "$PY_VERSION")\
+ \"\$HOME\"/$(q "$VENV"); fi;\
+ $uv pip install -q --python $wpy -e '.[tpu]'; $wpy -c 'import emor3_jax.configs.base'"
+  fi
 fi
 
 [ $DO_RUN = 1 ] || { step "set up only (--skip-run): done"; exit 0; }
@@ -218,7 +258,7 @@ esac
 flags=""
 for f in ${EXTRA[@]+"${EXTRA[@]}"}; do flags="$flags $(q "$f")"; done
 step "train: $CONFIG on every worker, workdir $WORKDIR"
-ssh_all "cd $RD && EMOR3_DISTRIBUTED=1 $(q "$PY") -m emor3_jax.main --config=$(q "$CONFIG") --workdir=$remote_workdir$flags"
+ssh_all "cd $RD && EMOR3_DISTRIBUTED=1 $wpy -m emor3_jax.main --config=$(q "$CONFIG") --workdir=$remote_workdir$flags"
 
 # -------------------------------------------------------------------------------- 5. report --
 step "report -> $REPORT_DIR"

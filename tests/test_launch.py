@@ -79,8 +79,9 @@ def test_tpu_dry_run_prints_every_step_and_runs_nothing(env):
         f"{gc} scp {env['TMPDIR']}/emor3_jax-emor3.tar.gz emor3:emor3_jax.tar.gz "
         "--zone=us-central2-b --worker=all",
         f"{gc} ssh emor3 --zone=us-central2-b --worker=all '--command=set -e; rm -rf emor3_jax;",
-        "pip install -q -e",
-        "EMOR3_DISTRIBUTED=1 python3 -m emor3_jax.main --config=configs/tpu_v4.py "
+        "uv venv --clear --python 3.12",
+        "EMOR3_DISTRIBUTED=1 \"$HOME\"/emor3_venv/bin/python -m emor3_jax.main "
+        "--config=configs/tpu_v4.py "
         '--workdir="$HOME"/emor3_runs/emor3',
         f"{gc} scp --recurse emor3:emor3_runs/emor3/report reports/emor3 --zone=us-central2-b "
         "--worker=0",
@@ -113,13 +114,71 @@ def test_tpu_dry_run_options_env_and_main_flags(env):
            for w in shlex.split(line) if w.startswith("--command=") and "emor3_jax.main" in w]
     assert len(run) == 1
     argv = shlex.split(run[0][len("--command="):].split("&&", 1)[1])
-    assert argv == ["EMOR3_DISTRIBUTED=1", "python3", "-m", "emor3_jax.main",
+    assert argv == ["EMOR3_DISTRIBUTED=1", "$HOME/emor3_venv/bin/python", "-m", "emor3_jax.main",
                     "--config=configs/tpu_v4_7b.py:grpo", "--workdir=gs://bkt/run 1",
                     "--config.model.hf_dir=gs://bkt/Qwen2.5-VL-7B-Instruct",
                     "--config.rollout.group_size=4"]
     assert "gcloud storage cp -r 'gs://bkt/run 1/report' reports/pod7" in out
     assert out.rstrip().splitlines()[-1] == ("gcloud compute tpus tpu-vm delete pod7 "
                                              "--zone=europe-west4-a --project=my-proj --quiet")
+
+
+def _worker_commands(out):
+    return [w[len("--command="):] for line in out.splitlines() if line.startswith("gcloud")
+            for w in shlex.split(line) if w.startswith("--command=")]
+
+
+def test_tpu_workers_get_a_python_jax_supports(env):
+    """The TPU images ship Python 3.10 and jax >= 0.7 needs 3.11: by default every worker gets a
+    uv venv of Python 3.12, the package is installed into it and the run uses it; --python
+    takes an existing interpreter, checked to be >= 3.11 on the worker before installing."""
+    cmds = _worker_commands(_run([TPU, "--dry-run", "--venv", "envs/py312"], env).stdout)
+    install, = [c for c in cmds if "install" in c]
+    train, = [c for c in cmds if "emor3_jax.main" in c]
+    venv_py = '"$HOME"/envs/py312/bin/python'
+    assert "https://astral.sh/uv/install.sh" in install
+    assert 'uv venv --clear --python 3.12 "$HOME"/envs/py312' in install
+    assert f"uv pip install -q --python {venv_py} -e '.[tpu]'" in install
+    assert install.index("uv venv") < install.index("uv pip install")
+    assert f"EMOR3_DISTRIBUTED=1 {venv_py} -m emor3_jax.main" in train
+    assert "python3" not in install + train, "the image's Python 3.10 must not run the package"
+
+    # The venv check runs for real: a Python of another minor version makes uv rebuild the venv.
+    def venv_is_current(install, venv_py):    # the worker's test, on this interpreter
+        check = install.split("if ! ", 1)[1].split(" 2>/dev/null")[0]
+        return subprocess.run(["bash", "-c", check.replace(venv_py, sys.executable)]).returncode == 0
+
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert venv_is_current(install, venv_py) == (here == "3.12")
+    other = _worker_commands(_run([TPU, "--dry-run", "--python-version", here], env).stdout)
+    assert venv_is_current([c for c in other if "install" in c][0], '"$HOME"/emor3_venv/bin/python')
+
+    cmds = _worker_commands(_run([TPU, "--dry-run", "--python", "/opt/py/bin/python3"], env).stdout)
+    install, = [c for c in cmds if "install" in c]
+    assert "uv venv --clear" not in install and "astral.sh" not in install
+    assert install.index("sys.version_info < (3, 11)") < install.index("pip install")
+    assert any("EMOR3_DISTRIBUTED=1 /opt/py/bin/python3 -m emor3_jax.main" in c for c in cmds)
+
+    p = _run([TPU, "--dry-run", "--python-version", "3.10"], env, check=False)
+    assert p.returncode == 2 and "Python 3.11 or later" in p.stderr
+
+
+def test_tpu_named_python_below_311_stops_before_installing(env, tmp_path):
+    """The worker's --python check, run for real against an interpreter that reports 3.10."""
+    old = tmp_path / "python3.10"
+    old.write_text("#!/usr/bin/env bash\n"
+                   "case \"$*\" in -V) echo 'Python 3.10.12' ;; -c*) exit 1 ;;"
+                   " *) echo INSTALLED >> \"$FAKE_GCLOUD_LOG\" ;; esac\n")
+    old.chmod(0o755)
+    cmds = _worker_commands(_run([TPU, "--dry-run", "--python", str(old)], env).stdout)
+    install, = [c for c in cmds if "install" in c]
+    code = tmp_path / "emor3_jax"
+    code.mkdir()
+    p = subprocess.run(["bash", "-c", install], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 2, p.stderr
+    assert f"{old} on" in p.stderr and "is Python 3.10.12" in p.stderr and ">= 3.11" in p.stderr
+    assert "INSTALLED" not in _gcloud_calls(env)
 
 
 @pytest.mark.parametrize("state,created,started", [("", True, False), ("READY", False, False),
@@ -210,3 +269,11 @@ def test_slurm_step_environment_starts_jax_distributed(env, tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     for i, out in enumerate(outs):
         assert f"PROCESS {i} OF 2" in out, out
+
+
+def test_slurm_refuses_a_python_below_311(env, tmp_path):
+    old = tmp_path / "python3.10"
+    old.write_text("#!/usr/bin/env bash\ncase \"$*\" in -V) echo 'Python 3.10.12' ;; *) exit 1 ;; esac\n")
+    old.chmod(0o755)
+    p = _run([SLURM], _slurm_env(env, EMOR3_PYTHON=str(old)), cwd=ROOT, check=False)
+    assert p.returncode == 2 and "is Python 3.10.12" in p.stderr and "EMOR3_VENV" in p.stderr
