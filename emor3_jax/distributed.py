@@ -23,6 +23,26 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def cpu_without_accelerator() -> bool:
+    """Make JAX use only its CPU backend on a host with no TPU chip or GPU attached, unless
+    JAX_PLATFORMS says otherwise; returns whether it did. Must run before the first backend
+    query. Where libtpu is installed (the `tpu` and `test` extras) JAX otherwise tries the TPU
+    backend on any host, and libtpu prints "could not determine TPU accelerator type" and an
+    INVALID_ARGUMENT error as a run's first lines. A TPU VM (TPU chips on its PCI bus) or a GPU
+    host keeps JAX's own choice."""
+    if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+        return False
+    try:
+        from jax._src import hardware_utils as hw        # what JAX itself reads
+        if (hw.num_available_tpu_chips_and_device_id()[0] or hw.has_visible_nvidia_gpu()
+                or hw.num_available_amd_gpus(stop_at=1)):
+            return False
+    except Exception:  # noqa: BLE001  (a private module moved: leave the choice to JAX)
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True
+
+
 def _explicit_env() -> dict | None:
     """EMOR3_COORDINATOR / EMOR3_NUM_PROCESSES / EMOR3_PROCESS_ID (tests, bare clusters)."""
     if "EMOR3_COORDINATOR" not in os.environ:

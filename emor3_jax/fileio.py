@@ -8,10 +8,38 @@ writer never sees half a file.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
 
 from etils import epath
+
+
+class _OncePerBucket(logging.Filter):
+    """gcsfs asks GCS's control-plane API for a bucket's layout before every access and, when
+    it cannot (no credentials for that API, an emulator), warns that it falls back to the
+    plain GCS file system at every access, without caching the answer: a pod's log drowned in
+    it. The fallback is what this package uses anyway; the first warning per bucket stays."""
+    _BUCKET = re.compile(r"(?:bucket name|Bucket) (\S+?):? (?:not found|[A-Z])")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "falling back to GCSFileSystem" not in message.replace("Falling", "falling"):
+            return True
+        match = self._BUCKET.search(message)
+        bucket = match.group(1) if match else message
+        if bucket in self.seen:
+            return False
+        self.seen.add(bucket)
+        return True
+
+
+logging.getLogger("gcsfs").addFilter(_OncePerBucket())
 
 
 def is_remote(path) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -50,14 +51,41 @@ def run(config, workdir: str):
             loop.close()
 
 
+# What a bad config, path or environment raises with a message that says what to do (and a
+# run halted for non-finite updates): shown alone, without the traceback (EMOR3_TRACEBACK=1 or
+# --verbosity=1 shows it).
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def _tpu_hint(config) -> str:
+    """For a TPU config run where no TPU is: how to check it on this host instead."""
+    import jax
+    topology = config.aot.get("topology", "")
+    if not topology or jax.default_backend() == "tpu":
+        return ""
+    return (f"\n(this config is for TPU {topology}; this host has {jax.device_count()} "
+            f"{jax.default_backend().upper()} device(s). Check its fit from here with `python -m "
+            f"emor3_jax.aot --config={flags.FLAGS['config'].config_filename}`, or run it on the TPU VM: "
+            "launch/tpu_pod.sh)")
+
+
 def main(argv):
     del argv
+    verbose = flags.FLAGS.verbosity >= 1 or os.environ.get("EMOR3_TRACEBACK", "") not in ("", "0")
     # Our progress at INFO; libraries (orbax, tfds, grain) only when something is wrong.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("emor3_jax").setLevel(logging.INFO)
-    from emor3_jax import distributed
-    distributed.initialize()           # no-op on one host; TPU pods / SLURM from the environment
-    run(_CONFIG.value, _WORKDIR.value)
+    from emor3_jax import distributed, trainer
+    distributed.cpu_without_accelerator()   # before any backend starts
+    try:
+        distributed.initialize()       # no-op on one host; TPU pods / SLURM from the environment
+        run(_CONFIG.value, _WORKDIR.value)
+    except (*USER_ERRORS, trainer.NonFiniteError) as e:
+        if verbose:
+            raise
+        print(f"error: {e}{_tpu_hint(_CONFIG.value)}\n(the traceback: --verbosity=1 or "
+              "EMOR3_TRACEBACK=1)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

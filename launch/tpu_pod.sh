@@ -45,7 +45,7 @@ copies the report back. Options (or the environment variable in brackets):
   --python-version V    Python the worker venv is made with [EMOR3_PYTHON_VERSION] 3.12
                         (uv fetches a standalone build; 3.11 or later, as jax >= 0.7 needs)
   --venv DIR            that venv on the workers, relative to home
-                                                            [EMOR3_VENV]         emor3_venv
+                                                            [EMOR3_TPU_VENV]     emor3_venv
   --python PY           use this interpreter on the workers instead of a venv (it must be
                         Python >= 3.11; checked before installing)
                                                             [EMOR3_PYTHON]       (the venv's)
@@ -82,7 +82,7 @@ REF=${EMOR3_REF:-}
 REMOTE_DIR=${EMOR3_REMOTE_DIR:-emor3_jax}
 PY=${EMOR3_PYTHON:-}
 PY_VERSION=${EMOR3_PYTHON_VERSION:-3.12}
-VENV=${EMOR3_VENV:-emor3_venv}
+VENV=${EMOR3_TPU_VENV:-emor3_venv}
 REPORT_DIR=${EMOR3_REPORT_DIR:-}
 SPOT=0 DELETE=0 DRY_RUN=0 DO_CREATE=1 DO_CODE=1 DO_INSTALL=1 DO_RUN=1
 EXTRA=()

@@ -236,3 +236,24 @@ def test_data_dir_on_gcs_is_prepared_once_and_mirrored(gcs, tmp_path, cache):
     shutil.rmtree(cache)          # a fresh host: no local copy, no manual_dir
     _, again = pipeline.open_source("webemo", "test", data_dir=f"{bucket}/tfds")
     assert ids(again) == ids(first) and len(ids(first)) == 4
+
+
+def test_gcs_fallback_warning_once_per_bucket(gcs, caplog):
+    """gcsfs warns that it cannot read a bucket's layout (and falls back to the plain GCS file
+    system) at every access; a run's log shows it once per bucket."""
+    import logging
+    from emor3_jax import fileio
+    _, make_bucket = gcs
+    roots = [make_bucket("fallback-a"), make_bucket("fallback-b")]
+    with caplog.at_level(logging.WARNING, logger="gcsfs"):
+        for root in roots * 3:
+            fileio.write_atomic(f"{root}/run/metrics.jsonl", "{}\n")
+            assert fileio.read_text(f"{root}/run/metrics.jsonl") == "{}\n"
+            assert fileio.exists(f"{root}/run")
+    shown = [r.getMessage() for r in caplog.records if r.name == "gcsfs"
+             and "back to GCSFileSystem" in r.getMessage().replace("Falling", "falling")]
+    for root in roots:
+        assert sum(root[5:] in m for m in shown) == 1, shown     # the first one stays
+    other = logging.LogRecord("gcsfs", logging.WARNING, "", 0, "Failed to close grpc_client: x",
+                              None, None)
+    assert all(f.filter(other) for f in logging.getLogger("gcsfs").filters)

@@ -491,10 +491,30 @@ def test_gs_workdir_survives_sigkill_and_resumes(tmp_path, child):
 def test_config_error_stops_main_before_anything_is_built(tmp_path, child):
     t0 = time.time()
     rc, log = _run(child, tmp_path / "w", "bad_mesh", **{"mesh.data": 3, "mesh.fsdp": 1})
-    assert rc != 0
+    assert rc == 2
     assert f"set config.mesh so data*fsdp*tensor = {CHILD_DEVICES}" in log, log[-3000:]
     assert "policy:" not in log                 # no model was built, nothing compiled
     assert time.time() - t0 < 60
+    # the message alone, as the last lines; the traceback only when asked for
+    assert "Traceback" not in log and log.rstrip().splitlines()[-2].startswith("error: mesh:")
+    traced = dict(child.env, EMOR3_TRACEBACK="1")
+    rc, log = _run(Child(child.config, traced), tmp_path / "w", "bad_mesh_traced",
+                   **{"mesh.data": 3, "mesh.fsdp": 1})
+    assert rc != 0 and "Traceback" in log and "data*fsdp*tensor" in log
+
+
+def test_a_cpu_host_runs_without_probing_for_a_tpu(tmp_path, child):
+    """With libtpu installed (the test extra) and no JAX_PLATFORMS, a host without TPU chips
+    starts on the CPU without libtpu's warnings; a TPU config there says how to check it."""
+    env = {k: v for k, v in child.env.items() if k != "JAX_PLATFORMS"}
+    args = [sys.executable, "-m", "emor3_jax.main", f"--config={REPO / 'configs/tpu_v4.py'}",
+            f"--workdir={tmp_path / 'w'}"]
+    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out
+    assert "TPU" not in out.split("error:")[0], out           # nothing from libtpu before it
+    assert "this config is for TPU v4:2x2x1" in out
+    assert "python -m emor3_jax.aot --config=" in out and "Traceback" not in out
 
 
 # ------------------------------------------------------------------------------- non-finite --
