@@ -155,3 +155,16 @@ def test_splash_kernel_flops_are_counted_from_its_shapes(devices8):
     with jax.set_mesh(sharding.make_mesh(1, 4, 1, devices=devices8[:4])):
         sharded = jax.make_jaxpr(loss)(q, k, k)
     assert aot.kernel_flops(sharded.jaxpr) == 4 * per_tsd     # summed over the 4 devices
+
+
+@pytest.mark.parametrize("name,chips,hosts,hbm", [
+    ("v4-8", 4, 1, 32), ("v4-32", 16, 4, 32), ("v5e-1", 1, 1, 16), ("v5litepod-8", 8, 1, 16),
+    ("v5e-16", 16, 2, 16), ("v6e-8", 8, 1, 32), ("v6e:4x4", 16, 2, 32), ("v5p-16", 8, 2, 95)])
+def test_slices_resolve_to_their_chips_and_hosts(name, chips, hosts, hbm):
+    """A slice name gives libtpu's topology with one host per host's block of chips (v5e and
+    v6e hosts drive 8 chips, v4 and v5p hosts 4), so the AOT report's host count is the VM's."""
+    topology = aot.resolve_topology(name)
+    devices = aot.topology_devices(topology)
+    assert topology.num_chips == len(devices) == chips
+    assert len({d.process_index for d in devices}) == hosts
+    assert topology.chip.hbm_bytes == hbm * aot.GiB

@@ -3,11 +3,13 @@
 A run of the CPU demo config, shrunk to seconds (tiny model, 2 SFT steps, 4 GRPO steps of 2
 prompts x G=2, 8-token responses), is
   1. run uninterrupted;
-  2. run again, killed with SIGKILL as soon as its end-of-SFT checkpoint exists, resumed with
-     the same command (so the resume crosses the SFT -> RL boundary), sent SIGTERM after its
-     first RL step (it must save the step it reached and exit 0), and resumed to the end;
+  2. run again, in a gs:// workdir on a real GCS JSON API (gcp-storage-emulator), killed with
+     SIGKILL as soon as its end-of-SFT checkpoint exists, resumed with the same command (so
+     the resume crosses the SFT -> RL boundary), sent SIGTERM after its first RL step (it must
+     save the step it reached and exit 0), and resumed to the end;
 and the final parameters, optimizer state, metrics, evaluation history and Hugging Face export
-of 2 must equal those of 1 exactly (a deterministic program on CPU). Also: config errors are
+of 2, read back from the bucket, must equal those of 1 exactly (a deterministic program on
+CPU); run 2 writes nothing to the local disk outside the data and compilation caches. Also: config errors are
 reported before anything is compiled, a resume with another seed is refused, and K
 non-finite updates in a row (a model loaded from an export with a NaN weight) are skipped,
 counted and halt the run.
@@ -34,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from etils import epath
 
-from emor3_jax import trainer
+from emor3_jax import fileio, trainer
 from emor3_jax.configs import demo_cpu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +58,9 @@ TINY_RUN = {
     "eval.max_new_tokens": 8, "eval.max_examples": 2, "eval.batch_size": 2,
     "reward.preset": "set_only", "data.min_pixels": 56 * 56, "data.max_pixels": 56 * 56,
 }
+# A bucket on the emulator (served by this process) is listed twice a second, not 50 times:
+# an RL step takes seconds, so a kill or SIGTERM still lands before the next checkpoint.
+POLL_GCS = 0.5
 # Wall-clock metrics differ between runs; everything else must not.
 _TIMING = ("time", "per_s")
 
@@ -62,9 +68,12 @@ _TIMING = ("time", "per_s")
 # --------------------------------------------------------------------------------- helpers --
 @dataclasses.dataclass(frozen=True)
 class Child:
-    """How this module starts `python -m emor3_jax.main`: config file and environment."""
+    """How this module starts `python -m emor3_jax.main`: config file, environment, working
+    directory and where the logs of runs in a gs:// workdir go."""
     config: Path
     env: dict
+    cwd: Path = REPO
+    logs: Path | None = None
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +98,10 @@ def _start(child: Child, workdir: Path, log_name: str, **overrides
     args = [sys.executable, "-m", "emor3_jax.main", f"--config={child.config}",
             f"--workdir={workdir}"]
     args += [f"--config.{k}={v}" for k, v in {**TINY_RUN, **overrides}.items()]
-    log_path = workdir.parent / f"{workdir.name}.{log_name}.log"
+    logs = child.logs if fileio.is_remote(workdir) else workdir.parent
+    log_path = logs / f"{workdir.name}.{log_name}.log"
     log_file = open(log_path, "w")
-    proc = subprocess.Popen(args, cwd=REPO, env=child.env, stdout=log_file,
+    proc = subprocess.Popen(args, cwd=child.cwd, env=child.env, stdout=log_file,
                             stderr=subprocess.STDOUT)
     log_file.close()
     return proc, log_path
@@ -115,8 +125,9 @@ def _run(child: Child, workdir: Path, log_name: str, **overrides) -> tuple[int, 
     return _wait(proc, log_path), log_path.read_text()
 
 
-def _poll(proc: subprocess.Popen, log_path: Path, ready, what: str, timeout: float = 300):
-    """Wait until `ready()` (checked every 20 ms) while the process still runs."""
+def _poll(proc: subprocess.Popen, log_path: Path, ready, what: str, timeout: float = 300,
+          every: float = 0.02):
+    """Wait until `ready()` (checked `every` seconds) while the process still runs."""
     t0 = time.time()
     while not ready():
         if proc.poll() is not None:
@@ -125,17 +136,34 @@ def _poll(proc: subprocess.Popen, log_path: Path, ready, what: str, timeout: flo
         if time.time() - t0 > timeout:
             proc.kill()
             pytest.fail(f"no {what} after {timeout}s:\n{_tail(log_path)}")
-        time.sleep(0.02)
+        time.sleep(every)
 
 
-def _checkpoint_steps(workdir: Path) -> list[int]:
-    """Committed checkpoints (orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>`)."""
-    root = workdir / "checkpoints"
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+def _fresh(path) -> epath.Path:
+    """The path, with gcsfs's cached listings forgotten when it is remote (another process
+    writes there)."""
+    if fileio.is_remote(path):
+        from gcs_testutil import clear_filesystem_caches
+        clear_filesystem_caches()
+    return epath.Path(path)
 
 
-def _metric_rows(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
+def _committed_steps(root) -> list[int]:
+    """Committed checkpoints: orbax renames `<step>.orbax-checkpoint-tmp*` to `<step>` on a
+    local disk; on GCS (no atomic rename) it writes `<step>/commit_success.txt` last."""
+    root = _fresh(root)
+    if not root.exists():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (
+        not fileio.is_remote(root) or (p / "commit_success.txt").exists()))
+
+
+def _checkpoint_steps(workdir) -> list[int]:
+    return _committed_steps(epath.Path(workdir) / "checkpoints")
+
+
+def _metric_rows(workdir) -> list[dict]:
+    path = _fresh(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -155,22 +183,31 @@ def _final_metrics(workdir: Path) -> dict:
     return out
 
 
-def _best_steps(workdir: Path) -> list[int]:
-    root = workdir / "checkpoints_best"
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+def _best_steps(workdir) -> list[int]:
+    return _committed_steps(epath.Path(workdir) / "checkpoints_best")
 
 
-def _read_state(workdir: Path, step: int, root: str = "checkpoints", item: str = "state") -> dict:
+def _read_state(workdir, step: int, root: str = "checkpoints", item: str = "state") -> dict:
     """The saved train state pytree of checkpoint `step`, as numpy arrays (or, with
     root="checkpoints_best" and item="params", the best checkpoint's params)."""
     import jax
     import orbax.checkpoint as ocp
-    path = (workdir / root / str(step) / item).resolve()
+    path = epath.Path(workdir) / root / str(step) / item
+    path = path if fileio.is_remote(path) else path.resolve()
     ckptr = ocp.PyTreeCheckpointer()
     meta = ckptr.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
     args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def _export(workdir) -> dict:
+    from safetensors.numpy import load
+    return load((epath.Path(workdir) / "export" / "model.safetensors").read_bytes())
+
+
+def _report(workdir) -> dict:
+    return json.loads((epath.Path(workdir) / "report" / "results.json").read_text())
 
 
 def _assert_trees_equal(a, b, what: str):
@@ -187,7 +224,7 @@ def _terminate_after_an_rl_step(child: Child, workdir: Path, **overrides) -> dic
     lines = len(_metric_rows(workdir))
     proc, log = _start(child, workdir, "terminated", **overrides)
     _poll(proc, log, lambda: any("reward/mean" in r for r in _metric_rows(workdir)[lines:]),
-          "an RL step")
+          "an RL step", every=POLL_GCS if fileio.is_remote(workdir) else 0.02)
     proc.send_signal(signal.SIGTERM)
     return {"term_rc": _wait(proc, log), "term_log": log.read_text(),
             "after_term": _checkpoint_steps(workdir),
@@ -206,14 +243,29 @@ def uninterrupted(tmp_path_factory, child):
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, child, uninterrupted):
-    """SIGKILL at the end-of-SFT checkpoint, resume + SIGTERM after an RL step, resume."""
-    workdir = tmp_path_factory.mktemp("faults") / "interrupted"
+def gcs_bucket():
+    """gs://runs on an emulator that lives as long as this module's tests."""
+    from gcs_testutil import gcs_emulator
+    with gcs_emulator() as (_, make_bucket):
+        yield make_bucket("runs")
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, child, uninterrupted, gcs_bucket):
+    """In gs://runs/interrupted: SIGKILL at the end-of-SFT checkpoint, resume + SIGTERM after
+    an RL step, resume."""
+    workdir = epath.Path(gcs_bucket) / "interrupted"
+    cwd = tmp_path_factory.mktemp("cwd")
+    env = {**child.env, **{k: os.environ[k] for k in (
+        "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+        "GOOGLE_CLOUD_PROJECT")}}
+    child = Child(child.config, env, cwd=cwd, logs=tmp_path_factory.mktemp("gcs_logs"))
     info: dict = {}
 
     # 1. SIGKILL as soon as the end-of-SFT checkpoint is committed.
     proc, log1 = _start(child, workdir, "killed")
-    _poll(proc, log1, lambda: SFT_STEPS in _checkpoint_steps(workdir), "the SFT checkpoint")
+    _poll(proc, log1, lambda: SFT_STEPS in _checkpoint_steps(workdir), "the SFT checkpoint",
+          every=POLL_GCS)
     proc.send_signal(signal.SIGKILL)
     info["kill_rc"] = _wait(proc, log1)
     info["after_kill"] = _checkpoint_steps(workdir)
@@ -226,6 +278,7 @@ def interrupted(tmp_path_factory, child, uninterrupted):
                                  **{"train.checkpoint_every": 1000})
     assert rc == 0, info["final_log"][-4000:]
     info["workdir"] = workdir
+    info["local_files"] = list(cwd.iterdir())
     return info
 
 
@@ -242,7 +295,7 @@ def test_uninterrupted_run_keeps_last_checkpoints(uninterrupted):
     assert set(state) == {"train", "rng", "ref"}            # reference saved (SFT changed it)
     # the report: final numbers from the last step; the best RL evaluation (in-domain accuracy,
     # earliest on ties) with its step, kept in checkpoints_best/ with that step's params
-    rep = json.loads((uninterrupted / "report" / "results.json").read_text())
+    rep = _report(uninterrupted)
     assert rep["final"] == {"step": RL_STEPS, "accuracy": rep["accuracy"]}
     evals = {h["step"]: h["emo_synth"]["accuracy"] for h in rep["history"] if h["step"] > 0}
     best = max(evals, key=lambda s: (evals[s], -s))
@@ -294,16 +347,27 @@ def test_resumed_run_equals_uninterrupted_run(uninterrupted, interrupted):
     _assert_trees_equal(_read_state(resumed, total), _read_state(uninterrupted, total),
                         "checkpoint")
     # the Hugging Face export and the report (final evaluation + history across the restarts)
-    from safetensors.numpy import load_file
-    _assert_trees_equal(load_file(resumed / "export" / "model.safetensors"),
-                        load_file(uninterrupted / "export" / "model.safetensors"), "export")
-    report = lambda w: json.loads((w / "report" / "results.json").read_text())  # noqa: E731
-    assert report(resumed) == report(uninterrupted)
-    assert [h["step"] for h in report(resumed)["history"]] == [0, 2, 4]
+    _assert_trees_equal(_export(resumed), _export(uninterrupted), "export")
+    assert _report(resumed) == _report(uninterrupted)
+    assert [h["step"] for h in _report(resumed)["history"]] == [0, 2, 4]
     # the final evaluation is the loop's step-4 one, not a second run over the eval set
-    last = report(resumed)["history"][-1]
-    assert report(resumed)["eval"] == {k: v for k, v in last.items() if k != "step"}
+    last = _report(resumed)["history"][-1]
+    assert _report(resumed)["eval"] == {k: v for k, v in last.items() if k != "step"}
     assert _best_steps(resumed) == _best_steps(uninterrupted)      # best record: in the report
+
+
+def test_a_gs_workdir_holds_everything_the_run_writes(interrupted):
+    """Checkpoints (orbax/tensorstore), metrics, TensorBoard, run record, report and export all
+    land in the bucket; nothing is written to the local disk outside the data and compilation
+    caches."""
+    names = fileio.walk_files(interrupted["workdir"])
+    for want in ("/report/results.json", "/report/curves.png", "/export/model.safetensors",
+                 "/export/config.json", "/export/preprocessor_config.json",
+                 "/run/config.json", "/run/provenance.json", "/metrics.jsonl"):
+        assert any(n.endswith(want) for n in names), (want, names)
+    assert sum("/tensorboard/events" in n for n in names) == 3      # one per run
+    assert any(f"/checkpoints/{SFT_STEPS + RL_STEPS}/" in n for n in names)
+    assert interrupted["local_files"] == []
 
 
 @pytest.mark.slow
@@ -439,53 +503,6 @@ def test_dapo_fills_the_batch_from_mini_rollout_batches(tmp_path, child):
     assert rc != 0
     assert "after 3 tries only 0 of 2 prompts had a mean reward strictly inside (0.01, 0.99)" \
         in log, log[-4000:]
-
-
-# ------------------------------------------------------------------------------- gs:// --
-def test_gs_workdir_survives_sigkill_and_resumes(tmp_path, child):
-    """--workdir=gs://... against a real GCS JSON API (gcp-storage-emulator): checkpoints
-    (orbax/tensorstore), metrics, TensorBoard, run record, report and export all land in the
-    bucket; SIGKILL after the first RL step and a resume leave each metric row exactly once;
-    nothing is written to the local disk outside the data and compilation caches."""
-    from emor3_jax import fileio
-    from gcs_testutil import gcs_emulator
-    over = {"sft.steps": 0, "train.max_steps": 3, "train.eval_every": 0,
-            "train.checkpoint_every": 1, "data.data_dir": str(tmp_path / "tfds")}
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    with gcs_emulator() as (_, make_bucket):
-        workdir = make_bucket("runs") + "/demo"
-        env = {**child.env, **{k: os.environ[k] for k in (
-            "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING",
-            "GOOGLE_CLOUD_PROJECT")}, "EMOR3_CACHE": str(tmp_path / "cache")}
-        args = [sys.executable, "-m", "emor3_jax.main", f"--config={child.config}",
-                f"--workdir={workdir}"] + [f"--config.{k}={v}"
-                                           for k, v in {**TINY_RUN, **over}.items()]
-        rl_rows = lambda: [r for r in (json.loads(line) for line in fileio.read_text(  # noqa
-            f"{workdir}/metrics.jsonl").splitlines()) if "reward/mean" in r] \
-            if fileio.exists(f"{workdir}/metrics.jsonl") else []
-        logs = []
-        for name in ("killed", "resumed"):
-            log_path = tmp_path / f"{name}.log"
-            with open(log_path, "w") as out:
-                proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out,
-                                        stderr=subprocess.STDOUT)
-            if name == "killed":
-                _poll(proc, log_path, lambda: len(rl_rows()) >= 1, "an RL step in the bucket")
-                proc.kill()
-                proc.wait()
-            else:
-                assert _wait(proc, log_path) == 0, _tail(log_path)
-            logs.append(log_path.read_text())
-        assert [r["step"] for r in rl_rows()] == [1, 2, 3], logs[1][-3000:]
-        names = fileio.walk_files(workdir)
-        for want in ("/report/results.json", "/report/curves.png", "/export/model.safetensors",
-                     "/export/config.json", "/export/preprocessor_config.json",
-                     "/run/config.json", "/run/provenance.json"):
-            assert any(n.endswith(want) for n in names), (want, names)
-        assert sum("/tensorboard/events" in n for n in names) == 2      # one per run
-        assert any("/checkpoints/3/" in n for n in names)
-    assert list(cwd.iterdir()) == []                    # nothing beside the caches
 
 
 def test_config_error_stops_main_before_anything_is_built(tmp_path, child):

@@ -15,21 +15,27 @@ class Chip:
     peak_flops: float        # bf16 FLOP/s per chip
     chip_config: str         # jax topology chip_config_name (megacore: one device per chip)
     hbm_bandwidth: float     # bytes/s per chip
+    host_chips: tuple[int, int, int] = (2, 2, 1)   # the largest block of chips one host drives
 
 
 CHIPS = {
     "v4": Chip("TPU v4", 32 * GiB, 275e12, "megacore", 1.2e12),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, "default", 0.82e12),
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, "default", 0.82e12, host_chips=(2, 4, 1)),
     "v5p": Chip("TPU v5p", 95 * GiB, 459e12, "megacore", 2.76e12),
+    "v6e": Chip("TPU v6e", 32 * GiB, 918e12, "default", 1.64e12, host_chips=(2, 4, 1)),
 }
 # Slice names -> topology names. v4/v5p names count TensorCores (v4-8 = 4 megacore chips),
-# v5e names count chips.
+# v5e/v6e names count chips (v5e-8 and v6e-8 are one host with 8 chips).
 SLICES = {
     "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4",
     "v4-128": "v4:4x4x4",
-    "v5e": "v5e:2x2", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4",
-    "v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4", "v5litepod-16": "v5e:4x4",
+    "v5e-1": "v5e:1x1", "v5e": "v5e:2x2", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4",
+    "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8",
+    "v5litepod-1": "v5e:1x1", "v5litepod-4": "v5e:2x2", "v5litepod-8": "v5e:2x4",
+    "v5litepod-16": "v5e:4x4", "v5litepod-32": "v5e:4x8",
     "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4",
+    "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4",
+    "v6e-32": "v6e:4x8",
 }
 
 
@@ -40,8 +46,18 @@ class Topology:
     chip: Chip
 
     @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.topology_name.split(":")[1].split("x"))
+
+    @property
     def num_chips(self) -> int:
-        return math.prod(int(d) for d in self.topology_name.split(":")[1].split("x"))
+        return math.prod(self.dims)
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        """One host's block of chips, cut to the slice (v5e-4 is one host of 2x2 chips)."""
+        dims = (*self.dims, 1, 1)[:3]
+        return tuple(min(h, d) for h, d in zip(self.chip.host_chips, dims))
 
 
 def resolve_topology(name: str) -> Topology:
@@ -73,7 +89,7 @@ def topology_devices(topology: Topology) -> list:
     try:
         desc = topologies.get_topology_desc(
             platform="tpu", topology_name=topology.topology_name,
-            chip_config_name=topology.chip.chip_config, chips_per_host_bounds=(2, 2, 1),
+            chip_config_name=topology.chip.chip_config, chips_per_host_bounds=topology.chips_per_host_bounds,
             num_slices=1)
     except Exception as e:  # noqa: BLE001 (libtpu missing or unknown topology)
         raise RuntimeError(f"cannot describe TPU topology {topology.topology_name}: {e}. "
