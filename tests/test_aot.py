@@ -168,3 +168,26 @@ def test_slices_resolve_to_their_chips_and_hosts(name, chips, hosts, hbm):
     assert topology.num_chips == len(devices) == chips
     assert len({d.process_index for d in devices}) == hosts
     assert topology.chip.hbm_bytes == hbm * aot.GiB
+
+
+def test_a_single_chip_runtime_says_what_fits_instead():
+    """The notebook's check on a v5e-1 (Colab's TPU runtime): the 3B recipe's state alone
+    (fp32 params and AdamW moments, bf16 reference and sampling copy) cannot fit one 16 GiB
+    chip, and the answer names what can (the demo, bf16 evaluation, the fitted v5e config);
+    on a v5e-8 with that config the state leaves room; the demo fits a v6e-1."""
+    from emor3_jax.aot import runtime
+    from emor3_jax.configs import demo_cpu, tpu_v4, tpu_v5e
+    one = aot.topology_devices(aot.resolve_topology("v5e-1"))
+    config = tpu_v4.get_config()
+    config.mesh.fsdp = -1                       # all chips of the runtime, as the notebook
+    fit = runtime.check(config, one)
+    assert fit.fits is False and fit.resident_per_chip > 50 * aot.GiB, fit.message
+    assert "it does not fit" in fit.message and "configs/tpu_v5e.py is fitted for a v5e-8" \
+        in fit.message and "evaluation of this model in bfloat16 (7.0 GiB" in fit.message
+    eight = aot.topology_devices(aot.resolve_topology("v5e-8"))
+    fit = runtime.check(tpu_v5e.get_config(), eight)
+    assert fit.fits is True and 6 * aot.GiB < fit.resident_per_chip < 8 * aot.GiB, fit.message
+    fit = runtime.check(demo_cpu.get_config(), aot.topology_devices(aot.resolve_topology("v6e-1")))
+    assert fit.fits is True and fit.resident_per_chip < 0.1 * aot.GiB, fit.message
+    import jax
+    assert runtime.check(tpu_v4.get_config(), jax.devices()[:1]).fits is None   # CPU: unknown

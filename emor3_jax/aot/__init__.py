@@ -61,7 +61,8 @@ Shape assumptions (printed with the tables):
 
 Modules by job: chips.py (chips, slices), shapes.py (the step's shapes), programs.py (compiling
 them), cost.py (FLOPs from the jaxpr), hlo.py (reading XLA's errors), report.py (tables),
-search.py (the knob search), cli.py (driver and flags).
+search.py (the knob search), cli.py (driver and flags), runtime.py (the chips this process
+sees: the Colab notebook's check before it downloads a model).
 """
 import os
 import sys

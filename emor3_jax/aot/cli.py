@@ -15,11 +15,14 @@ from emor3_jax.models import qwen2_5_vl
 
 def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction: float = 0.95,
             programs: Sequence[str] = tuple(BUILDERS), fix_attempts: int = 2,
-            config_name: str = "", log=None, lengths: str = "max") -> tuple[bool, str]:
+            config_name: str = "", log=None, lengths: str = "max",
+            devices=None) -> tuple[bool, str]:
     """Compile the step's programs for `topology`; return (fits, the printed report).
     lengths (max|typical|P,R): other than max, the programs are compiled a second time at
-    those lengths for a step-time estimate (the memory verdict stays the maximum lengths')."""
-    devices = topology_devices(topology)
+    those lengths for a step-time estimate (the memory verdict stays the maximum lengths').
+    devices: the chips to compile for (default: the topology's compile-only devices; a TPU
+    runtime passes its own)."""
+    devices = topology_devices(topology) if devices is None else devices
     ctx = make_context(config, topology, devices, image, log=log)
     expected = lengths_for(lengths, config, ctx.image)          # bad --lengths: before compiling
     chip, s, mc = topology.chip, ctx.shapes, ctx.model.config
