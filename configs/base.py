@@ -220,7 +220,9 @@ def get_config():
     c.rl.clip_high = 0.3
     c.rl.dual_clip = 3.0
     c.rl.kl_coef = 0.01
-    c.rl.loss_agg = "token_mean"   # token_mean | microbatch_token_mean (released)
+    # token_mean | microbatch_token_mean (released: the mean inside each micro-batch of
+    # rl.micro_batch_size responses per device, so it depends on that split; 4 as released)
+    c.rl.loss_agg = "token_mean"
     c.rl.mini_batch_size = 256     # prompts per update
     c.rl.micro_batch_size = 4      # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 16
