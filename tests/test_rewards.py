@@ -243,6 +243,9 @@ def _components(acc, fmt, coh, cons, va):
     ("emor3_paper", 0.8 * 1 + 0.1 * (0.5 + 0.0) / 2 + 0.1 * 1),       # (1-l1-l2)acc + l1(coh+cons)/2 + l2 fmt
     ("set_only", 0.9 * 1 + 0.1 * 1),
     ("coherence_mult", 0.9 * 1 * 0.5 + 0.1 * 1),
+    ("coherence_add", 0.8 * 1 + 0.1 * 0.5 + 0.1 * 1),
+    ("consistency_add", 0.8 * 1 + 0.1 * 0.0 + 0.1 * 1),
+    ("emor3_mult", 0.9 * 1 * 0.5 * 0.0 + 0.1 * 1),
     ("valence_arousal", 0.9 * 1 + 0.1 * 1 + 0.1 * 0.5),               # SET-only base + 0.1 * va
     ("grpo_think", 0.9 * 1 + 0.1 * 1),
 ])
@@ -257,6 +260,11 @@ def test_preset_extremes():
     assert emotion.PRESETS["emor3"].overall(_components(0, 1, 1, 0.5, 0)) == pytest.approx(0.25)
     assert emotion.PRESETS["emor3_paper"].overall(_components(1, 1, 1, 1, 0)) == pytest.approx(1.0)
     assert emotion.PRESETS["coherence_mult"].overall(_components(1, 0, 0, 1, 0)) == 0.0
+    assert emotion.PRESETS["emor3_mult"].overall(_components(1, 1, 1, 1, 0)) == pytest.approx(1.0)
+    assert emotion.PRESETS["emor3_mult"].overall(_components(1, 1, 1, 0.5, 0)) == \
+        pytest.approx(0.55)
+    assert emotion.PRESETS["consistency_add"].overall(_components(0, 1, 1, 1, 0)) == \
+        pytest.approx(0.2)
     custom = emotion.paper_preset(lambda1=0.2, lambda2=0.05)
     assert custom.overall(_components(1, 1, 1, 0, 0)) == pytest.approx(0.75 + 0.1 + 0.05)
 
@@ -267,6 +275,7 @@ def test_preset_needs():
     assert needs == {"emor3": (True, True, False), "emor3_paper": (True, True, False),
                      "set_only": (False, False, False), "coherence_mult": (True, False, False),
                      "coherence_add": (True, False, False),
+                     "consistency_add": (False, True, False), "emor3_mult": (True, True, False),
                      "valence_arousal": (False, False, True), "grpo_think": (False, False, False)}
     assert all(p.release_file for p in emotion.PRESETS.values())
     assert emotion.PRESETS["coherence_mult"].components == ("format", "accuracy", "coherence")

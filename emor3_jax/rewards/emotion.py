@@ -317,6 +317,21 @@ PRESETS: dict[str, RewardPreset] = {
         release_file=_RELEASE + "new/emothink_rethink_image_nocoh.py (its active branch)",
         description="coherence-only additive: 0.8*acc + 0.1*coh + 0.1*format, exact-match "
                     "accuracy, released R_coh"),
+    "consistency_add": RewardPreset(
+        "consistency_add",
+        lambda c: 0.8 * c["accuracy"] + 0.1 * c["consistency"] + 0.1 * c["format"],
+        needs_coherence=False, needs_consistency=True,
+        release_file=_RELEASE + "emor3.py with its coherence term left out (the release has "
+                                "no consistency-only file; the paper's ablation has the row)",
+        description="consistency-only additive: 0.8*acc + 0.1*cons + 0.1*format, exact-match "
+                    "accuracy, released R_cons"),
+    "emor3_mult": RewardPreset(
+        "emor3_mult",
+        lambda c: 0.9 * c["accuracy"] * c["coherence"] * c["consistency"] + 0.1 * c["format"],
+        needs_coherence=True, needs_consistency=True,
+        release_file=_RELEASE + "emor3.py (its commented-out `overall`)",
+        description="both judge terms multiplicative: 0.9*acc*coh*cons + 0.1*format, "
+                    "exact-match accuracy, released R_coh and R_cons"),
     "valence_arousal": RewardPreset(
         "valence_arousal",
         lambda c: 0.9 * c["accuracy"] + 0.1 * c["format"] + 0.1 * c["valence_arousal"],
