@@ -107,6 +107,19 @@ JUDGE_NONE_IMAGE_PROMPT = IMAGE_MARKER + "\nAnswer 'None'"
 # --------------------------------------------------------------------------------------------
 METHODS = ("emor3", "grpo", "dapo", "sft", "cold_start")
 
+# Training epochs of the release's scripts, by training set and method family (EMO-R3: emor3,
+# cold_start; GRPO: grpo, dapo): EmoSet-2k 20 (examples/qwen2_5_vl_3b_emor3.sh); Emotion6
+# (setting B) 30 for EMO-R3 (examples/fyy/new/qwen2_5_vl_3b_emothink_new_rethink_image_
+# emotion6.sh) and 25 for naive GRPO (examples/fyy/qwen2_5_vl_3b_naive_grpo_emotion6.sh), both
+# in the release's history. train.epochs = 0 takes these; anything else not listed: 20.
+RELEASED_EPOCHS = {("emotion6", "emor3"): 30, ("emotion6", "grpo"): 25}
+DEFAULT_EPOCHS = 20
+
+
+def released_epochs(train_set: str, method: str) -> int:
+    family = "grpo" if method in ("grpo", "dapo") else "emor3"
+    return RELEASED_EPOCHS.get((train_set, family), DEFAULT_EPOCHS)
+
 
 def apply_method(c, method: str):
     """Turn the EMO-R3 recipe into one of the paper's baselines (`--config=file.py:grpo`).
@@ -258,11 +271,14 @@ def get_config():
     c.sft.data = ""                # data set for SFT ("" = data.train)
 
     c.train = ml_collections.ConfigDict()
-    c.train.epochs = 20
+    c.train.epochs = 0             # 0 = the release's for data.train and the method
+                                   # (released_epochs: 20; Emotion6 30 EMO-R3, 25 GRPO)
     c.train.max_steps = 0          # 0 = from epochs
+    # The release validates after every step (EasyR1 val_freq 1, and before training); here
+    # every 10 (README: deliberate differences); it saves every 5 steps and keeps 7, as here.
     c.train.eval_every = 10
-    c.train.checkpoint_every = 10
-    c.train.keep_checkpoints = 3
+    c.train.checkpoint_every = 5
+    c.train.keep_checkpoints = 7
     c.train.log_every = 1
     c.train.max_nonfinite_in_a_row = 3
 

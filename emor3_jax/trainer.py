@@ -403,7 +403,8 @@ class Trainer:
             log.info("profile: step %d traced into %s", step, path)
 
     def total_rl_steps(self) -> int:
-        """`train.max_steps`, else `rl_steps_from_epochs` of the training split's size."""
+        """`train.max_steps`, else `rl_steps_from_epochs` of the training split's size and
+        `train.epochs` (0: the release's for this training set and method)."""
         c = self.config
         if c.train.max_steps:
             return int(c.train.max_steps)
@@ -412,7 +413,8 @@ class Trainer:
         n = builder.info.splits[TRAIN_SPLIT].num_examples
         mini = data_lib.generation_batch_size(c)   # DAPO draws whole mini batches (EasyR1)
         n = (n // mini) * mini
-        return rl_steps_from_epochs(n, c.rollout.batch_size, c.train.epochs, c.data.train)
+        epochs = c.train.epochs or base.released_epochs(c.data.train, c.method)
+        return rl_steps_from_epochs(n, c.rollout.batch_size, epochs, c.data.train)
 
     def _phase_steps(self, phase: str) -> int:
         return int(self.config.sft.steps) if phase == "sft" else self.total_rl_steps()

@@ -481,6 +481,17 @@ def test_rl_steps_drop_the_last_partial_batch_of_each_epoch():
         trainer.rl_steps_from_epochs(2100, 512, 0)
 
 
+def test_epochs_default_to_the_releases_for_the_training_set_and_method():
+    """train.epochs = 0 (the default): EmoSet-2k 20 for every method; Emotion6 (setting B)
+    30 for EMO-R3 and its Cold-Start variant, 25 for GRPO and DAPO, as the release's scripts."""
+    from emor3_jax.configs import base
+    assert base.get_config().train.epochs == 0
+    want = {("emoset2k", m): 20 for m in base.METHODS}
+    want.update({("emotion6", "emor3"): 30, ("emotion6", "cold_start"): 30,
+                 ("emotion6", "grpo"): 25, ("emotion6", "dapo"): 25, ("webemo", "emor3"): 20})
+    assert {k: base.released_epochs(*k) for k in want} == want
+
+
 # ------------------------------------------------------------------------------------ DAPO --
 # Dynamic sampling from mini rollout batches of 1 prompt, no KL, clip-high 0.28: each try keeps
 # its group or drops it by the group's mean reward. The untrained tiny model earns reward 0, so
