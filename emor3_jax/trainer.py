@@ -306,8 +306,13 @@ class Trainer:
         step) of the last phase's end, or None if SIGTERM stopped the run (after saving)."""
         c = self.config
         steps = {p: self._phase_steps(p) for p in run_phases}
+        m = c.metrics
         writer = metrics_lib.MetricWriter(self.workdir, enabled=self.is_main,
-                                          total_steps=sum(steps.values()))
+                                          total_steps=sum(steps.values()),
+                                          backends=tuple(m.backends),
+                                          wandb_settings=dict(project=m.wandb_project,
+                                                              entity=m.wandb_entity,
+                                                              name=m.wandb_name))
         writer.hparams(provenance.flat_config(c))
         latest = self.ckpt.read_extra()
         if latest is not None and latest["phase"] not in run_phases:
