@@ -45,5 +45,7 @@ setup(
         "tpu": ["jax[tpu]"],
         "wandb": ["wandb"],
         "cuda": ["jax[cuda12]"],
+        # compile for GPUs on a host without one (python -m emor3_jax.aot --topology=h100x8)
+        "aot-gpu": ["jax[cuda12]"],
     },
 )

@@ -191,3 +191,17 @@ def test_a_single_chip_runtime_says_what_fits_instead():
     assert fit.fits is True and fit.resident_per_chip < 0.1 * aot.GiB, fit.message
     import jax
     assert runtime.check(tpu_v4.get_config(), jax.devices()[:1]).fits is None   # CPU: unknown
+
+
+def test_gpu_nodes_resolve_and_need_the_cuda_plugin():
+    """h100x8 is one node of 8 H100s (jax's CUDA topology 1x1x8), compiled against 90 % of each
+    GPU; without jax's CUDA plugin (the aot-gpu extra; not in the test extra) the tool says
+    how to get it instead of failing somewhere inside jax."""
+    topology = aot.resolve_topology("h100x8")
+    assert topology.num_chips == 8 and topology.chip.platform == "cuda"
+    assert topology.chip.usable == 0.9 and "major: 9 minor: 0" in topology.chip.target_config
+    assert aot.resolve_topology("a100x16").topology_name == "a100:1x2x8"
+    import importlib.util
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        with pytest.raises(RuntimeError, match=r"aot-gpu"):
+            aot.topology_devices(topology)

@@ -13,7 +13,8 @@ from emor3_jax.aot.shapes import lengths_for
 from emor3_jax.models import qwen2_5_vl
 
 
-def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction: float = 0.95,
+def analyze(config, topology: Topology, *, image: str = "typical",
+            hbm_fraction: float | None = None,
             programs: Sequence[str] = tuple(BUILDERS), fix_attempts: int = 2,
             config_name: str = "", log=None, lengths: str = "max",
             devices=None) -> tuple[bool, str]:
@@ -23,6 +24,7 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
     devices: the chips to compile for (default: the topology's compile-only devices; a TPU
     runtime passes its own)."""
     devices = topology_devices(topology) if devices is None else devices
+    hbm_fraction = topology.chip.usable if hbm_fraction is None else hbm_fraction
     ctx = make_context(config, topology, devices, image, log=log)
     expected = lengths_for(lengths, config, ctx.image)          # bad --lengths: before compiling
     chip, s, mc = topology.chip, ctx.shapes, ctx.model.config
@@ -84,6 +86,13 @@ def analyze(config, topology: Topology, *, image: str = "typical", hbm_fraction:
     if s.hosts > 1:
         notes.append(f"multi-host slice ({s.hosts} hosts): shapes are global, one SPMD "
                      "program over the whole slice")
+    if topology.chip.platform == "cuda":
+        notes.append("deviceless CUDA compilation gives no cost analysis: FLOPs are the "
+                     "jaxpr's matmuls and cuDNN attention calls (forward 4*T*S*head_dim per "
+                     "head, backward 10*T*S*head_dim), and times are FLOP-bound only (no bytes "
+                     f"figure); the memory limit is {100 * hbm_fraction:g}% of each GPU, the "
+                     "share launch/slurm_gpu.sbatch lets XLA's allocator take "
+                     "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
     if mc.attention_impl == "splash":
         notes.append("attention runs in the splash Pallas kernel, which XLA's cost analysis "
                      "does not see: its FLOPs are counted from the kernel's shapes (forward "
@@ -107,8 +116,9 @@ def define_flags(flag_values=None, argv: Sequence[str] | None = None):
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (e.g. "
                                     "configs/tpu_v4.py)", flag_values=fv, lock_config=True,
                                     sys_argv=None if argv is None else list(argv))
-    flags.DEFINE_string("topology", "", "TPU slice (v4-8, v4-16, v4-32, v5e-4, v5p-8, ...) or "
-                        "topology name (v4:2x2x1); default: config.aot.topology", flag_values=fv)
+    flags.DEFINE_string("topology", "", "TPU slice (v4-8, v4-32, v5e-8, v6e-8, v5p-8, ...), "
+                        "topology name (v4:2x2x1) or GPU nodes (h100x8, a100x8, h100x16: needs "
+                        "the aot-gpu extra); default: config.aot.topology", flag_values=fv)
     flags.DEFINE_string("image", "typical", "image per prompt: typical (512x512 photo), max "
                         "(largest a prompt holds) or HxW", flag_values=fv)
     flags.DEFINE_string("lengths", "max", "max: fit and step time at the config's maximum "
@@ -116,8 +126,8 @@ def define_flags(flag_values=None, argv: Sequence[str] | None = None):
                         "responses, short judge answers) or P,R (prompt, response tokens): also "
                         "the step time at those lengths (the programs compiled twice)",
                         flag_values=fv)
-    flags.DEFINE_float("hbm_fraction", 0.95, "usable share of HBM for the fit verdict",
-                       flag_values=fv)
+    flags.DEFINE_float("hbm_fraction", None, "usable share of HBM for the fit verdict "
+                       "(default: the chip's, 0.95 on TPU, 0.9 on GPU)", flag_values=fv)
     flags.DEFINE_list("programs", list(BUILDERS), "program families to compile",
                       flag_values=fv)
     flags.DEFINE_integer("fix_attempts", 2, "recompilations per failing program family when "

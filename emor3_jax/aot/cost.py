@@ -1,5 +1,6 @@
-"""FLOPs from the traced jaxpr: XLA's cost analysis counts a loop body once and does not see
-inside Pallas kernels, so matmuls and kernels are counted here with loop trip counts."""
+"""FLOPs from the traced jaxpr: XLA's cost analysis counts a loop body once, does not see
+inside Pallas kernels or cuDNN calls, and is empty for deviceless CUDA compiles, so matmuls
+and kernels are counted here with loop trip counts."""
 from __future__ import annotations
 
 import math
@@ -68,9 +69,26 @@ _KERNEL_FLOPS_PER_TSD = {"fwd": 4.0, "dkv": 8.0, "dq": 6.0}
 CAUSAL_FRACTION = 0.5
 
 
+# cuDNN's fused attention (model.attention=cudnn, GPU): q [B, T, N, H], k [B, S, K, H]; the
+# forward 4 T S H per head, the backward about 2.5x that (FlashAttention-2's count). A causal
+# mask_type skips half the tiles; the model passes its mask as a dense array, so all run.
+_CUDNN_FLOPS_PER_TSH = {"dot_product_attention_fwd": 4.0, "dot_product_attention_bwd": 10.0}
+
+
+def _cudnn_flops(eqn) -> float | None:
+    kind = next((k for k in _CUDNN_FLOPS_PER_TSH
+                 if eqn.primitive.name in (k, k + "_wrapper")), None)
+    if kind is None:
+        return None
+    q, k = (v.aval.shape for v in eqn.invars[:2])
+    causal = "CAUSAL" in str(eqn.params.get("mask_type", "")).upper()
+    return _CUDNN_FLOPS_PER_TSH[kind] * (CAUSAL_FRACTION if causal else 1.0) * \
+        math.prod(q) * k[1]
+
+
 def _pallas_flops(eqn) -> float | None:
     if eqn.primitive.name != "pallas_call":
-        return None
+        return _cudnn_flops(eqn)
     name = str(eqn.params.get("name_and_src_info", eqn.params.get("name", "")))
     phase = next((p for p in _KERNEL_FLOPS_PER_TSD if p in name), None)
     floats = [v.aval for v in eqn.invars if jnp.issubdtype(v.aval.dtype, jnp.floating)]
@@ -81,6 +99,6 @@ def _pallas_flops(eqn) -> float | None:
 
 
 def kernel_flops(jaxpr, while_trips: int = 1) -> float:
-    """FLOPs of the Pallas kernels in a traced jaxpr, summed over devices, with loop trip
-    counts (as `matmul_flops`)."""
+    """FLOPs of the Pallas kernels (and cuDNN attention calls) in a traced jaxpr, summed over
+    devices, with loop trip counts (as `matmul_flops`)."""
     return _loop_sums(jaxpr, _pallas_flops, while_trips, per_device=True)[0]

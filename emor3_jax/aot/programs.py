@@ -143,10 +143,12 @@ def compile_program(program: Program, traced, *, while_trips: int = 1, log=None)
     program.memory = memory_lib.program_memory(compiled)     # as the sampler's fit check
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    program.xla_flops = float(cost.get("flops", 0.0))
-    program.xla_bytes = float(cost.get("bytes accessed", 0.0))
+    program.xla_flops = float((cost or {}).get("flops", 0.0))
+    program.xla_bytes = float((cost or {}).get("bytes accessed", 0.0))
     full, once = matmul_flops(traced.jaxpr.jaxpr, while_trips)
     program.loop_scale = full / once if once else 1.0
+    if not program.xla_flops:       # no cost analysis (deviceless CUDA): the jaxpr's matmuls
+        program.xla_flops = once
     # the jaxpr has global shapes: per device, as XLA's figures
     devices = max(len(x.device_set) for x in jax.tree.leaves(compiled.input_shardings))
     program.kernel_flops = kernel_flops(traced.jaxpr.jaxpr, while_trips) / devices
