@@ -16,5 +16,7 @@ def get_config(method: str = "emor3"):
     c.model.remat = "block"
     c.model.attention = "cudnn"          # cuDNN flash attention through jax.nn.dot_product_attention
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.aot.topology = "h100x8"            # python -m emor3_jax.aot: one node of 8 H100s
     c.rollout.chunk_size = 128
+    c.reward.judge_chunk_size = 192      # judge prompts per call (all 8192 at once: 2 TiB)
     return base.apply_method(c, method)

@@ -182,3 +182,15 @@ def test_splash_needs_tpu_and_falls_back_for_traced_offsets():
     out = jax.jit(lambda q, k, v, i: L.attention(q, k, v, L.Mask(_key_valid(16), i),
                                                  impl="splash"))(q[:, :1], k, v, jnp.int32(15))
     assert out.shape == (B, 1, N, H)
+
+
+@pytest.mark.parametrize("t,s,causal", [(37, 37, True), (36, 51, False), (1, 37, True)])
+def test_cudnn_padding_to_even_lengths_keeps_values_and_gradients(t, s, causal):
+    """model.attention=cudnn pads odd lengths (cuDNN trains with a mask only on even ones) and
+    drops what it added: the same padding through jax's XLA attention on CPU equals einsum,
+    values and gradients, with left padding, GQA, causal and key-only masks and a decode row."""
+    q, k, v, cot = _qkv(t, s)
+    mask = L.Mask(_key_valid(s), causal=causal, q_offset=s - t)
+    dense = mask.dense(t)
+    fn = lambda q, k, v: L._cudnn_attention(q, k, v, dense, implementation="xla")
+    _check(fn, q, k, v, cot, dense)

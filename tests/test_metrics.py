@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 
 import pytest
 
@@ -58,6 +59,12 @@ def _wandb_run(workdir) -> tuple[list, dict, list[dict]]:
     return runs, config, history
 
 
+def _next_second():
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def wandb_offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -74,6 +81,9 @@ def test_wandb_gets_the_rows_and_config_and_a_resume_continues_its_run(tmp_path,
         w.write(step, {"loss": 1.0 / (step + 1)}, prefix="sft/")
     w.write(1, {"reward/mean": 0.25, "skip": "text"})
     w.close()
+    # W&B names an offline run's folder by the second it starts and the run id: a resume in the
+    # same second (only a test is that quick) would reuse the first run's folder and file
+    _next_second()
     # resumed: the same W&B run (its id comes from the workdir), the rows go on
     w = metrics.MetricWriter(workdir, backends=("wandb",), progress=False, wandb_settings=settings)
     w.write(2, {"reward/mean": 0.5})

@@ -147,10 +147,10 @@ def compile_program(program: Program, traced, *, while_trips: int = 1, log=None)
     program.xla_bytes = float((cost or {}).get("bytes accessed", 0.0))
     full, once = matmul_flops(traced.jaxpr.jaxpr, while_trips)
     program.loop_scale = full / once if once else 1.0
-    if not program.xla_flops:       # no cost analysis (deviceless CUDA): the jaxpr's matmuls
-        program.xla_flops = once
     # the jaxpr has global shapes: per device, as XLA's figures
     devices = max(len(x.device_set) for x in jax.tree.leaves(compiled.input_shardings))
+    if not program.xla_flops:       # no cost analysis (deviceless CUDA): the jaxpr's matmuls
+        program.xla_flops = once / devices
     program.kernel_flops = kernel_flops(traced.jaxpr.jaxpr, while_trips) / devices
     if log:
         log(f"  {program.name}: {program.total / GiB:.2f} GiB per device, "

@@ -220,9 +220,28 @@ def attention(q, k, v, mask, *, impl: str = "einsum"):
         return blockwise_attention(q, k, v, mask)
     if isinstance(mask, Mask):
         mask = mask.dense(q.shape[1])
-    if impl in ("xla", "cudnn"):
+    if impl == "cudnn":
+        return _cudnn_attention(q, k, v, mask)
+    if impl == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     return _einsum_attention(q, k, v, mask)
+
+
+def _cudnn_attention(q, k, v, mask, implementation: str = "cudnn"):
+    """cuDNN's fused attention takes the mask as a bias of the full [B, 1, T, S] shape, and
+    with a bias it trains only on even T and S: an odd length gets one more query row (a copy
+    of the last row's mask, its output dropped) or one more key (masked out). (The tests run
+    the same padding through implementation="xla" on CPU.)"""
+    t, s = q.shape[1], k.shape[1]
+    mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, s))
+    pt, ps = t % 2, s % 2
+    if pt or ps:
+        seq = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))   # noqa: E731
+        q, k, v = seq(q, pt), seq(k, ps), seq(v, ps)
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pt), (0, 0)), mode="edge")
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, ps)), constant_values=False)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out[:, :t]
 
 
 @jax.checkpoint
