@@ -1,7 +1,7 @@
 """emor3_jax.aot: compile a GRPO step's programs for a TPU v4-8 from this CPU host (libtpu).
 
 A tiny model at small shapes compiles every program (rollout prefill/decode, generate-mode
-judge prefill/decode, reference log-probs, update) and must fit; with a tiny share of HBM it
+judge prefill/decode, reference log-probs, the update's gradient and optimizer calls) and must fit; with a tiny share of HBM it
 must not, and the tool must exit 1 naming (and trying) a knob. Runs the tool
 in-process (`aot.cli`), like `python -m emor3_jax.aot`.
 """
@@ -44,7 +44,7 @@ TINY_CONFIG = textwrap.dedent('''
         return c
 ''')
 PROGRAMS = ("rollout prefill", "rollout decode", "judge prefill", "judge decode",
-            "reference log-probs", "old log-probs", "update")
+            "reference log-probs", "old log-probs", "update gradients", "update optimizer step")
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,22 @@ def test_tiny_step_fits_on_v4_8(config_file):
         "100 tokens with an image, 8 suffixes of 112 tokens each"), programs
     assert programs["judge decode"][1].startswith("40 (compiled as 64: "), programs
     assert programs["rollout prefill"][1].startswith("8 prompts x 64 tokens"), programs
-    # the update donates the train state: its new state reuses the old one's buffers
-    assert float(programs["update"][5]) > 0
+    # the programs the trainer runs (rl.length_aware): log-probs and gradients one micro-batch
+    # per call (a mini-batch of 64 responses = 4 micro-batches of 4 rows x 4 devices), then one
+    # optimizer call; the gradient accumulator and the train state are donated from call to call
+    for name in ("reference log-probs", "update gradients"):
+        assert programs[name][1].startswith("1 micro-batch of 16 rows (4 per mini-batch), "
+                                            "64+16 tokens"), programs[name]
+        assert programs[name][11] == "4", programs[name]
+    assert programs["update optimizer step"][11] == "1"
+    assert float(programs["update gradients"][5]) > 0
+    assert float(programs["update optimizer step"][5]) > 0
     run = table_rows(out, "| program | program total")
     assert tuple(run) == PROGRAMS
     for name, cells in run.items():          # live = program + resident outside it + other
         assert float(cells[4]) >= float(cells[1]), cells
+    # the log-probs of the earlier micro-batches wait on the device beside the last call's
+    assert "(outputs of 3 earlier calls)" in run["reference log-probs"][3], run
     assert "peak live memory" in out and "suggestions" not in out
 
 

@@ -1,6 +1,6 @@
 """The step's programs, compiled from abstract inputs through the functions the trainer calls
-(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_update_step(...).trace`), and what
-each one needs beside the trees that stay resident."""
+(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_micro_batch_update(...).trace_*` or
+`make_update_step(...).trace`), and what each one needs beside the trees that stay resident."""
 from __future__ import annotations
 
 import dataclasses
@@ -350,7 +350,10 @@ def judge_programs(ctx: Context) -> list[Program]:
 def reference_programs(ctx: Context) -> list[Program]:
     """The log-prob passes over one mini-batch (make_logprob_fn): the frozen reference's
     (rl.kl_coef != 0, compute-dtype params) and, with rl.recompute_old_logp, the current
-    policy's (its master params: another dtype, so another program)."""
+    policy's (its master params: another dtype, so another program). rl.length_aware (the
+    trainer's default, `micro_batch_logprobs`): one call per micro-batch, each cut to its own
+    length bucket (at the shapes' lengths, the worst or the expected bucket); else one call
+    scanning the mini-batch padded to its longest."""
     c, s = ctx.config, ctx.shapes
     passes = []
     if c.rl.kl_coef:
@@ -363,12 +366,22 @@ def reference_programs(ctx: Context) -> list[Program]:
     batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.logprob_micro_rows,
                                   with_ref=False)
     m = s.mini_batch_rows // s.logprob_micro_rows
+    tokens = f"{s.prompt_len}+{s.response_len} tokens"
+    if c.rl.length_aware:
+        inputs, calls = _stack_micro_batches(batch.inputs, 1), m * s.mini_batches
+        what = f"1 micro-batch of {s.logprob_micro_rows} rows ({m} per mini-batch), {tokens}"
+    else:
+        inputs, calls = batch.inputs, s.mini_batches
+        what = f"{s.mini_batch_rows} responses = {m} x {s.logprob_micro_rows} rows, {tokens}"
     programs = []
     for name, uses, params in passes:
-        prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
-                       f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} tokens",
-                       uses, s.mini_batches, "reference")
-        compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
+        prog = Program(name, what, uses, calls, "reference")
+        compile_program(prog, fn.trace(params, inputs), log=ctx.log)
+        if c.rl.length_aware and m > 1 and prog.memory:
+            # micro_batch_logprobs dispatches every call before fetching any: the earlier
+            # calls' log-probs wait on the device beside the last call
+            prog.extra_live = (m - 1) * prog.memory["out"]
+            prog.extra_what = f"outputs of {m - 1} earlier call{'s' if m > 2 else ''}"
         programs.append(prog)
     return programs
 
@@ -379,20 +392,42 @@ def _reference(ctx: Context):
 
 
 def update_programs(ctx: Context) -> list[Program]:
-    """One GRPO update of a mini-batch (make_update_step: train state donated)."""
+    """One GRPO update of a mini-batch, as the trainer runs it. rl.length_aware (the default,
+    make_micro_batch_update): one gradient call per micro-batch (its own length bucket; the
+    fp32 gradient accumulator donated from call to call), then one optimizer call (train state
+    donated). Else make_update_step: one program scanning the padded micro-batches and taking
+    the optimizer step."""
     c, s = ctx.config, ctx.shapes
     optimizer = update_lib.make_optimizer(c.optim)
-    step = update_lib.make_update_step(ctx.model, optimizer, ctx.mesh, c.rl,
-                                       chunk=c.rl.logprob_chunk, optim_config=c.optim)
     state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
     batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.micro_rows,
                                   with_ref=bool(c.rl.kl_coef))
     m = s.mini_batch_rows // s.micro_rows
-    prog = Program("update", f"{s.mini_batch_rows} responses = {m} x {s.micro_rows} rows, "
-                   f"{s.prompt_len}+{s.response_len} tokens, remat {c.model.remat}",
-                   ("policy params", "optimizer state"), s.mini_batches, "update")
-    compile_program(prog, step.trace(state, batch), log=ctx.log)
-    return [prog]
+    tokens = f"{s.prompt_len}+{s.response_len} tokens, remat {c.model.remat}"
+    if not c.rl.length_aware:
+        step = update_lib.make_update_step(ctx.model, optimizer, ctx.mesh, c.rl,
+                                           chunk=c.rl.logprob_chunk, optim_config=c.optim)
+        prog = Program("update", f"{s.mini_batch_rows} responses = {m} x {s.micro_rows} rows, "
+                       f"{tokens}", ("policy params", "optimizer state"), s.mini_batches,
+                       "update")
+        compile_program(prog, step.trace(state, batch), log=ctx.log)
+        return [prog]
+    step = update_lib.make_micro_batch_update(ctx.model, optimizer, ctx.mesh, c.rl,
+                                              chunk=c.rl.logprob_chunk, optim_config=c.optim)
+    rep = sharding.replicated(ctx.mesh)
+    grads = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32,
+                                                        sharding=p.sharding), state.params)
+    sums = jax.ShapeDtypeStruct((step.num_summed_metrics,), jnp.float32, sharding=rep)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+    grad_prog = Program("update gradients", f"1 micro-batch of {s.micro_rows} rows ({m} per "
+                        f"mini-batch), {tokens}", ("policy params",), m * s.mini_batches,
+                        "update")
+    compile_program(grad_prog, step.trace_accumulate(
+        state.params, grads, sums, _stack_micro_batches(batch, 1), scalar, scalar), log=ctx.log)
+    opt_prog = Program("update optimizer step", "AdamW on the accumulated fp32 gradients",
+                       ("policy params", "optimizer state"), s.mini_batches, "update")
+    compile_program(opt_prog, step.trace_apply(state, grads, sums), log=ctx.log)
+    return [grad_prog, opt_prog]
 
 
 BUILDERS = {"rollout": rollout_programs, "judge": judge_programs,

@@ -870,4 +870,9 @@ def make_micro_batch_update(model, optimizer, mesh, rl_config, optim_config=None
     call.compiled = compiled
     call.gradients = gradients
     call.apply_gradients = apply_gradients
+    # AOT (emor3_jax/aot/): the two programs a step runs, traced from abstract inputs
+    call.trace_accumulate = lambda params, grads, sums, batch, token_count, num_micro_batches: (
+        accumulate_jit(batch).trace(params, grads, sums, batch, token_count, num_micro_batches))
+    call.trace_apply = apply_jit.trace
+    call.num_summed_metrics = len(_SUMMED_METRICS)
     return call
