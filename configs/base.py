@@ -249,6 +249,12 @@ def get_config():
     # micro-batch to the mini-batch's longest (False). One program per bucket used.
     c.rl.length_aware = True
     c.rl.length_buckets = ()       # response-length buckets; () = powers of two from 64
+    # Token-budget micro-batches (token_mean, length-aware): token slots per device one
+    # accumulation step may compute (its prompts once, every response row, at their bucketed
+    # lengths); rl.micro_batch_size is then the fewest rows, and shorter responses go more to
+    # a micro-batch (x2, x4, ...), as verl's use_dynamic_bsz. 0: always rl.micro_batch_size.
+    c.rl.micro_batch_tokens = 0
+    c.rl.logprob_micro_batch_tokens = 0   # the same for the log-prob passes
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-6

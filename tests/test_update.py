@@ -347,6 +347,72 @@ def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
         np.testing.assert_array_equal(got[rmask > 0], s["resp"][rmask > 0])
 
 
+def test_token_budget_packs_short_responses_many_to_a_micro_batch(setup):
+    """With a token budget (rl.micro_batch_tokens) a micro-batch takes 1, 2, 4 ... rows, the
+    most whose prompt and response slots fit: the long responses of prompt 0 go two to a
+    micro-batch, the short ones of prompt 1 four; the loss and gradients stay those of the
+    mini-batch padded to its longest (token mean), with fewer micro-batches than fixed rows."""
+    s = setup
+    rmask = _mask([1, T, 1, 6, 1, 1, 2, 1])
+    args = (s["cfg"], s["prompts"], s["resp"], rmask, s["adv"], s["old"], s["ref"])
+    lp = s["prompts"].width
+    budget = lp + 2 * T                # one prompt + two rows of the longest bucket
+    mbs = update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
+                                    length_buckets=(2,), token_budget=budget)
+    np.testing.assert_array_equal(np.concatenate(mbs.rows), [1, 3, 0, 2, 6, 4, 5, 7])
+    assert [len(r) for r in mbs.rows] == [2, 2, 4] and mbs.num_micro_batches == 3
+    assert [t for _, t in mbs.shapes] == [T, 2, 2]
+    assert [item.inputs.prompt_ids.shape[1] for item in mbs.items] == [1, 1, 1]
+    assert mbs.padded_fraction == pytest.approx(1 - 20 / (2 * T + 2 * 2 + 4 * 2))
+    fixed = update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
+                                      length_buckets=(2,))
+    assert len(fixed.items) == 8
+    # within the budget everywhere: its own slots, counted per device
+    for item in mbs.items:
+        n, p = item.inputs.response_ids.shape[1], item.inputs.prompt_ids.shape[1]
+        assert update.micro_batch_slots(n, p, item.inputs.prompt_ids.shape[2],
+                                        item.inputs.response_ids.shape[2], 1) <= budget
+    # per device: 2 prompts do not split over 4 devices (each runs both), 4 do
+    assert update.micro_batch_slots(8, 2, 10, 4, 4) == 2 * 10 + 8 * 4 // 4
+    assert update.micro_batch_slots(8, 4, 10, 4, 4) == 10 + 8 * 4 // 4
+
+    padded = update.pack_update_batch(*args, group_size=G, micro_batch_rows=2)
+    loss0, metrics0, grads0 = jax.jit(update.make_loss_and_grad(s["model"], _mesh1(), _rl(),
+                                                                chunk=3))(s["params"], padded)
+    step = update.make_micro_batch_update(s["model"], update.make_optimizer(_optim(1e-3)),
+                                          _mesh1(), _rl(), chunk=4)
+    loss, metrics, grads = step.gradients(s["params"], mbs)
+    np.testing.assert_allclose(loss, loss0, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(metrics["tokens"], metrics0["tokens"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 grads, grads0)
+
+    with pytest.raises(ValueError, match=r"needs \d+ token slots per device, more than the "
+                                         r"token budget 9"):
+        update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1, token_budget=9)
+    with pytest.raises(ValueError, match="sort=True"):
+        update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1, sort=False,
+                                  token_budget=budget)
+
+
+def test_check_config_names_a_token_budget_that_holds_no_micro_batch():
+    from emor3_jax.configs import tpu_v4
+    from emor3_jax.learners import GRPOLearner
+    c = tpu_v4.get_config()
+    check = lambda: GRPOLearner.check_config(c, data_parallel=4, process_count=1)   # v4-8
+    c.rl.micro_batch_tokens = 4096
+    # 2 responses per device x 4 devices = one prompt (2048, on every device) + 8 x 2048 / 4
+    with pytest.raises(ValueError, match=r"config.rl.micro_batch_tokens=4096 is smaller than "
+                                         r"one micro-batch .* use at least 6144"):
+        check()
+    c.rl.micro_batch_tokens = 6144
+    check()
+    c.rl.loss_agg = "microbatch_token_mean"
+    with pytest.raises(ValueError, match=r"config.rl.micro_batch_tokens=6144 needs "
+                                         r"rl.loss_agg='token_mean'"):
+        check()
+
+
 @pytest.mark.parametrize("length_aware", [True, False])
 def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, length_aware):
     """The release computes the rollout's old (and reference) log-probs, then updates: with two

@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from emor3_jax import model_source, policy as policy_lib
+from emor3_jax import model_source, policy as policy_lib, sharding
 from emor3_jax import checkpoint as ckpt_lib
 from emor3_jax.learners.base import Context, Learner
 from emor3_jax.rewards import emotion
@@ -71,6 +71,7 @@ class GRPOLearner(Learner):
         if not (isinstance(rl.ppo_epochs, int) and rl.ppo_epochs >= 1):
             raise ValueError(f"config.rl.ppo_epochs={rl.ppo_epochs!r}: passes over a rollout's "
                              "mini-batches must be a positive integer (released: 1)")
+        cls._check_token_budgets(config, data_parallel)
         buckets = rl.length_buckets
         if not all(isinstance(b, int) and b > 0 for b in buckets):
             raise ValueError(f"config.rl.length_buckets={tuple(buckets)}: response lengths to "
@@ -86,6 +87,32 @@ class GRPOLearner(Learner):
         if r.max_new_tokens > max(r.response_buckets):
             raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
                              f"largest response bucket {max(r.response_buckets)}")
+
+    @staticmethod
+    def _check_token_budgets(config, dp: int) -> None:
+        """A token budget must hold the fewest rows at the longest lengths (else the packer
+        fails mid-run), and needs the token-mean loss on length-aware micro-batches."""
+        rl, r = config.rl, config.rollout
+        g, mini_rows = r.group_size, rl.mini_batch_size * r.group_size
+        for field, rows_field in (("micro_batch_tokens", "micro_batch_size"),
+                                  ("logprob_micro_batch_tokens", "logprob_micro_batch_size")):
+            budget = rl.get(field, 0)
+            if not budget:
+                continue
+            if rl.loss_agg != "token_mean" or not rl.length_aware:
+                raise ValueError(f"config.rl.{field}={budget} needs rl.loss_agg='token_mean' "
+                                 "and rl.length_aware=True (the released per-micro-batch mean "
+                                 "depends on fixed micro-batch rows); set it to 0")
+            rows = min(rl[rows_field] * dp, mini_rows)
+            lp = _round_up(config.data.max_prompt_len, config.data.prompt_buckets)
+            t = _round_up(r.max_new_tokens, r.response_buckets)
+            need = update_lib.micro_batch_slots(rows, -(-rows // g), lp, t, dp)
+            if budget < need:
+                raise ValueError(
+                    f"config.rl.{field}={budget} is smaller than one micro-batch of "
+                    f"rl.{rows_field}={rl[rows_field]} responses per device at the longest "
+                    f"lengths ({lp}-token prompts, {t}-token responses): {need} token slots "
+                    f"per device; use at least {need} (or fewer rows)")
 
     @classmethod
     def _saves_reference(cls, config) -> bool:
@@ -233,7 +260,9 @@ class GRPOLearner(Learner):
             batches = update_lib.pack_micro_batches(
                 self.model.config, prompts, tokens, mask, group_size=g,
                 micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
-                prompt_buckets=tuple(c.data.prompt_buckets))
+                prompt_buckets=tuple(c.data.prompt_buckets),
+                token_budget=c.rl.logprob_micro_batch_tokens,
+                data_parallel=sharding.data_parallel_size(self.mesh))
             return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
         inputs = update_lib.pack_policy_inputs(self.model.config, prompts, tokens, mask,
                                                group_size=g, micro_batch_rows=lp_micro)
@@ -253,7 +282,8 @@ class GRPOLearner(Learner):
                 self.model.config, prompts, tokens, mask, advantages, old, ref, group_size=g,
                 micro_batch_rows=micro, sort=c.rl.loss_agg == "token_mean",
                 length_buckets=tuple(c.rl.length_buckets),
-                prompt_buckets=tuple(c.data.prompt_buckets))
+                prompt_buckets=tuple(c.data.prompt_buckets), token_budget=c.rl.micro_batch_tokens,
+                data_parallel=sharding.data_parallel_size(self.mesh))
         else:
             batches = update_lib.pack_update_batch(self.model.config, prompts, tokens, mask,
                                                    advantages, old, ref, group_size=g,

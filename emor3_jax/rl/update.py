@@ -317,7 +317,7 @@ class MicroBatches:
     rows: list
     num_rows: int              # N responses of the mini-batch
     response_len: int          # T, its padded response length
-    num_micro_batches: int     # M = N / n, empty micro-batches included (the loss's count)
+    num_micro_batches: int     # spans cut (N / n with fixed rows), empty ones included
     token_count: int           # response tokens of the mini-batch
     slots: int                 # response slots the items compute: sum of n x T_i
     sorted: bool               # rows reordered by length (group-preserving)
@@ -334,10 +334,32 @@ class MicroBatches:
                 (getattr(item, "inputs", item) for item in self.items)]
 
 
+def micro_batch_slots(rows: int, prompts: int, prompt_len: int, response_len: int,
+                      data_parallel: int) -> int:
+    """Token slots one device computes for a micro-batch of `rows` responses (sharded over the
+    data-parallel devices) continuing `prompts` distinct prompts (sharded too when they divide
+    evenly, else every device runs them all): what a token budget counts."""
+    dp = int(data_parallel)
+    prompt = prompts * prompt_len // dp if prompts % dp == 0 else prompts * prompt_len
+    return int(prompt + -(-rows * response_len // dp))
+
+
+def budget_rows(token_budget: int, base_rows: int, max_rows: int, group_size: int,
+                prompt_len: int, response_len: int, data_parallel: int) -> int:
+    """The most rows (base_rows x a power of two, at most max_rows) a micro-batch of whole
+    aligned groups at these lengths may take within `token_budget` slots per device; 0 when
+    not even base_rows fit."""
+    rows, best = int(base_rows), 0
+    while rows <= max_rows and micro_batch_slots(rows, -(-rows // group_size), prompt_len,
+                                                 response_len, data_parallel) <= token_budget:
+        best, rows = rows, rows * 2
+    return best
+
+
 def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
                        advantages=None, old_logp=None, ref_logp=None, *, group_size: int,
                        micro_batch_rows: int, sort: bool = True, length_buckets=(),
-                       prompt_buckets=None,
+                       prompt_buckets=None, token_budget: int = 0, data_parallel: int = 1,
                        vision_padding: VisionPadding = DEFAULT_VISION_PADDING) -> MicroBatches:
     """Length-aware micro-batches of a mini-batch (`MicroBatches`): same arguments and the same
     rows per micro-batch as `pack_update_batch` (without advantages: `pack_policy_inputs`,
@@ -351,7 +373,13 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
     loss and its gradients do not depend on the order (`make_micro_batch_update`); the
     released per-micro-batch mean does (it changes which rows form a micro-batch): use
     sort=False for loss_agg="microbatch_token_mean".
-    Images stay padded to one size over the mini-batch (as pack_policy_inputs).
+    token_budget (> 0; sort only): token slots per device a micro-batch may compute
+    (`micro_batch_slots`, over `data_parallel` devices). micro_batch_rows is then the fewest
+    rows: each micro-batch takes micro_batch_rows x 2^k rows, the most whose slots at its own
+    bucketed lengths fit the budget, starting at a multiple of its row count (a micro-batch of
+    G or more rows holds whole prompts). Short responses travel many to a micro-batch, long
+    ones few: fewer passes over the weights for the same tokens. (verl's use_dynamic_bsz.)
+    Images stay padded to one size over the micro-batches of one row count.
     """
     responses = np.asarray(responses)
     mask = (np.asarray(response_mask) != 0).astype(np.int32)
@@ -370,6 +398,9 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
             raise ValueError(f"{name} shape {np.shape(x)} must be {shape} (N = {n_rows} "
                              f"responses of T = {t} tokens)")
     lengths = response_lengths(mask)
+    if token_budget and not sort:
+        raise ValueError("pack_micro_batches: a token budget picks rows by length, so it "
+                         "needs sort=True (token_mean loss)")
     if sort:
         per_prompt = lengths.reshape(b, group_size)
         prompt_order = np.argsort(-per_prompt.max(axis=1), kind="stable")
@@ -378,26 +409,55 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
         prompts = prompts.take(prompt_order)
     else:
         order = np.arange(n_rows)
-    inputs = pack_policy_inputs(config, prompts, responses[order], mask[order],
-                                group_size=group_size, micro_batch_rows=micro_batch_rows,
-                                vision_padding=vision_padding)
-    m, n = inputs.response_ids.shape[:2]
-    lp = inputs.prompt_ids.shape[-1]
+    if micro_batch_rows <= 0 or n_rows % micro_batch_rows:
+        raise ValueError(f"{n_rows} responses do not split into micro-batches of "
+                         f"{micro_batch_rows} rows (rl.micro_batch_size x data-parallel devices)")
+    lp = prompts.input_ids.shape[1]
     t_choices = bucket_lengths(t, length_buckets)
     p_choices = None if prompt_buckets is None else bucket_lengths(lp, prompt_buckets)
+    used = prompts.attention_mask != 0
+    prompt_need = np.where(used.any(1), lp - np.argmax(used, axis=1), 0)     # [B], sorted
+    sorted_lengths = lengths[order]
+
+    def cut(start: int, n: int) -> tuple[int, int, int]:
+        """(prompts, Lp_i, T_i) of rows start..start+n of the ordered mini-batch (T_i 0: no
+        response token)."""
+        need = int(sorted_lengths[start:start + n].max())
+        members = np.unique(np.arange(start, start + n) // group_size)
+        lpi = lp if p_choices is None else _fit(int(prompt_need[members].max()), p_choices)
+        return len(members), lpi, (_fit(need, t_choices) if need else 0)
+
+    def slots(start: int, n: int) -> int:
+        p, lpi, ti = cut(start, n)
+        return micro_batch_slots(n, p, lpi, ti, data_parallel) if ti else 0
+
+    spans, start = [], 0
+    while start < n_rows:
+        n = micro_batch_rows
+        if token_budget:
+            if slots(start, n) > token_budget:
+                raise ValueError(
+                    f"a micro-batch of {n} responses at its lengths needs {slots(start, n)} "
+                    f"token slots per device, more than the token budget {token_budget}: raise "
+                    "the budget or lower the micro-batch rows")
+            while (start % (2 * n) == 0 and start + 2 * n <= n_rows
+                   and slots(start, 2 * n) <= token_budget):
+                n *= 2
+        spans.append((start, n))
+        start += n
+    packed = {}        # rows per micro-batch -> the mini-batch packed in micro-batches of them
     rows_of = lambda x: None if x is None else np.asarray(x, np.float32)[order]
     adv, old, ref = rows_of(advantages), rows_of(old_logp), rows_of(ref_logp)
-    items, rows, slots = [], [], 0
-    for i in range(m):
-        span = slice(i * n, (i + 1) * n)
-        need = int(lengths[order[span]].max())
-        if need == 0:
+    items, rows, n_slots = [], [], 0
+    for start, n in spans:
+        _, lpi, ti = cut(start, n)
+        if ti == 0:
             continue
-        ti = _fit(need, t_choices)
-        lpi = lp
-        if p_choices is not None:
-            used = inputs.prompt_mask[i].any(axis=0)
-            lpi = _fit(lp - int(np.argmax(used)), p_choices)
+        if n not in packed:
+            packed[n] = pack_policy_inputs(config, prompts, responses[order], mask[order],
+                                           group_size=group_size, micro_batch_rows=n,
+                                           vision_padding=vision_padding)
+        inputs, i, span = packed[n], start // n, slice(start, start + n)
         one = lambda x: None if x is None else x[i:i + 1]
         item = PolicyInputs(
             prompt_ids=inputs.prompt_ids[i:i + 1, :, lp - lpi:],
@@ -415,10 +475,10 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
                                ref_logp=None if ref is None else ref[None, span, :ti])
         items.append(item)
         rows.append(order[span])
-        slots += n * ti
+        n_slots += n * ti
     return MicroBatches(items=items, rows=rows, num_rows=n_rows, response_len=t,
-                        num_micro_batches=m, token_count=int(mask.sum()), slots=slots,
-                        sorted=bool(sort))
+                        num_micro_batches=len(spans), token_count=int(mask.sum()),
+                        slots=n_slots, sorted=bool(sort))
 
 
 def micro_batch_logprobs(logprob_fn, params, micro_batches: MicroBatches) -> np.ndarray:
