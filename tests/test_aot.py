@@ -37,6 +37,8 @@ TINY_CONFIG = textwrap.dedent('''
         c.reward.judge_chunk_size = 40       # 5 units of G = 8 sharing a prefix: runs as 8 x 8 rows
         c.rl.mini_batch_size = 8
         c.rl.micro_batch_size = 4
+        c.rl.micro_batch_tokens = 256        # at least 4 rows per device: 8 at 16 tokens, 16 at 8
+        c.rl.length_buckets = (8,)
         c.rl.logprob_micro_batch_size = 4
         c.rl.logprob_chunk = 16
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1
@@ -44,7 +46,8 @@ TINY_CONFIG = textwrap.dedent('''
         return c
 ''')
 PROGRAMS = ("rollout prefill", "rollout decode", "judge prefill", "judge decode",
-            "reference log-probs", "old log-probs", "update gradients", "update optimizer step")
+            "reference log-probs", "old log-probs", "update gradients",
+            "update gradients, 64 rows", "update optimizer step")
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +96,21 @@ def test_tiny_step_fits_on_v4_8(config_file):
         "100 tokens with an image, 8 suffixes of 112 tokens each"), programs
     assert programs["judge decode"][1].startswith("40 (compiled as 64: "), programs
     assert programs["rollout prefill"][1].startswith("8 prompts x 64 tokens"), programs
-    # the programs the trainer runs (rl.length_aware): log-probs and gradients one micro-batch
-    # per call (a mini-batch of 64 responses = 4 micro-batches of 4 rows x 4 devices), then one
-    # optimizer call; the gradient accumulator and the train state are donated from call to call
-    for name in ("reference log-probs", "update gradients"):
-        assert programs[name][1].startswith("1 micro-batch of 16 rows (4 per mini-batch), "
-                                            "64+16 tokens"), programs[name]
-        assert programs[name][11] == "4", programs[name]
+    # the programs the trainer runs (rl.length_aware): log-probs one micro-batch per call (a
+    # mini-batch of 64 responses = 4 micro-batches of 4 rows x 4 devices); the gradients of
+    # token-budget micro-batches (256 slots per device: 2 prompts of 64 tokens on every device
+    # + rows x 16 / 4 -> 32 rows at 16 tokens, 64 at 8), then one optimizer call; the gradient
+    # accumulator and the train state are donated from call to call
+    ref, grad = programs["reference log-probs"], programs["update gradients"]
+    assert ref[1].startswith("1 micro-batch of 16 rows (4 per mini-batch), 64+16 tokens"), ref
+    assert ref[11] == "4", ref
+    assert grad[1].startswith("1 micro-batch of 32 rows (2 per mini-batch), 64+16 tokens"), grad
+    assert grad[11] == "2", grad
+    short = programs["update gradients, 64 rows"]
+    assert short[1].startswith("1 micro-batch of 64 rows (1 per mini-batch), 64+8 tokens")
+    assert short[11] == "0", short          # compiled for the fit; no response is that short
     assert programs["update optimizer step"][11] == "1"
-    assert float(programs["update gradients"][5]) > 0
-    assert float(programs["update optimizer step"][5]) > 0
+    assert float(grad[5]) > 0 and float(programs["update optimizer step"][5]) > 0
     run = table_rows(out, "| program | program total")
     assert tuple(run) == PROGRAMS
     for name, cells in run.items():          # live = program + resident outside it + other

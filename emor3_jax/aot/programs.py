@@ -93,6 +93,37 @@ def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Im
     return _stack_micro_batches(batch, shapes.mini_batch_rows // micro_rows)
 
 
+def micro_batch_shapes(ctx: Context, base_rows: int, token_budget: int
+                       ) -> list[tuple[int, int, int]]:
+    """(rows, response length, calls per step) of the micro-batches the trainer's packer
+    (`pack_micro_batches`) cuts a mini-batch into at the context's lengths. Fixed rows: one
+    shape. With a token budget at the maximum lengths: for every row count the budget can
+    choose, the longest response bucket it is chosen at (the fit is the worst of them; only
+    the longest bucket's is called when every response is at the maximum); at expected
+    lengths, the shape those lengths give."""
+    s, c = ctx.shapes, ctx.config
+    calls = lambda n: -(-s.mini_batch_rows // n) * s.mini_batches
+    if not token_budget:
+        return [(base_rows, s.response_len, calls(base_rows))]
+    rows_at = lambda t: update_lib.budget_rows(token_budget, base_rows, s.mini_batch_rows,
+                                               s.group, s.prompt_len, t, s.dp)
+    if ctx.lengths is not None:
+        return [(rows_at(s.response_len), s.response_len, calls(rows_at(s.response_len)))]
+    longest = {}
+    for t in update_lib.bucket_lengths(s.response_len, tuple(c.rl.length_buckets)):
+        longest[rows_at(t)] = t                 # ascending t: the last one per row count
+    return [(n, t, calls(n) if t == s.response_len else 0)
+            for n, t in sorted(longest.items(), key=lambda nt: -nt[1]) if n]
+
+
+def one_micro_batch(ctx: Context, rows: int, response_len: int, *, with_ref: bool):
+    """An UpdateBatch of one micro-batch of `rows` responses (leading axis 1), shapes only."""
+    shapes = dataclasses.replace(ctx.shapes, response_len=response_len,
+                                 mini_batch_rows=math.lcm(rows, ctx.shapes.group))
+    batch = abstract_update_batch(ctx.model.config, shapes, ctx.image, rows, with_ref=with_ref)
+    return _stack_micro_batches(batch, 1)
+
+
 RESIDENT = ("policy params", "optimizer state", "reference params", "judge params")
 
 
@@ -351,8 +382,8 @@ def reference_programs(ctx: Context) -> list[Program]:
     """The log-prob passes over one mini-batch (make_logprob_fn): the frozen reference's
     (rl.kl_coef != 0, compute-dtype params) and, with rl.recompute_old_logp, the current
     policy's (its master params: another dtype, so another program). rl.length_aware (the
-    trainer's default, `micro_batch_logprobs`): one call per micro-batch, each cut to its own
-    length bucket (at the shapes' lengths, the worst or the expected bucket); else one call
+    trainer's default, `micro_batch_logprobs`): one call per micro-batch, at the shapes the
+    packer cuts (`micro_batch_shapes`: rl.logprob_micro_batch_tokens); else one call
     scanning the mini-batch padded to its longest."""
     c, s = ctx.config, ctx.shapes
     passes = []
@@ -363,26 +394,33 @@ def reference_programs(ctx: Context) -> list[Program]:
     if not passes:
         return []
     fn = update_lib.make_logprob_fn(ctx.model, ctx.mesh, chunk=c.rl.logprob_chunk)
-    batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.logprob_micro_rows,
-                                  with_ref=False)
-    m = s.mini_batch_rows // s.logprob_micro_rows
-    tokens = f"{s.prompt_len}+{s.response_len} tokens"
-    if c.rl.length_aware:
-        inputs, calls = _stack_micro_batches(batch.inputs, 1), m * s.mini_batches
-        what = f"1 micro-batch of {s.logprob_micro_rows} rows ({m} per mini-batch), {tokens}"
-    else:
-        inputs, calls = batch.inputs, s.mini_batches
-        what = f"{s.mini_batch_rows} responses = {m} x {s.logprob_micro_rows} rows, {tokens}"
     programs = []
+    if not c.rl.length_aware:
+        batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.logprob_micro_rows,
+                                      with_ref=False)
+        m = s.mini_batch_rows // s.logprob_micro_rows
+        for name, uses, params in passes:
+            prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
+                           f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} "
+                           "tokens", uses, s.mini_batches, "reference")
+            compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
+            programs.append(prog)
+        return programs
+    shapes = micro_batch_shapes(ctx, s.logprob_micro_rows, c.rl.logprob_micro_batch_tokens)
     for name, uses, params in passes:
-        prog = Program(name, what, uses, calls, "reference")
-        compile_program(prog, fn.trace(params, inputs), log=ctx.log)
-        if c.rl.length_aware and m > 1 and prog.memory:
-            # micro_batch_logprobs dispatches every call before fetching any: the earlier
-            # calls' log-probs wait on the device beside the last call
-            prog.extra_live = (m - 1) * prog.memory["out"]
-            prog.extra_what = f"outputs of {m - 1} earlier call{'s' if m > 2 else ''}"
-        programs.append(prog)
+        for k, (n, t, calls) in enumerate(shapes):
+            m = -(-s.mini_batch_rows // n)
+            prog = Program(name if k == 0 else f"{name}, {n} rows",
+                           f"1 micro-batch of {n} rows ({m} per mini-batch), "
+                           f"{s.prompt_len}+{t} tokens", uses, calls, "reference")
+            inputs = one_micro_batch(ctx, n, t, with_ref=False).inputs
+            compile_program(prog, fn.trace(params, inputs), log=ctx.log)
+            if m > 1 and prog.memory:
+                # micro_batch_logprobs dispatches every call before fetching any: the earlier
+                # calls' log-probs wait on the device beside the last call
+                prog.extra_live = (m - 1) * prog.memory["out"]
+                prog.extra_what = f"outputs of {m - 1} earlier call{'s' if m > 2 else ''}"
+            programs.append(prog)
     return programs
 
 
@@ -400,11 +438,11 @@ def update_programs(ctx: Context) -> list[Program]:
     c, s = ctx.config, ctx.shapes
     optimizer = update_lib.make_optimizer(c.optim)
     state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
-    batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.micro_rows,
-                                  with_ref=bool(c.rl.kl_coef))
-    m = s.mini_batch_rows // s.micro_rows
-    tokens = f"{s.prompt_len}+{s.response_len} tokens, remat {c.model.remat}"
     if not c.rl.length_aware:
+        batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.micro_rows,
+                                      with_ref=bool(c.rl.kl_coef))
+        m = s.mini_batch_rows // s.micro_rows
+        tokens = f"{s.prompt_len}+{s.response_len} tokens, remat {c.model.remat}"
         step = update_lib.make_update_step(ctx.model, optimizer, ctx.mesh, c.rl,
                                            chunk=c.rl.logprob_chunk, optim_config=c.optim)
         prog = Program("update", f"{s.mini_batch_rows} responses = {m} x {s.micro_rows} rows, "
@@ -419,15 +457,21 @@ def update_programs(ctx: Context) -> list[Program]:
                                                         sharding=p.sharding), state.params)
     sums = jax.ShapeDtypeStruct((step.num_summed_metrics,), jnp.float32, sharding=rep)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
-    grad_prog = Program("update gradients", f"1 micro-batch of {s.micro_rows} rows ({m} per "
-                        f"mini-batch), {tokens}", ("policy params",), m * s.mini_batches,
-                        "update")
-    compile_program(grad_prog, step.trace_accumulate(
-        state.params, grads, sums, _stack_micro_batches(batch, 1), scalar, scalar), log=ctx.log)
+    programs = []
+    shapes = micro_batch_shapes(ctx, s.micro_rows, c.rl.micro_batch_tokens)
+    for k, (n, t, calls) in enumerate(shapes):
+        prog = Program("update gradients" if k == 0 else f"update gradients, {n} rows",
+                       f"1 micro-batch of {n} rows ({-(-s.mini_batch_rows // n)} per "
+                       f"mini-batch), {s.prompt_len}+{t} tokens, remat {c.model.remat}",
+                       ("policy params",), calls, "update")
+        batch = one_micro_batch(ctx, n, t, with_ref=bool(c.rl.kl_coef))
+        compile_program(prog, step.trace_accumulate(state.params, grads, sums, batch, scalar,
+                                                    scalar), log=ctx.log)
+        programs.append(prog)
     opt_prog = Program("update optimizer step", "AdamW on the accumulated fp32 gradients",
                        ("policy params", "optimizer state"), s.mini_batches, "update")
     compile_program(opt_prog, step.trace_apply(state, grads, sums), log=ctx.log)
-    return [grad_prog, opt_prog]
+    return programs + [opt_prog]
 
 
 BUILDERS = {"rollout": rollout_programs, "judge": judge_programs,
