@@ -222,11 +222,12 @@ def setup_jax(model, params, rollout, micro_rows: int, chunk: int):
 
 # ------------------------------------------------------------------------------ length-aware
 def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_aware: bool,
-                 buckets=(), logprobs: bool = False):
+                 buckets=(), logprobs: bool = False, token_budget: int = 0):
     """One update (or, logprobs=True, one forward log-prob pass) over the mini-batch, its
     micro-batches padded to the mini-batch's longest response (make_update_step /
     make_logprob_fn over pack_update_batch) or each to its own bucketed length
-    (make_micro_batch_update / micro_batch_logprobs over pack_micro_batches). Batches are
+    (make_micro_batch_update / micro_batch_logprobs over pack_micro_batches; with
+    token_budget, micro_rows x 1, 2, 4 ... rows within the budget). Batches are
     packed and put on the device before timing. run() returns the loss (logprobs: the sum of
     the valid tokens' log-probs)."""
     c = base.get_config()
@@ -239,13 +240,17 @@ def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_awa
     kw = dict(group_size=g, micro_batch_rows=micro_rows)
     t0 = time.perf_counter()
     if length_aware:
-        batch = update.pack_micro_batches(*args, **kw, length_buckets=buckets)
-        padded, shapes = batch.padded_fraction, sorted({t for _, t in batch.shapes})
+        batch = update.pack_micro_batches(*args, **kw, length_buckets=buckets,
+                                          token_budget=token_budget)
+        padded = batch.padded_fraction
+        shapes = sorted({(len(r), t) for r, (_, t) in zip(batch.rows, batch.shapes)},
+                        key=lambda rt: -rt[1])
+        shapes = [f"{r}x{t}" if token_budget else str(t) for r, t in shapes]
         batch = dataclasses.replace(batch, items=[jax.device_put(x) for x in batch.items])
     else:
         batch = (update.pack_policy_inputs(*args, **kw) if logprobs else
                  update.pack_update_batch(*args, **kw))
-        padded, shapes = 1.0 - mask.sum() / mask.size, [mask.shape[1]]
+        padded, shapes = 1.0 - mask.sum() / mask.size, [str(mask.shape[1])]
         batch = jax.device_put(batch)
     pack_s = time.perf_counter() - t0
     if logprobs:
@@ -294,14 +299,25 @@ def main_length(args, cfg):
           f"{args.response_len}, the rest uniform in [{short[0]:g}, {short[1]:g}] x max): "
           f"by prompt {[sorted(x.tolist(), reverse=True) for x in lengths.reshape(-1, args.group)]}"
           f"; {resp_tokens} response tokens, mean {resp_tokens / n:.0f}", flush=True)
+    # the token budget: by default what the fixed rows compute at the longest lengths (the
+    # same peak memory), so short responses go more to a micro-batch
+    width = rollout["prompts"].input_ids.shape[1]
+    budget_of = lambda rows, given: given or update.micro_batch_slots(
+        rows, -(-rows // args.group), width, args.response_len, 1)
+    budgets = {False: budget_of(args.micro_rows, args.micro_tokens),
+               True: budget_of(args.logprob_micro_rows, args.logprob_micro_tokens)}
+    print(f"token budgets (prompt + response slots per micro-batch): update {budgets[False]}, "
+          f"log-prob {budgets[True]}", flush=True)
     steps = {}
-    for name, la, lpass in (("update padded", False, False), ("update length", True, False),
-                            ("logprob padded", False, True), ("logprob length", True, True)):
+    for name, la, lpass, budget in (
+            ("update padded", False, False, False), ("update length", True, False, False),
+            ("update budget", True, False, True), ("logprob padded", False, True, False),
+            ("logprob length", True, True, False), ("logprob budget", True, True, True)):
         if lpass and args.skip_logprob:
             continue
         rows = args.logprob_micro_rows if lpass else args.micro_rows
         steps[name] = setup_length(model, params, rollout, rows, args.chunk, la, buckets,
-                                   logprobs=lpass)
+                                   logprobs=lpass, token_budget=budgets[lpass] if budget else 0)
     # one untimed run each, then the repeats interleaved (padded, length-aware, ...), so a
     # change in the load of this shared host hits both sides alike
     times = {name: [] for name in steps}
@@ -311,24 +327,28 @@ def main_length(args, cfg):
         for name, st in steps.items():
             times[name].append(seconds(st["run"]))
     head = (f"{'step':15} {'s best':>7} {'median':>7} {'tokens/s':>9} {'resp tok/s':>10} "
-            f"{'x padded':>8} {'(median)':>8} | {'padded %':>8} {'lengths':>16} | "
-            f"{'compile s':>9} {'pack s':>6} | first loss / sum log p")
+            f"{'x padded':>8} {'x rows':>7} {'(median)':>8} | {'padded %':>8} "
+            f"{'lengths':>22} | {'compile s':>9} {'pack s':>6} | first loss / sum log p")
     print(head)
     print("-" * len(head))
     for name, st in steps.items():
-        base_name = name.replace("length", "padded")
+        kind = name.split()[0]
         best, median = min(times[name]), statistics.median(times[name])
-        b_best, b_median = min(times[base_name]), statistics.median(times[base_name])
+        ratio = lambda other: (f"{min(times[other]) / best:.2f}",
+                               f"{statistics.median(times[other]) / median:.2f}")
+        x_padded, _ = ratio(f"{kind} padded")
+        x_rows, x_rows_median = ratio(f"{kind} length")
         print(f"{name:15} {best:7.2f} {median:7.2f} {tokens / best:9.0f} "
-              f"{resp_tokens / best:10.0f} {b_best / best:8.2f} {b_median / median:8.2f} | "
-              f"{100 * st['padded']:8.1f} {','.join(map(str, st['shapes'])):>16} | "
+              f"{resp_tokens / best:10.0f} {x_padded:>8} {x_rows:>7} {x_rows_median:>8} | "
+              f"{100 * st['padded']:8.1f} {','.join(st['shapes']):>22} | "
               f"{st['compile_s']:9.1f} {st['pack_s']:6.2f} | {st['loss']:.6f}")
     print("s best / median: seconds per update (or log-prob pass), fastest / median of the "
           "repeats; tokens/s: real tokens (each response + its prompt) / best time; resp tok/s: "
-          "real response tokens / best time; x padded: padded time / this time (best, median); "
+          "real response tokens / best time; x padded, x rows: the time padded to the longest / "
+          "with fixed-row length-aware micro-batches over this time (best; x rows also median); "
           "padded %: padded response slots / response slots computed; lengths: the response "
-          "lengths the micro-batches were padded to; compile s: first call (compilation); "
-          "pack s: host packing.")
+          "lengths the micro-batches were padded to (rows x length with a budget); compile s: "
+          "first call (compilation); pack s: host packing.")
 
 
 # ------------------------------------------------------------------------------ torch
@@ -427,6 +447,12 @@ def main():
     ap.add_argument("--length-buckets", default="",
                     help="--compare length: comma list (default: powers of two from 64)")
     ap.add_argument("--logprob-micro-rows", type=int, default=4)
+    ap.add_argument("--micro-tokens", type=int, default=0,
+                    help="--compare length: the update's token budget (0: what --micro-rows "
+                    "rows compute at the longest lengths)")
+    ap.add_argument("--logprob-micro-tokens", type=int, default=0,
+                    help="--compare length: the log-prob passes' token budget (0: the same "
+                    "for --logprob-micro-rows)")
     ap.add_argument("--skip-logprob", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -252,7 +252,8 @@ def get_config():
     # Token-budget micro-batches (token_mean, length-aware): token slots per device one
     # accumulation step may compute (its prompts once, every response row, at their bucketed
     # lengths); rl.micro_batch_size is then the fewest rows, and shorter responses go more to
-    # a micro-batch (x2, x4, ...), as verl's use_dynamic_bsz. 0: always rl.micro_batch_size.
+    # a micro-batch (x2, x4, ...), as verl's use_dynamic_bsz. 0: always rl.micro_batch_size
+    # rows; -1: what rl.micro_batch_size rows compute at the longest lengths (the same peak).
     c.rl.micro_batch_tokens = 0
     c.rl.logprob_micro_batch_tokens = 0   # the same for the log-prob passes
 

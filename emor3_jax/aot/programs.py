@@ -20,6 +20,7 @@ from emor3_jax.batches import PromptBatch
 from emor3_jax.aot import hlo
 from emor3_jax.aot.chips import GiB, Chip, Topology
 from emor3_jax.aot.cost import kernel_flops, matmul_flops
+from emor3_jax.learners.grpo import token_budget
 from emor3_jax.aot.shapes import (JUDGE_CANDIDATE_TOKENS, JUDGE_TEMPLATE_TOKENS, Image,
                                   Lengths, Shapes, _round_up, image_for, lengths_for,
                                   model_config, step_shapes)
@@ -406,7 +407,8 @@ def reference_programs(ctx: Context) -> list[Program]:
             compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
             programs.append(prog)
         return programs
-    shapes = micro_batch_shapes(ctx, s.logprob_micro_rows, c.rl.logprob_micro_batch_tokens)
+    shapes = micro_batch_shapes(ctx, s.logprob_micro_rows,
+                                token_budget(c, s.dp, "logprob_micro_batch_tokens"))
     for name, uses, params in passes:
         for k, (n, t, calls) in enumerate(shapes):
             m = -(-s.mini_batch_rows // n)
@@ -458,7 +460,7 @@ def update_programs(ctx: Context) -> list[Program]:
     sums = jax.ShapeDtypeStruct((step.num_summed_metrics,), jnp.float32, sharding=rep)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     programs = []
-    shapes = micro_batch_shapes(ctx, s.micro_rows, c.rl.micro_batch_tokens)
+    shapes = micro_batch_shapes(ctx, s.micro_rows, token_budget(c, s.dp, "micro_batch_tokens"))
     for k, (n, t, calls) in enumerate(shapes):
         prog = Program("update gradients" if k == 0 else f"update gradients, {n} rows",
                        f"1 micro-batch of {n} rows ({-(-s.mini_batch_rows // n)} per "

@@ -33,6 +33,30 @@ def logprob_micro_rows(rows_per_call: int, mini_batch_rows: int) -> int:
     return min(rows_per_call, mini_batch_rows)
 
 
+_ROWS_OF_BUDGET = {"micro_batch_tokens": "micro_batch_size",
+                   "logprob_micro_batch_tokens": "logprob_micro_batch_size"}
+
+
+def rows_budget(config, data_parallel: int, field: str) -> int:
+    """Token slots per device that the fewest rows of a micro-batch (rl.micro_batch_size or
+    rl.logprob_micro_batch_size per device, for rl.<field>) compute at the longest lengths."""
+    rl, r = config.rl, config.rollout
+    rows_per_device = rl[_ROWS_OF_BUDGET[field]]
+    rows = min(rows_per_device * data_parallel, rl.mini_batch_size * r.group_size)
+    return update_lib.micro_batch_slots(
+        rows, -(-rows // r.group_size), _round_up(config.data.max_prompt_len,
+                                                  config.data.prompt_buckets),
+        _round_up(r.max_new_tokens, r.response_buckets), data_parallel)
+
+
+def token_budget(config, data_parallel: int, field: str) -> int:
+    """rl.micro_batch_tokens / rl.logprob_micro_batch_tokens as slots per device: 0 off (fixed
+    rows), -1 what the fewest rows compute at the longest lengths (`rows_budget`: shorter
+    responses then go more to a micro-batch at the same peak)."""
+    budget = int(config.rl.get(field, 0))
+    return rows_budget(config, data_parallel, field) if budget == -1 else budget
+
+
 def _round_up(n: int, buckets) -> int:
     for b in sorted(buckets):
         if n <= b:
@@ -92,27 +116,22 @@ class GRPOLearner(Learner):
     def _check_token_budgets(config, dp: int) -> None:
         """A token budget must hold the fewest rows at the longest lengths (else the packer
         fails mid-run), and needs the token-mean loss on length-aware micro-batches."""
-        rl, r = config.rl, config.rollout
-        g, mini_rows = r.group_size, rl.mini_batch_size * r.group_size
-        for field, rows_field in (("micro_batch_tokens", "micro_batch_size"),
-                                  ("logprob_micro_batch_tokens", "logprob_micro_batch_size")):
+        rl = config.rl
+        for field, rows_field in _ROWS_OF_BUDGET.items():
             budget = rl.get(field, 0)
-            if not budget:
+            if budget == 0:
                 continue
             if rl.loss_agg != "token_mean" or not rl.length_aware:
                 raise ValueError(f"config.rl.{field}={budget} needs rl.loss_agg='token_mean' "
                                  "and rl.length_aware=True (the released per-micro-batch mean "
                                  "depends on fixed micro-batch rows); set it to 0")
-            rows = min(rl[rows_field] * dp, mini_rows)
-            lp = _round_up(config.data.max_prompt_len, config.data.prompt_buckets)
-            t = _round_up(r.max_new_tokens, r.response_buckets)
-            need = update_lib.micro_batch_slots(rows, -(-rows // g), lp, t, dp)
-            if budget < need:
+            need = rows_budget(config, dp, field)
+            if budget != -1 and budget < need:
                 raise ValueError(
                     f"config.rl.{field}={budget} is smaller than one micro-batch of "
                     f"rl.{rows_field}={rl[rows_field]} responses per device at the longest "
-                    f"lengths ({lp}-token prompts, {t}-token responses): {need} token slots "
-                    f"per device; use at least {need} (or fewer rows)")
+                    f"lengths: {need} token slots per device; use at least {need}, -1 (that "
+                    "much), or fewer rows")
 
     @classmethod
     def _saves_reference(cls, config) -> bool:
@@ -255,14 +274,14 @@ class GRPOLearner(Learner):
         micro-batches of lp_micro rows (each cut to its own bucketed length with
         rl.length_aware, else padded to `length`)."""
         c = self.config
-        g = c.rollout.group_size
+        g, dp = c.rollout.group_size, sharding.data_parallel_size(self.mesh)
         if c.rl.length_aware:
             batches = update_lib.pack_micro_batches(
                 self.model.config, prompts, tokens, mask, group_size=g,
                 micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
                 prompt_buckets=tuple(c.data.prompt_buckets),
-                token_budget=c.rl.logprob_micro_batch_tokens,
-                data_parallel=sharding.data_parallel_size(self.mesh))
+                token_budget=token_budget(c, dp, "logprob_micro_batch_tokens"),
+                data_parallel=dp)
             return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
         inputs = update_lib.pack_policy_inputs(self.model.config, prompts, tokens, mask,
                                                group_size=g, micro_batch_rows=lp_micro)
@@ -276,14 +295,14 @@ class GRPOLearner(Learner):
         per-micro-batch mean keeps its micro-batches); else padded to the mini-batch's longest
         and scanned in one program."""
         c = self.config
-        g = c.rollout.group_size
+        g, dp = c.rollout.group_size, sharding.data_parallel_size(self.mesh)
         if c.rl.length_aware:
             batches = update_lib.pack_micro_batches(
                 self.model.config, prompts, tokens, mask, advantages, old, ref, group_size=g,
                 micro_batch_rows=micro, sort=c.rl.loss_agg == "token_mean",
                 length_buckets=tuple(c.rl.length_buckets),
-                prompt_buckets=tuple(c.data.prompt_buckets), token_budget=c.rl.micro_batch_tokens,
-                data_parallel=sharding.data_parallel_size(self.mesh))
+                prompt_buckets=tuple(c.data.prompt_buckets),
+                token_budget=token_budget(c, dp, "micro_batch_tokens"), data_parallel=dp)
         else:
             batches = update_lib.pack_update_batch(self.model.config, prompts, tokens, mask,
                                                    advantages, old, ref, group_size=g,
