@@ -413,8 +413,9 @@ def test_check_config_names_a_token_budget_that_holds_no_micro_batch():
         check()
 
 
-@pytest.mark.parametrize("length_aware", [True, False])
-def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, length_aware):
+@pytest.mark.parametrize("length_aware, budget", [(True, 10_000), (False, 0)])
+def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, length_aware,
+                                                                      budget):
     """The release computes the rollout's old (and reference) log-probs, then updates: with two
     mini-batches and rl.ppo_epochs = 2, every log-prob pass sees the params that sampled the
     rollout, and the four updates come after them (old log-probs taken just before each
@@ -425,7 +426,8 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, len
     c.rollout.group_size, c.rollout.response_buckets = G, (T,)
     c.data.prompt_buckets = (s["prompts"].width,)
     c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
-                ppo_epochs=2, logprob_chunk=4, length_aware=length_aware)
+                ppo_epochs=2, logprob_chunk=4, length_aware=length_aware,
+                micro_batch_tokens=budget)       # a budget: each prompt's 4 rows in one call
     mesh, opt = _mesh1(), update.make_optimizer(_optim(1e-2))
     state = update.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt, mesh)
     sampled = jax.tree.map(np.asarray, state.params)
@@ -441,6 +443,8 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, len
 
     def record_update(state, batch):
         events.append("update")
+        if budget:
+            assert [len(rows) for rows in batch.rows] == [G]
         return update_fn(state, batch)
 
     t = object.__new__(GRPOLearner)     # the learner's update alone (no sampler or judge)
