@@ -243,11 +243,10 @@ def get_config():
     c.rl.recompute_old_logp = True   # old log-probs from the actor's forward pass (released);
                                      # False: the sampler's (saves one pass, differs in bf16)
     c.rl.logprob_chunk = 512       # sequence chunk for per-token log-probs
-    # Length-aware micro-batches (update and log-prob passes): each micro-batch padded to its
-    # own longest response (and prompt), rounded up to a bucket; prompts sorted by their
-    # longest response first (token_mean only). Same loss and gradients as padding every
-    # micro-batch to the mini-batch's longest (False). One program per bucket used.
-    c.rl.length_aware = True
+    # Micro-batches (update and log-prob passes) are length-aware: each is padded to its own
+    # longest response (and prompt), rounded up to a bucket; prompts sorted by their longest
+    # response first (token_mean only). Same loss and gradients as padding every micro-batch
+    # to the mini-batch's longest. One program per bucket used.
     c.rl.length_buckets = ()       # response-length buckets; () = powers of two from 64
     # Token-budget micro-batches (token_mean, length-aware): token slots per device one
     # accumulation step may compute (its prompts once, every response row, at their bucketed

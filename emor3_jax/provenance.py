@@ -26,6 +26,8 @@ HARMLESS = ("mode", "train.eval_every", "train.max_steps", "train.epochs",
             "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
             "train.max_nonfinite_in_a_row", "eval.", "profile.", "mesh.", "aot.",
             "rl.micro_batch_size", "rl.logprob_micro_batch_size", "rl.logprob_chunk",
+            "rl.micro_batch_tokens", "rl.logprob_micro_batch_tokens", "rl.length_buckets",
+            "rl.length_aware",
             "rollout.chunk_size", "reward.judge_chunk_size", "data.num_workers",
             "data.data_dir", "data.manual_dir", "model.attention", "model.remat",
             "compile_cache_dir", "metrics.")

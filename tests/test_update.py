@@ -413,9 +413,8 @@ def test_check_config_names_a_token_budget_that_holds_no_micro_batch():
         check()
 
 
-@pytest.mark.parametrize("length_aware, budget", [(True, 10_000), (False, 0)])
-def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, length_aware,
-                                                                      budget):
+@pytest.mark.parametrize("budget", [10_000, 0])
+def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, budget):
     """The release computes the rollout's old (and reference) log-probs, then updates: with two
     mini-batches and rl.ppo_epochs = 2, every log-prob pass sees the params that sampled the
     rollout, and the four updates come after them (old log-probs taken just before each
@@ -426,14 +425,13 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, len
     c.rollout.group_size, c.rollout.response_buckets = G, (T,)
     c.data.prompt_buckets = (s["prompts"].width,)
     c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
-                ppo_epochs=2, logprob_chunk=4, length_aware=length_aware,
+                ppo_epochs=2, logprob_chunk=4,
                 micro_batch_tokens=budget)       # a budget: each prompt's 4 rows in one call
     mesh, opt = _mesh1(), update.make_optimizer(_optim(1e-2))
     state = update.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt, mesh)
     sampled = jax.tree.map(np.asarray, state.params)
     events, logprob_fn = [], update.make_logprob_fn(s["model"], mesh, chunk=4)
-    make = update.make_micro_batch_update if length_aware else update.make_update_step
-    update_fn = make(s["model"], opt, mesh, c.rl, chunk=4)
+    update_fn = update.make_micro_batch_update(s["model"], opt, mesh, c.rl, chunk=4)
 
     def record_logprobs(params, *args):
         same = all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, b), params,
@@ -466,7 +464,7 @@ def test_check_config_names_bad_length_buckets():
     from emor3_jax import trainer
     from emor3_jax.configs import demo_cpu
     c = demo_cpu.get_config()
-    assert c.rl.length_aware and c.rl.length_buckets == ()
+    assert c.rl.length_buckets == ()
     trainer.check_config(c, num_devices=1, process_count=1)
     c.rl.length_buckets = (0, 64)
     with pytest.raises(ValueError, match=r"config.rl.length_buckets=\(0, 64\)"):

@@ -8,7 +8,7 @@ renting one. With libtpu installed (`pip install "jax[tpu]"`, no TPU needed) jax
 slice (`jax.experimental.topologies`) and XLA's TPU compiler compiles for it. Every program
 of one GRPO step is compiled at the config's real shapes and shardings, from abstract inputs
 (shapes only, no weights), through the same jitted functions the trainer calls
-(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_update_step(...).trace`):
+(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_micro_batch_update(...).trace_*`):
 
   1. rollout prefill + decode: one sampler chunk, rollout.chunk_size prompts x G rows,
      prompts of data.max_prompt_len tokens with one image each, rollout.max_new_tokens new;

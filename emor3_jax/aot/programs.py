@@ -1,6 +1,6 @@
 """The step's programs, compiled from abstract inputs through the functions the trainer calls
-(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_micro_batch_update(...).trace_*` or
-`make_update_step(...).trace`), and what each one needs beside the trees that stay resident."""
+(`Sampler.trace_*`, `make_logprob_fn(...).trace`, `make_micro_batch_update(...).trace_*`),
+and what each one needs beside the trees that stay resident."""
 from __future__ import annotations
 
 import dataclasses
@@ -382,33 +382,19 @@ def judge_programs(ctx: Context) -> list[Program]:
 def reference_programs(ctx: Context) -> list[Program]:
     """The log-prob passes over one mini-batch (make_logprob_fn): the frozen reference's
     (rl.kl_coef != 0, compute-dtype params) and, with rl.recompute_old_logp, the current
-    policy's (its master params: another dtype, so another program). rl.length_aware (the
-    trainer's default, `micro_batch_logprobs`): one call per micro-batch, at the shapes the
-    packer cuts (`micro_batch_shapes`: rl.logprob_micro_batch_tokens); else one call
-    scanning the mini-batch padded to its longest."""
+    policy's (its master params: another dtype, so another program); one call per
+    micro-batch (`micro_batch_logprobs`), at the shapes the trainer's packer cuts
+    (`micro_batch_shapes`, rl.logprob_micro_batch_tokens)."""
     c, s = ctx.config, ctx.shapes
     passes = []
     if c.rl.kl_coef:
         passes.append(("reference log-probs", ("reference params",), _reference(ctx)))
     if c.rl.recompute_old_logp:
         passes.append(("old log-probs", ("policy params",), ctx.params))
-    if not passes:
-        return []
     fn = update_lib.make_logprob_fn(ctx.model, ctx.mesh, chunk=c.rl.logprob_chunk)
-    programs = []
-    if not c.rl.length_aware:
-        batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.logprob_micro_rows,
-                                      with_ref=False)
-        m = s.mini_batch_rows // s.logprob_micro_rows
-        for name, uses, params in passes:
-            prog = Program(name, f"{s.mini_batch_rows} responses = {m} x "
-                           f"{s.logprob_micro_rows} rows, {s.prompt_len}+{s.response_len} "
-                           "tokens", uses, s.mini_batches, "reference")
-            compile_program(prog, fn.trace(params, batch.inputs), log=ctx.log)
-            programs.append(prog)
-        return programs
     shapes = micro_batch_shapes(ctx, s.logprob_micro_rows,
                                 token_budget(c, s.dp, "logprob_micro_batch_tokens"))
+    programs = []
     for name, uses, params in passes:
         for k, (n, t, calls) in enumerate(shapes):
             m = -(-s.mini_batch_rows // n)
@@ -432,26 +418,13 @@ def _reference(ctx: Context):
 
 
 def update_programs(ctx: Context) -> list[Program]:
-    """One GRPO update of a mini-batch, as the trainer runs it. rl.length_aware (the default,
-    make_micro_batch_update): one gradient call per micro-batch (its own length bucket; the
-    fp32 gradient accumulator donated from call to call), then one optimizer call (train state
-    donated). Else make_update_step: one program scanning the padded micro-batches and taking
-    the optimizer step."""
+    """One GRPO update of a mini-batch, as the trainer runs it (make_micro_batch_update): one
+    gradient call per micro-batch at the shapes the packer cuts (`micro_batch_shapes`,
+    rl.micro_batch_tokens; the fp32 gradient accumulator donated from call to call), then
+    one optimizer call (train state donated)."""
     c, s = ctx.config, ctx.shapes
     optimizer = update_lib.make_optimizer(c.optim)
     state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
-    if not c.rl.length_aware:
-        batch = abstract_update_batch(ctx.model.config, s, ctx.image, s.micro_rows,
-                                      with_ref=bool(c.rl.kl_coef))
-        m = s.mini_batch_rows // s.micro_rows
-        tokens = f"{s.prompt_len}+{s.response_len} tokens, remat {c.model.remat}"
-        step = update_lib.make_update_step(ctx.model, optimizer, ctx.mesh, c.rl,
-                                           chunk=c.rl.logprob_chunk, optim_config=c.optim)
-        prog = Program("update", f"{s.mini_batch_rows} responses = {m} x {s.micro_rows} rows, "
-                       f"{tokens}", ("policy params", "optimizer state"), s.mini_batches,
-                       "update")
-        compile_program(prog, step.trace(state, batch), log=ctx.log)
-        return [prog]
     step = update_lib.make_micro_batch_update(ctx.model, optimizer, ctx.mesh, c.rl,
                                               chunk=c.rl.logprob_chunk, optim_config=c.optim)
     rep = sharding.replicated(ctx.mesh)

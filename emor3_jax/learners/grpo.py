@@ -115,16 +115,16 @@ class GRPOLearner(Learner):
     @staticmethod
     def _check_token_budgets(config, dp: int) -> None:
         """A token budget must hold the fewest rows at the longest lengths (else the packer
-        fails mid-run), and needs the token-mean loss on length-aware micro-batches."""
+        fails mid-run), and needs the token-mean loss."""
         rl = config.rl
         for field, rows_field in _ROWS_OF_BUDGET.items():
             budget = rl.get(field, 0)
             if budget == 0:
                 continue
-            if rl.loss_agg != "token_mean" or not rl.length_aware:
+            if rl.loss_agg != "token_mean":
                 raise ValueError(f"config.rl.{field}={budget} needs rl.loss_agg='token_mean' "
-                                 "and rl.length_aware=True (the released per-micro-batch mean "
-                                 "depends on fixed micro-batch rows); set it to 0")
+                                 "(the released per-micro-batch mean depends on fixed "
+                                 "micro-batch rows); set it to 0")
             need = rows_budget(config, dp, field)
             if budget != -1 and budget < need:
                 raise ValueError(
@@ -150,10 +150,9 @@ class GRPOLearner(Learner):
         super().__init__(ctx, start_params=start_params, saved=saved)
         c = self.config
         rl = c.rl
-        make_step = (update_lib.make_micro_batch_update if rl.length_aware else
-                     update_lib.make_update_step)
-        self.update_fn = make_step(self.model, self.make_optimizer(c), self.mesh, rl,
-                                   chunk=rl.logprob_chunk, optim_config=c.optim)
+        self.update_fn = update_lib.make_micro_batch_update(
+            self.model, self.make_optimizer(c), self.mesh, rl, chunk=rl.logprob_chunk,
+            optim_config=c.optim)
         self.logprob_fn = update_lib.make_logprob_fn(self.model, self.mesh,
                                                      chunk=rl.logprob_chunk)
         self.ref_params = (saved or {}).get("ref")
@@ -247,7 +246,7 @@ class GRPOLearner(Learner):
             old = np.zeros_like(old)
         for prompts, rows in mini_batches:
             logprobs = functools.partial(self._logprobs, prompts=prompts, tokens=tokens[rows],
-                                         mask=mask[rows], lp_micro=lp_micro, length=length)
+                                         mask=mask[rows], lp_micro=lp_micro)
             if ref is not None:
                 ref[rows] = logprobs(self.ref_params)
             if rl.recompute_old_logp:
@@ -269,42 +268,31 @@ class GRPOLearner(Learner):
         out["update_tokens_per_s"] = agg.get("tokens", 0.0) / max(dt, 1e-9)
         return state, out
 
-    def _logprobs(self, params, prompts, tokens, mask, lp_micro: int, length: int):
-        """[rows, length] fp32 log-probs of one mini-batch's responses under `params`, in
-        micro-batches of lp_micro rows (each cut to its own bucketed length with
-        rl.length_aware, else padded to `length`)."""
+    def _logprobs(self, params, prompts, tokens, mask, lp_micro: int):
+        """[rows, T] fp32 log-probs of one mini-batch's responses under `params`, in
+        micro-batches of lp_micro rows (rl.logprob_micro_batch_tokens: more for short
+        responses), each cut to its own bucketed length."""
         c = self.config
-        g, dp = c.rollout.group_size, sharding.data_parallel_size(self.mesh)
-        if c.rl.length_aware:
-            batches = update_lib.pack_micro_batches(
-                self.model.config, prompts, tokens, mask, group_size=g,
-                micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
-                prompt_buckets=tuple(c.data.prompt_buckets),
-                token_budget=token_budget(c, dp, "logprob_micro_batch_tokens"),
-                data_parallel=dp)
-            return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
-        inputs = update_lib.pack_policy_inputs(self.model.config, prompts, tokens, mask,
-                                               group_size=g, micro_batch_rows=lp_micro)
-        return np.asarray(update_lib.merge_micro_batches(self.logprob_fn(params, inputs,
-                                                                         length)))
+        dp = sharding.data_parallel_size(self.mesh)
+        batches = update_lib.pack_micro_batches(
+            self.model.config, prompts, tokens, mask, group_size=c.rollout.group_size,
+            micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
+            prompt_buckets=tuple(c.data.prompt_buckets),
+            token_budget=token_budget(c, dp, "logprob_micro_batch_tokens"), data_parallel=dp)
+        return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
 
     def _update_mini_batch(self, state, prompts, tokens, mask, advantages, old, ref,
                            micro: int):
-        """One optimizer step on one mini-batch. rl.length_aware: micro-batches cut to their
-        own bucketed lengths, rows sorted by length for the token-mean loss only (the released
-        per-micro-batch mean keeps its micro-batches); else padded to the mini-batch's longest
-        and scanned in one program."""
+        """One optimizer step on one mini-batch: micro-batches cut to their own bucketed
+        lengths (rl.micro_batch_tokens: more rows for short responses), rows sorted by length
+        for the token-mean loss only (the released per-micro-batch mean keeps its
+        micro-batches)."""
         c = self.config
-        g, dp = c.rollout.group_size, sharding.data_parallel_size(self.mesh)
-        if c.rl.length_aware:
-            batches = update_lib.pack_micro_batches(
-                self.model.config, prompts, tokens, mask, advantages, old, ref, group_size=g,
-                micro_batch_rows=micro, sort=c.rl.loss_agg == "token_mean",
-                length_buckets=tuple(c.rl.length_buckets),
-                prompt_buckets=tuple(c.data.prompt_buckets),
-                token_budget=token_budget(c, dp, "micro_batch_tokens"), data_parallel=dp)
-        else:
-            batches = update_lib.pack_update_batch(self.model.config, prompts, tokens, mask,
-                                                   advantages, old, ref, group_size=g,
-                                                   micro_batch_rows=micro)
+        dp = sharding.data_parallel_size(self.mesh)
+        batches = update_lib.pack_micro_batches(
+            self.model.config, prompts, tokens, mask, advantages, old, ref,
+            group_size=c.rollout.group_size, micro_batch_rows=micro,
+            sort=c.rl.loss_agg == "token_mean", length_buckets=tuple(c.rl.length_buckets),
+            prompt_buckets=tuple(c.data.prompt_buckets),
+            token_budget=token_budget(c, dp, "micro_batch_tokens"), data_parallel=dp)
         return self.update_fn(state, batches)

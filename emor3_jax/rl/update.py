@@ -29,16 +29,17 @@ Micro-batch rows are global: n = per-device micro-batch x data-parallel size
 too when p divides evenly (else the prompt part is computed on every data-parallel device:
 choose per-device micro-batches that are multiples of G on large meshes).
 
-The update step (`make_update_step`) is one jit with explicit shardings (parameters and Adam
-moments laid out by the model's logical axes: FSDP over `fsdp`, tensor-parallel over `tensor`;
-batch rows over data x fsdp), donating the train state. It scans over the M micro-batches
+The padded update step (`make_update_step`: the reference the tests compare the trainer's
+update with) is one jit with explicit shardings (parameters and Adam moments laid out by the
+model's logical axes: FSDP over `fsdp`, tensor-parallel over `tensor`; batch rows over
+data x fsdp), donating the train state. It scans over the M micro-batches
 accumulating fp32 gradients of `losses.policy_loss` (token-mean over the whole mini-batch by
 default, independent of M and the device count; the released per-micro-batch mean as
 `loss_agg="microbatch_token_mean"`), then takes one AdamW step. A non-finite loss or gradient
 norm skips the step: the returned state is the input state, and metrics["skipped"] = 1.
 
 Length-aware micro-batches (`pack_micro_batches`, `make_micro_batch_update`,
-`micro_batch_logprobs`; the trainer's default, rl.length_aware): above, every micro-batch is
+`micro_batch_logprobs`; what the trainer runs): above, every micro-batch is
 padded to the mini-batch's longest response and prompt. Instead, prompts are sorted by their
 longest response (each prompt's G responses stay contiguous, longest first, so the prompt
 prefill is still shared), micro-batches of n rows are cut as above, and each is cut to its
@@ -50,6 +51,8 @@ mini-batch's token-mean (the mini-batch token count is passed in), so loss, grad
 the step equal the padded ones up to float rounding, in any micro-batch order. Micro-batches
 without response tokens are not run (their share is exactly 0). The released per-micro-batch
 mean depends on which rows form a micro-batch, so it is packed without sorting (sort=False).
+With a token budget (token_mean) the rows of a micro-batch vary with its lengths
+(`pack_micro_batches(token_budget=...)`), a bounded set of shapes.
 metrics["padded_fraction"]: padded response slots / all response slots computed.
 """
 from __future__ import annotations
