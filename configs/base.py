@@ -252,7 +252,10 @@ def get_config():
     # accumulation step may compute (its prompts once, every response row, at their bucketed
     # lengths); rl.micro_batch_size is then the fewest rows, and shorter responses go more to
     # a micro-batch (x2, x4, ...), as verl's use_dynamic_bsz. 0: always rl.micro_batch_size
-    # rows; -1: what rl.micro_batch_size rows compute at the longest lengths (the same peak).
+    # rows; -1: what rl.micro_batch_size rows compute at the longest lengths. Slots are not
+    # bytes: more rows of shorter responses also hold more LM-head logit chunks and attention
+    # rows over the prompt, so check a budget with `python -m emor3_jax.aot` (on a v4-8 at
+    # 2048-token prompts, -1 does not fit: 32-row micro-batches of 512-token responses).
     c.rl.micro_batch_tokens = 0
     c.rl.logprob_micro_batch_tokens = 0   # the same for the log-prob passes
 

@@ -19,6 +19,4 @@ def get_config(method: str = "emor3"):
     c.aot.topology = "h100x8"            # python -m emor3_jax.aot: one node of 8 H100s
     c.rollout.chunk_size = 128
     c.reward.judge_chunk_size = 192      # judge prompts per call (all 8192 at once: 2 TiB)
-    # shorter responses go more to a micro-batch, within what those rows take at 2048 + 2048
-    c.rl.micro_batch_tokens = c.rl.logprob_micro_batch_tokens = -1
     return base.apply_method(c, method)

@@ -52,6 +52,4 @@ def get_config(method: str = "emor3"):
     c.reward.judge_share_prefix = False  # whole prompts: the splash prefill needs less (docstring)
     c.rl.micro_batch_size = 2            # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 32   # responses per device per reference log-prob step
-    # shorter responses go more to a micro-batch, within what those rows take at 2048 + 2048
-    c.rl.micro_batch_tokens = c.rl.logprob_micro_batch_tokens = -1
     return base.apply_method(c, method)

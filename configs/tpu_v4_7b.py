@@ -39,6 +39,4 @@ def get_config(method: str = "emor3"):
     c.reward.judge_share_prefix = False  # as configs/tpu_v4.py (its docstring says why)
     c.rl.micro_batch_size = 4            # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 16   # responses per device per log-prob step
-    # shorter responses go more to a micro-batch, within what those rows take at 2048 + 2048
-    c.rl.micro_batch_tokens = c.rl.logprob_micro_batch_tokens = -1
     return base.apply_method(c, method)
