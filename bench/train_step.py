@@ -38,8 +38,11 @@ same FLOP rate but is 1.5x slower than torch, whose MKL matmuls reach 77% of pea
 our step: ~60% of op time in YNNPACK matmul fusions (near peak), the rest layout copies,
 dynamic-(update-)slices of the scanned layers' stacked parameters and residuals, and masks.
 `--compare length`: the same update (and a forward log-prob pass) with length-aware
-micro-batches (rl.length_aware: each cut to its own longest response, rounded up to a bucket)
-vs every micro-batch padded to the mini-batch's longest; long-tailed lengths (--long-frac of
+micro-batches (what the trainer runs: each cut to its own longest response, rounded up to a
+bucket), with token-budget micro-batches (`budget`: rl.micro_batch_tokens, by default what
+--micro-rows rows compute at the longest lengths, so short responses go more rows to a
+micro-batch), and every micro-batch padded to the mini-batch's longest (make_update_step, the
+reference); long-tailed lengths (--long-frac of
 the responses at the maximum, the rest short). Measured on an idle host (quiet-bench, load < 1
 at the start), --repeats 3, 2 prompts x G 8, responses up to 256 (2 at 256, mean 67):
 
