@@ -20,10 +20,10 @@ from emor3_jax.batches import PromptBatch
 from emor3_jax.aot import hlo
 from emor3_jax.aot.chips import GiB, Chip, Topology
 from emor3_jax.aot.cost import kernel_flops, matmul_flops
-from emor3_jax.learners.grpo import token_budget
 from emor3_jax.aot.shapes import (JUDGE_CANDIDATE_TOKENS, JUDGE_TEMPLATE_TOKENS, Image,
                                   Lengths, Shapes, _round_up, image_for, lengths_for,
                                   model_config, step_shapes)
+from emor3_jax.learners.grpo import token_budget
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.rewards import emotion
@@ -109,7 +109,8 @@ def micro_batch_shapes(ctx: Context, base_rows: int, token_budget: int
     rows_at = lambda t: update_lib.budget_rows(token_budget, base_rows, s.mini_batch_rows,
                                                s.group, s.prompt_len, t, s.dp)
     if ctx.lengths is not None:
-        return [(rows_at(s.response_len), s.response_len, calls(rows_at(s.response_len)))]
+        n = rows_at(s.response_len)
+        return [(n, s.response_len, calls(n))]
     longest = {}
     for t in update_lib.bucket_lengths(s.response_len, tuple(c.rl.length_buckets)):
         longest[rows_at(t)] = t                 # ascending t: the last one per row count
