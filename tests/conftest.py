@@ -6,11 +6,25 @@ hit returns the executable a fresh compile would; it saves the many recompiles o
 programs by different tests, and by the one-process `python -m emor3_jax.main` children that
 inherit the environment. Multi-process children must not use it (tests/test_multihost.py says
 why). A fresh directory per session: every run still compiles everything once.
+
+Python bytecode likewise: where the host forbids writing it (PYTHONDONTWRITEBYTECODE=1, as on
+the CI machines, with the README's `pip install --no-compile`), every process compiled every
+module it imports from source, ~10 s of each trainer child's start (jax, transformers, sympy
+...), in each of the ~30 processes the suite starts. The session writes bytecode to its own
+directory (PYTHONPYCACHEPREFIX) instead, which the workers and children inherit.
 """
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+
+if sys.dont_write_bytecode:
+    _pycache = tempfile.mkdtemp(prefix="emor3-test-pycache-")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = sys.pycache_prefix = _pycache
+    sys.dont_write_bytecode = False
+    atexit.register(shutil.rmtree, _pycache, ignore_errors=True)
 
 # LLVM's lowest optimization level for XLA:CPU: the suite's tiny programs spend more time
 # compiling than running (a third less CPU time over test_sampling + test_model_parity, same
