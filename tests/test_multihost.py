@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from absl import flags
 
+import conftest
+
 import emor3_jax.data as data
 from emor3_jax.data import pipeline
 from emor3_jax.processing.tokenizer import build_demo_tokenizer
@@ -118,9 +120,8 @@ def _launch(workdir, flags_, *, processes: int, devices: int, timeout: int = 480
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
     # CPU compile time dominates these runs; both sides use the same XLA flags
     env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
-                         "--xla_backend_optimization_level=0 "
-                         "--xla_llvm_disable_expensive_passes=true")
+               XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}",
+                                   *conftest.FAST_COMPILE_FLAGS]))
     port = _free_port()
     procs = []
     for p in range(processes):
