@@ -1,9 +1,9 @@
 """Multi-host training: host data blocks, and two real JAX processes (gloo collectives on
 localhost) that train to the same parameters as one process with the same global batch.
 
-Runtime on 2 CPU cores: 215 s idle for the two-process comparison, 345-365 s beside the other
-pytest worker in CI (mostly XLA compiles in three processes); each launch may take 480 s
-before it counts as a hang (a slow host's run must not).
+Runtime on 2 CPU cores: the two-process comparison ~190 s beside the other pytest worker in a
+clean-clone CI run (mostly XLA compiles in five processes, which share no compilation cache);
+each launch may take 480 s before it counts as a hang (a slow host's run must not).
 """
 import json
 import os
