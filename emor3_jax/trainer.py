@@ -42,7 +42,7 @@ from emor3_jax import provenance, sharding
 from emor3_jax.configs import base
 from emor3_jax.data import pipeline as data_lib
 from emor3_jax.rl import update as update_lib
-from emor3_jax.sampling import Sampler, SamplerBuckets
+from emor3_jax.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +167,10 @@ class Trainer:
         self.policy = policy_lib.build_policy(config.model, self.mesh,
                                               jax.random.fold_in(self.base_key, 0))
         self.model = self.policy.model
-        r = config.rollout
-        buckets = SamplerBuckets(prompt_len=tuple(config.data.prompt_buckets),
-                                 new_tokens=tuple(sorted(set(r.response_buckets) | {
-                                     config.eval.max_new_tokens, r.max_new_tokens})))
         self.sample_mesh = policy_lib.sampling_mesh(config, self.mesh)
-        self.sampler = Sampler(self.model, mesh=self.sample_mesh, buckets=buckets,
-                               chunk_size=r.chunk_size or None)
+        self.sampler = Sampler(self.model, mesh=self.sample_mesh,
+                               buckets=learners.grpo.rollout_buckets(config),
+                               chunk_size=config.rollout.chunk_size or None)
         self.learner_context = learners.Context(config=config, mesh=self.mesh,
                                                 policy=self.policy, sampler=self.sampler,
                                                 base_key=self.base_key,

@@ -31,6 +31,7 @@ TINY_CONFIG = textwrap.dedent('''
         c.rollout.max_new_tokens = 16
         c.rollout.response_buckets = (16,)
         c.eval.max_new_tokens = 16
+        c.rollout.decode_window = 4          # decode windows 4 and 16 (the judge's: 4 and 8)
         c.reward.judge_mode = "generate"
         c.reward.judge_max_new_tokens = 8
         c.reward.judge_prompt_buckets = (128,)
@@ -45,7 +46,9 @@ TINY_CONFIG = textwrap.dedent('''
         c.aot.topology = "v4-8"
         return c
 ''')
-PROGRAMS = ("rollout prefill", "rollout decode", "judge prefill", "judge decode",
+PROGRAMS = ("rollout prefill", "rollout decode start", "rollout decode, steps < 4",
+            "rollout decode, steps 4-15", "judge prefill", "judge decode start",
+            "judge decode, steps < 4", "judge decode, steps 4-7",
             "reference log-probs", "old log-probs", "update gradients",
             "update gradients, 64 rows", "update optimizer step")
 
@@ -94,7 +97,16 @@ def test_tiny_step_fits_on_v4_8(config_file):
     assert programs["judge prefill"][1].startswith(
         "40 (compiled as 64: the sampler's num_prompts buckets) prompts = 8 shared prefixes of "
         "100 tokens with an image, 8 suffixes of 112 tokens each"), programs
-    assert programs["judge decode"][1].startswith("40 (compiled as 64: "), programs
+    assert programs["judge decode start"][1].startswith("40 (compiled as 64: "), programs
+    # the decode windows: attention over the window's gen slots, then the memory roofline of a
+    # step (every decoder weight and the live KV once) beside XLA's bytes
+    assert programs["rollout decode, steps 4-15"][1] == (
+        "8 x G=8 rows, 16 new tokens, attention over 16 slots"), programs
+    roofline = table_rows(out, "| decode program")
+    assert list(roofline) == [p for p in PROGRAMS if " decode," in p], roofline
+    for name, cells in roofline.items():
+        minimal, xla = (float(x.split()[0]) for x in cells[1:3])
+        assert 0 < minimal < xla and cells[3] == f"{100 * minimal / xla:.0f}%", cells
     assert programs["rollout prefill"][1].startswith("8 prompts x 64 tokens"), programs
     # the programs the trainer runs (rl.length_aware): log-probs one micro-batch per call (a
     # mini-batch of 64 responses = 4 micro-batches of 4 rows x 4 devices); the gradients of

@@ -211,4 +211,4 @@ def test_grpo_steps_on_a_mesh_raise_the_mean_reward(world):
     # and the exact probability of the rewarded answer rises for every prompt (0.5 nats: the
     # answer is ~6 tokens; at chance it is 1 of 4 labels, so learning it is worth ~log 4 = 1.4)
     assert (answer_after > answer_before + 0.5).all(), (answer_before, answer_after)
-    assert len(step.compiled) == 1 and sampler.num_programs == 2
+    assert len(step.compiled) == 1 and sampler.num_programs == 3

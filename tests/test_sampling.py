@@ -90,7 +90,7 @@ def test_greedy_equals_transformers_generate(setup):
                                    ref_lp[np.arange(n), hf_tokens[row, :n]], atol=2e-4)
     assert res.tokens.dtype == np.int32 and res.tokens.shape == (4, NEW_TOKENS)
     assert not np.isin(res.tokens, _forbidden(cfg)).any()
-    assert sampler.compiled == {"prefill": 1, "decode": 1}
+    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}
 
     # G samples per prompt, rows prompt-major, and chunking (2 chunks, one with a filler row)
     # give the same greedy rows.
@@ -106,7 +106,7 @@ def test_greedy_equals_transformers_generate(setup):
     again = sampler.generate(params, *batch, max_new_tokens=NEW_TOKENS, eos_token_ids=eos,
                              position_ids=pos, rope_deltas=deltas)
     np.testing.assert_array_equal(again.tokens, res.tokens)
-    assert sampler.compiled == {"prefill": 1, "decode": 1}
+    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}
 
 
 def _hf_rule_probs(logits, temperature, top_p, top_k, forbidden):
@@ -258,7 +258,7 @@ def test_prefill_runs_once_per_prompt(setup, monkeypatch):
     res = sampler.generate(params, ids, mask, pv, grid, max_new_tokens=6, num_samples=8,
                            temperature=1.0, rng=jax.random.key(0), eos_token_ids=())
     assert res.tokens.shape == (4 * 8, 6) and (res.lengths == 6).all()
-    assert sampler.compiled == {"prefill": 1, "decode": 1}
+    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}
     padded = min(p for p in sampler.buckets.vision.num_patches if p >= pv.shape[0])
     assert padded < 2 * pv.shape[0]
     bucket = min(n for n in sampler.buckets.prompt_len if n >= mask.sum(1).max())
@@ -278,6 +278,27 @@ def test_mesh_greedy_equals_single_device(setup, devices8):
     np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
 
 
+def test_decode_windows_sample_what_one_window_samples(setup, devices8):
+    # The decode steps run in windows whose attention reads only the window's gen slots
+    # (4, 16, then 24 = the buffer here): the same greedy tokens, the same sampled tokens under
+    # the same keys, the same log-probs as one program over the whole buffer, on a mesh.
+    cfg, _, d, model, params, batch = setup
+    mesh = sharding.make_mesh(data=2, fsdp=4, tensor=1)
+    model_m, params_m = qwen2_5_vl.load_hf(d, mesh=mesh)
+    assert sampling.decode_windows(24, 4) == (4, 16, 24)
+    one = Sampler(model_m, mesh=mesh, buckets=sampling.SamplerBuckets(decode_window=0))
+    windowed = Sampler(model_m, mesh=mesh, buckets=sampling.SamplerBuckets(decode_window=4))
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_p=0.95)):
+        kw.update(max_new_tokens=NEW_TOKENS, num_samples=2, rng=jax.random.key(7),
+                  eos_token_ids=[cfg.text.eos_token_id])
+        want, got = (s.generate(params_m, *batch, **kw) for s in (one, windowed))
+        assert want.lengths.max() > 16, want.lengths        # rows reach the last window
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_array_equal(got.lengths, want.lengths)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert one.compiled["decode"] == 1 and windowed.compiled["decode"] == 3
+
+
 def test_few_programs_traced_knobs_and_memory_check(setup):
     cfg, _, _, model, params, (ids, mask, pv, grid) = setup
     sampler = Sampler(model)
@@ -286,14 +307,14 @@ def test_few_programs_traced_knobs_and_memory_check(setup):
     for temperature, top_p, new in [(1.0, 1.0, 6), (0.6, 0.95, 5), (0.0, 1.0, 3)]:
         kw.update(temperature=temperature, top_p=top_p, max_new_tokens=new)
         sampler.generate(params, text_ids, text_mask, **kw)
-    assert sampler.compiled == {"prefill": 1, "decode": 1}          # knobs are traced
+    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}  # traced knobs
     # prompt lengths 17..24 share the bucket of the 17-token prompt above; 40 opens a new one.
     rng = np.random.default_rng(5)
     for n in (19, 22, 24):
         sampler.generate(params, *left_pad([chat_row(cfg, rng, [n], [])], 0), **kw)
-    assert sampler.compiled == {"prefill": 1, "decode": 1}
+    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}
     sampler.generate(params, *left_pad([chat_row(cfg, rng, [40], [])], 0), **kw)
-    assert sampler.num_programs == 4
+    assert sampler.num_programs == 6                 # each of the three for the new bucket
 
     small = Sampler(model, memory_limit_bytes=1 << 20)
     with pytest.raises(SamplerMemoryError, match=r"prefill of \d+ prompts \(prompt bucket \d+, "

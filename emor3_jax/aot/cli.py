@@ -7,7 +7,8 @@ from typing import Sequence
 from emor3_jax.aot.chips import GiB, Topology, resolve_topology, topology_devices
 from emor3_jax.aot.programs import (BUILDERS, _compile_all, all_fit, live_bytes, make_context,
                                     resident_bytes)
-from emor3_jax.aot.report import count, gib, program_table, run_table, secs, step_time, time_table
+from emor3_jax.aot.report import (count, decode_table, gib, program_table, run_table, secs,
+                                  step_time, time_table)
 from emor3_jax.aot.search import suggest
 from emor3_jax.aot.shapes import lengths_for
 from emor3_jax.models import qwen2_5_vl
@@ -51,6 +52,7 @@ def analyze(config, topology: Topology, *, image: str = "typical",
     out += ["", "Per program (memory per device in GiB, from XLA's memory analysis; total = args "
             "+ output - alias + temp + generated code; FLOPs and time per call):", ""]
     out += program_table(compiled, chip)
+    out += decode_table(compiled, chip)
     out += ["", "Run level (per device, GiB): resident for the whole run: " + ", ".join(
         f"{k} {gib(v)}" for k, v in resident.items() if v) +
         f" = {gib(sum(resident.values()))}", ""]
@@ -62,6 +64,7 @@ def analyze(config, topology: Topology, *, image: str = "typical",
         out += ["", f"At {expected.name} lengths: {expected.describe(ectx.shapes)} (time only; "
                 "the memory verdict is at the maximum lengths above):", ""]
         out += time_table(at_lengths, chip)
+        out += decode_table(at_lengths, chip)
     ok_programs = [p for p in compiled if not p.error]
     peak = max((live_bytes(p, resident) for p in ok_programs), default=0)
     fits = all_fit(compiled, resident, limit) and bool(compiled)

@@ -23,12 +23,12 @@ from emor3_jax.aot.cost import kernel_flops, matmul_flops
 from emor3_jax.aot.shapes import (JUDGE_CANDIDATE_TOKENS, JUDGE_TEMPLATE_TOKENS, Image,
                                   Lengths, Shapes, _round_up, image_for, lengths_for,
                                   model_config, step_shapes)
-from emor3_jax.learners.grpo import token_budget
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.rewards import emotion
 from emor3_jax.rl import update as update_lib
-from emor3_jax.sampling import Sampler, SamplerBuckets
+from emor3_jax.learners.grpo import judge_buckets, rollout_buckets, token_budget
+from emor3_jax.sampling import Sampler, decode_windows, packing
 from emor3_jax.sampling import memory as memory_lib
 
 
@@ -145,6 +145,7 @@ class Program:
     error: str | None = None
     extra_live: int = 0              # bytes live beside it that belong to no resident tree
     extra_what: str = ""
+    min_step_bytes: float = 0.0      # decode: per device, what one step must read (`step_bytes`)
 
     @property
     def total(self) -> int:
@@ -262,35 +263,70 @@ def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_
                                               prefix_len=prefix_len, suffix_len=suffix_len,
                                               image_grid_thw=grid)
     compiled = compile_program(pre, traced, log=ctx.log)
-    if score is None:
-        dec = Program(f"{what} decode", f"{chunk} x G={group} rows, {new_tokens} "
-                      "new tokens", uses, calls, knob)
-    else:
+    if score is not None:
         n_cont, width = score
         dec = Program(f"{what} score", f"{chunk} prompts x {n_cont} continuations of "
                       f"<= {width} tokens", uses, calls, knob)
-    if compiled is None:      # its input layout (the prefill's output shardings) is unknown
-        dec.error = "not compiled, it takes the prefill's output and the prefill failed"
-        return [pre, dec]
-    state = _abstract_outputs(traced, compiled)
-    if score is None:
-        traced = sampler.trace_decode(params, state, group=group, new_tokens=new_tokens)
-        compile_program(dec, traced, while_trips=max(1, (steps or new_tokens) - 1),
-                        log=ctx.log)
-    else:
-        traced = sampler.trace_score(params, state, num_continuations=n_cont, width=width)
+        if compiled is None:
+            return [pre, _not_compiled(dec)]
+        traced = sampler.trace_score(params, _abstract_outputs(traced, compiled),
+                                     num_continuations=n_cont, width=width)
         compile_program(dec, traced, log=ctx.log)
-    return [pre, dec]
+        return [pre, dec]
+    # decode_start, then the windows (`decode_windows`): at the maximum lengths every one (the
+    # fit); at expected lengths those the expected steps reach (the time)
+    steps = steps or new_tokens
+    bucket = packing.round_to(new_tokens, sampler.buckets.new_tokens, "new_tokens")
+    windows = decode_windows(bucket, sampler.buckets.decode_window)
+    programs, start = [pre], 1
+    for k, window in enumerate((None,) + windows):
+        trips = 0 if window is None else min(steps, window) - start
+        if k > 1 and ctx.lengths is not None and trips <= 0:
+            break
+        span = (" start" if window is None else "" if len(windows) == 1 else
+                f", steps < {window}" if k == 1 else f", steps {start}-{window - 1}")
+        dec = Program(f"{what} decode{span}", f"{chunk} x G={group} rows, {new_tokens} new "
+                      "tokens" + (": empty cache, first token" if window is None else
+                                  f", attention over {window} slots" if span else ""),
+                      uses, calls, knob)
+        programs.append(dec)
+        if compiled is None:      # its inputs' layout (the previous program's outputs) is unknown
+            _not_compiled(dec)
+            continue
+        outputs = _abstract_outputs(traced, compiled)
+        state, carry = (outputs, None) if window is None else outputs
+        traced = sampler.trace_decode(params, state, carry, group=group, new_tokens=new_tokens,
+                                      window=window)
+        compiled = compile_program(dec, traced, while_trips=max(1, trips), log=ctx.log)
+        if compiled is not None and window is not None:
+            dec.min_step_bytes = decode_step_bytes(params, *_abstract_outputs(traced, compiled),
+                                                   start + max(0, trips) / 2)
+        start = window or start
+    return programs
+
+
+def decode_step_bytes(params, state, carry, written: float) -> float:
+    """Per device, the bytes a decode step cannot avoid reading: every decoder weight once
+    (the vision tower is not run; the placement's share, so a replicated copy counts in full)
+    and the live KV cache once: the prompts' (and their shared prefixes') and `written` of the
+    gen slots of every row (a window's mean). Its time at HBM bandwidth is the step's memory
+    roofline."""
+    weights = per_device_bytes(params) - per_device_bytes(params["model"].get("visual", {}))
+    prompt = per_device_bytes((state.prompt_k, state.prompt_v, state.suffix_k, state.suffix_v))
+    gen = per_device_bytes((carry.gen_k, carry.gen_v)) * written / carry.tokens.shape[1]
+    return weights + prompt + gen
+
+
+def _not_compiled(program: Program) -> Program:
+    program.error = "not compiled: it takes the program before it, which failed"
+    return program
 
 
 def rollout_programs(ctx: Context) -> list[Program]:
     """The rollout sampler's prefill and decode for one chunk (as Trainer builds it)."""
     c, s = ctx.config, ctx.shapes
     r = c.rollout
-    buckets = SamplerBuckets(prompt_len=tuple(c.data.prompt_buckets),
-                             new_tokens=tuple(sorted(set(r.response_buckets) | {
-                                 c.eval.max_new_tokens, r.max_new_tokens})))
-    sampler = Sampler(ctx.model, mesh=ctx.sample_mesh, buckets=buckets,
+    sampler = Sampler(ctx.model, mesh=ctx.sample_mesh, buckets=rollout_buckets(c),
                       chunk_size=s.rollout_chunk)
     chunks = math.ceil(s.rollout_prompts / s.rollout_chunk)
     programs = _sampler_programs(ctx, sampler, ctx.sampling_params, what="rollout",
@@ -299,19 +335,21 @@ def rollout_programs(ctx: Context) -> list[Program]:
                                  new_tokens=r.max_new_tokens, calls=chunks,
                                  uses=("sampling params",), knob="rollout",
                                  steps=s.rollout_decode_steps)
-    _earlier_chunks(programs[1], sampler, s.rollout_chunk, s.group, s.response_len, chunks)
+    _earlier_chunks(programs[1:], sampler, s.rollout_chunk, s.group, s.response_len, chunks)
     return programs
 
 
-def _earlier_chunks(decode: Program, sampler: Sampler, chunk: int, group: int,
+def _earlier_chunks(decodes: list[Program], sampler: Sampler, chunk: int, group: int,
                     new_tokens: int, chunks: int) -> None:
     """Sampler.generate fetches after dispatching every chunk: the sampled tokens, log-probs
     and lengths of the earlier chunks of one call wait on the device beside the last decode."""
     if chunks > 1:
         rows = sampler._chunk_rows(chunk) * group
-        decode.extra_live = ((chunks - 1) * (rows * new_tokens * 8 + rows * 4)
-                             // sampler.data_parallel)
-        decode.extra_what = f"outputs of {chunks - 1} earlier chunk{'s' if chunks > 2 else ''}"
+        for decode in decodes:
+            decode.extra_live = ((chunks - 1) * (rows * new_tokens * 8 + rows * 4)
+                                 // sampler.data_parallel)
+            decode.extra_what = (f"outputs of {chunks - 1} earlier "
+                                 f"chunk{'s' if chunks > 2 else ''}")
 
 
 def judge_model(ctx: Context):
@@ -357,9 +395,8 @@ def judge_programs(ctx: Context) -> list[Program]:
     if not s.judge_prompts:
         return []
     model, params = judge_model(ctx)
-    buckets = SamplerBuckets(prompt_len=tuple(rw.judge_prompt_buckets),
-                             new_tokens=(rw.judge_max_new_tokens,))
-    sampler = Sampler(model, mesh=ctx.sample_mesh, buckets=buckets, chunk_size=s.judge_chunk)
+    sampler = Sampler(model, mesh=ctx.sample_mesh, buckets=judge_buckets(c),
+                      chunk_size=s.judge_chunk)
     uses = ("judge params",) if rw.judge_source == "checkpoint" else ("sampling params",)
     calls = s.judge_calls * math.ceil(s.judge_prompts / s.judge_chunk)
     images = s.judge_chunk if emotion.get_preset(rw.preset).needs_consistency else 0
@@ -374,7 +411,7 @@ def judge_programs(ctx: Context) -> list[Program]:
         score=None if rw.judge_mode == "generate" else _score_continuations(ctx),
         steps=s.judge_decode_steps, shared=shared)
     if rw.judge_mode == "generate":
-        _earlier_chunks(programs[1], sampler, s.judge_chunk, 1,
+        _earlier_chunks(programs[1:], sampler, s.judge_chunk, 1,
                         _round_up(rw.judge_max_new_tokens, sampler.buckets.new_tokens),
                         math.ceil(s.judge_prompts / s.judge_chunk))
     return programs

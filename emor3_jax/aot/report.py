@@ -93,5 +93,23 @@ def time_table(programs: list[Program], chip: Chip) -> list[str]:
     return rows
 
 
+def decode_table(programs: list[Program], chip: Chip) -> list[str]:
+    """Per decode program, a step's memory roofline: the bytes it cannot avoid reading
+    (`programs.decode_step_bytes`) beside XLA's bytes accessed per step, and their ratio."""
+    decodes = [p for p in programs if p.min_step_bytes and not p.error]
+    if not decodes:
+        return []
+    rows = ["| decode program | minimal bytes/step | XLA bytes/step | minimal / XLA | "
+            "roofline/step | est./step |", "|---|---|---|---|---|---|"]
+    for p in decodes:
+        rows.append(f"| {p.name} | {gib(p.min_step_bytes)} GiB | {gib(p.xla_bytes)} GiB | "
+                    f"{100 * p.min_step_bytes / p.xla_bytes:.0f}% | "
+                    f"{secs(p.min_step_bytes / chip.hbm_bandwidth)} | "
+                    f"{secs(p.xla_bytes / chip.hbm_bandwidth)} |")
+    return ["", "Decode steps against their memory roofline (per device; minimal = every "
+            "decoder weight and the live KV cache read once, at the window's mean length; "
+            "XLA = its bytes accessed in one loop iteration):", ""] + rows
+
+
 def step_time(programs: list[Program], chip: Chip) -> float:
     return sum(p.seconds(chip) * p.calls for p in programs if not p.error)

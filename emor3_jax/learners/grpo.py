@@ -57,6 +57,23 @@ def token_budget(config, data_parallel: int, field: str) -> int:
     return rows_budget(config, data_parallel, field) if budget == -1 else budget
 
 
+def rollout_buckets(config) -> SamplerBuckets:
+    """The rollout and evaluation sampler's shape buckets (the trainer's and the AOT's)."""
+    r = config.rollout
+    return SamplerBuckets(prompt_len=tuple(config.data.prompt_buckets),
+                          new_tokens=tuple(sorted(set(r.response_buckets) | {
+                              config.eval.max_new_tokens, r.max_new_tokens})),
+                          decode_window=int(r.decode_window))
+
+
+def judge_buckets(config) -> SamplerBuckets:
+    """The judge sampler's shape buckets (the learner's and the AOT's)."""
+    rw = config.reward
+    return SamplerBuckets(prompt_len=tuple(rw.judge_prompt_buckets),
+                          new_tokens=(rw.judge_max_new_tokens,),
+                          decode_window=int(config.rollout.decode_window))
+
+
 def _round_up(n: int, buckets) -> int:
     for b in sorted(buckets):
         if n <= b:
@@ -166,11 +183,10 @@ class GRPOLearner(Learner):
         if not (preset.needs_coherence or preset.needs_consistency):
             return None
         from emor3_jax.rewards.judge import Judge
-        buckets = SamplerBuckets(prompt_len=tuple(c.reward.judge_prompt_buckets),
-                                 new_tokens=(c.reward.judge_max_new_tokens,))
         return Judge.from_config(c.reward, self.model, self.ctx.policy.tokenizer,
                                  mesh=self.ctx.sample_mesh,
-                                 chunk_size=c.reward.judge_chunk_size or None, buckets=buckets,
+                                 chunk_size=c.reward.judge_chunk_size or None,
+                                 buckets=judge_buckets(c),
                                  min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels)
 
     def saved(self) -> dict:

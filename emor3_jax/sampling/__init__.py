@@ -15,4 +15,4 @@ from emor3_jax.sampling.grouped_decode import GroupedCache  # noqa: F401
 from emor3_jax.sampling.rules import allowed_mask, next_tokens, processed_logits  # noqa: F401
 from emor3_jax.sampling.sampler import (ContinuationTrie, SampleOutput, Sampler,  # noqa: F401
                                         SamplerBuckets, SamplerMemoryError, continuation_trie,
-                                        generate, geometric_buckets, get_sampler)
+                                        decode_windows, generate, geometric_buckets, get_sampler)

@@ -222,7 +222,9 @@ def grouped_attention(q, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, gen_vali
 def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv, slot,
                 gen_valid, sk=None, sv=None, smask=None, gen_mask=None):
     """One decoder layer for S new tokens per row (x [B*G, S, D]); writes their k/v at gen
-    slots [slot, slot + S)."""
+    slots [slot, slot + S) and attends to the first gen_valid.shape[1] slots only (a decode
+    window: the slots after it are unwritten, and reading them would cost as much as the
+    written ones)."""
     c, t = config, config.text
     kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
     n, s, _ = x.shape
@@ -237,9 +239,11 @@ def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv,
     gk = jax.lax.dynamic_update_slice(gk, k, (0, 0, 0, slot))
     gv = jax.lax.dynamic_update_slice(gv, v, (0, 0, slot, 0))
     cast = lambda x: None if x is None else x.astype(q.dtype)
-    out = grouped_attention(q, cast(pk), cast(pv), pmask, cast(gk), cast(gv), gen_valid,
-                            suffix_k=cast(sk), suffix_v=cast(sv), suffix_mask=smask,
-                            gen_mask=gen_mask)
+    w = gen_valid.shape[1]
+    out = grouped_attention(q, cast(pk), cast(pv), pmask, cast(gk[..., :w]),
+                            cast(gv[:, :, :w]), gen_valid, suffix_k=cast(sk),
+                            suffix_v=cast(sv), suffix_mask=smask,
+                            gen_mask=None if gen_mask is None else gen_mask[:, :w])
     x = x + _dense(c, out.reshape(n, s, nq), p["o_proj"]["kernel"])
     h = L.RMSNorm(t.rms_norm_eps, **kw).apply({"params": p["post_attention_layernorm"]}, x)
     gate, up = jnp.split(_dense(c, h, p["gate_up"]), 2, -1)
@@ -257,22 +261,24 @@ def _dense(config: Qwen2_5_VLConfig, x, kernel, bias=None):
 
 
 def decode_hidden(model, params, per_layer_params: list[Any], tokens, positions,
-                  cache: GroupedCache, slot, gen_mask=None, gen_valid=None):
+                  cache: GroupedCache, slot, gen_mask=None, gen_valid=None,
+                  window: int | None = None):
     """Feed S tokens per row (tokens [B*G, S]; positions [B*G, S] = mRoPE positions, equal on
     all three rows) at gen slots [slot, slot + S), causal among themselves; return
     (final-norm hidden [B*G, S, D], updated cache). gen_mask [B*G, T] bool: per-row validity
     of the gen slots (None: all; a suffix prefill's left padding is False). gen_valid [S, T]
     bool: which gen slots new token s sees, instead of the causal default (slots up to its
-    own), e.g. the ancestors in a token tree."""
+    own), e.g. the ancestors in a token tree. window: attention reads gen slots [0, window)
+    only (static; slot + S <= window; None = all T)."""
     c, t = model.config, model.config.text
     n, s = tokens.shape
     x = model.apply({"params": params}, tokens,
                     method=lambda m, ids: m.model.language_model.embed(ids))
     pos3 = jnp.broadcast_to(positions[None], (3, n, s))
     cos, sin = L.mrope(pos3, t.head_dim, t.rope_theta, t.mrope_section)     # [B*G, S, D]
-    slots = jnp.arange(cache.max_new_tokens)
+    slots = jnp.arange(cache.max_new_tokens if window is None else window)
     if gen_valid is None:
-        gen_valid = slots[None, :] <= slot + jnp.arange(s)[:, None]        # [S, T]
+        gen_valid = slots[None, :] <= slot + jnp.arange(s)[:, None]        # [S, W]
     gen_k, gen_v = [], []
     for i, p in enumerate(per_layer_params):
         suffix = ((cache.suffix_k[i], cache.suffix_v[i], cache.suffix_mask) if cache.suffix_k
@@ -287,9 +293,10 @@ def decode_hidden(model, params, per_layer_params: list[Any], tokens, positions,
 
 
 def decode_step(model, params, per_layer_params: list[Any], tokens, positions,
-                cache: GroupedCache, slot):
-    """One sampling step: tokens [B*G] at positions [B*G] into gen slot `slot`; returns
-    (fp32 logits [B*G, V], updated cache)."""
+                cache: GroupedCache, slot, window: int | None = None):
+    """One sampling step: tokens [B*G] at positions [B*G] into gen slot `slot` (< window,
+    the gen slots attention reads; None = all); returns (fp32 logits [B*G, V], updated
+    cache)."""
     h, cache = decode_hidden(model, params, per_layer_params, tokens[:, None],
-                             positions[:, None], cache, slot)
+                             positions[:, None], cache, slot, window=window)
     return model.apply({"params": params}, h[:, 0], method=lambda m, h: m.logits(h)), cache

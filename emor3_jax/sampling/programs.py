@@ -47,6 +47,40 @@ class DecodeSettings:
     group: int          # continuations per prompt (G)
     new_tokens: int     # generated-token buffer (the max_new_tokens bucket)
     top_k: int          # 0 = off
+    window: int = 0     # this program decodes steps < window, attending to the first window
+    #                     gen slots (0 = new_tokens; `decode_windows`)
+
+
+# Each decode window holds 4x the gen slots of the one before: a step reads at most 4x the
+# slots written so far, and a 2,048-token buffer compiles 2 decode programs (512, 2048).
+WINDOW_FACTOR = 4
+
+
+def decode_windows(new_tokens: int, first: int) -> tuple[int, ...]:
+    """The decode programs of a `new_tokens` buffer, by the gen slots their attention reads:
+    first, 4 x first, ... up to new_tokens (0: one window). Attention over every slot of the
+    buffer at every step read the whole cache however few tokens were written (at 300-token
+    responses in a 2,048-slot buffer, half the bytes of the v4 rollout's decode step); each
+    window is its own program, and one whose rows have all ended returns at once."""
+    windows, w = [], first
+    while 0 < w < new_tokens:
+        windows.append(w)
+        w *= WINDOW_FACTOR
+    return tuple(windows) + (new_tokens,)
+
+
+@flax.struct.dataclass
+class DecodeCarry:
+    """What one decode window hands the next (donated): the gen-token cache and the rows'
+    tokens so far. `step` is the next step to take (1 after the prefill's token)."""
+    step: jax.Array                   # int32 scalar
+    gen_k: tuple[jax.Array, ...]      # per layer [B*G, K, D, T] (grouped_decode layout)
+    gen_v: tuple[jax.Array, ...]      # per layer [B*G, K, T, D]
+    tok: jax.Array                    # [B*G] int32 the last token of every row
+    tokens: jax.Array                 # [B*G, T] int32
+    logprobs: jax.Array               # [B*G, T] fp32
+    lengths: jax.Array                # [B*G] int32
+    done: jax.Array                   # [B*G] bool
 
 
 def spec(names, shape, mesh) -> P:
@@ -148,60 +182,77 @@ class SamplerPrograms:
         return grouped_decode.split_layers(params["model"]["language_model"]["layers"],
                                            self.config.text.num_hidden_layers)
 
-    def decode(self, params, state: PromptState, rng, temperature, top_p, max_new_tokens,
-               eos_ids, pad_id, allowed, row_ids, *, settings: DecodeSettings):
-        """row_ids [rows * group] int32: each row's random stream (fold_in of the step key)."""
+    def _choose(self, rng, row_ids, step, logits, allowed, temperature, top_p, top_k: int):
+        step_key = jax.random.fold_in(rng, step)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, row_ids)
+        # Whole vocabulary rows per device: the draw's cumsum over a `tensor`-sharded
+        # vocabulary is partitioned pathologically (151k ids on a 2 x 4 CPU mesh: 35 s per
+        # step instead of 0.1 s); gathering the [rows, V] logits is cheap.
+        logits = self._constrain(logits, ("batch", None))
+        return rules.next_tokens(keys, logits, allowed, temperature, top_p, top_k)
+
+    @staticmethod
+    def _record(c: DecodeCarry, tok, lp, eos_ids, pad_id) -> DecodeCarry:
+        """Write step c.step's tokens (pad on rows already ended) and move on."""
+        alive = ~c.done
+        tok = jnp.where(alive, tok, pad_id)
+        lp = jnp.where(alive, lp, 0.0)
+        return c.replace(
+            step=c.step + 1, tok=tok,
+            tokens=jax.lax.dynamic_update_slice(c.tokens, tok[:, None], (0, c.step)),
+            logprobs=jax.lax.dynamic_update_slice(c.logprobs, lp[:, None], (0, c.step)),
+            lengths=c.lengths + alive.astype(jnp.int32),
+            done=c.done | (tok[:, None] == eos_ids[None, :]).any(-1))
+
+    def decode_start(self, state: PromptState, rng, temperature, top_p, eos_ids, pad_id,
+                     allowed, row_ids, *, settings: DecodeSettings):
+        """The decode's empty cache and output buffers, and every row's first token drawn from
+        its prompt's logits -> (state, carry for the first window). Its own program, so the
+        windows' loops are all that they hold (XLA's bytes per call are then per step)."""
+        self.compiled["decode_start"] += 1
+        group, t_max = settings.group, settings.new_tokens
+        empty = self._grouped_cache(state, group, t_max)
+        n_rows = empty.gen_k[0].shape[0]
+        carry = DecodeCarry(step=jnp.int32(0), gen_k=empty.gen_k, gen_v=empty.gen_v,
+                            tok=jnp.zeros((n_rows,), jnp.int32),
+                            tokens=jnp.full((n_rows, t_max), pad_id, jnp.int32),
+                            logprobs=jnp.zeros((n_rows, t_max), jnp.float32),
+                            lengths=jnp.zeros((n_rows,), jnp.int32),
+                            done=~jnp.repeat(state.row_valid, group))
+        tok, lp = self._choose(rng, row_ids, 0, jnp.repeat(state.logits, group, axis=0),
+                               allowed, temperature, top_p, settings.top_k)
+        return state, self._record(carry, tok, lp, eos_ids, pad_id)
+
+    def decode(self, params, state: PromptState, carry: DecodeCarry, rng, temperature, top_p,
+               max_new_tokens, eos_ids, pad_id, allowed, row_ids, *, settings: DecodeSettings):
+        """Decode steps up to settings.window, attending to that many gen slots, from `carry`
+        (`decode_start`'s or the previous window's) -> (state, carry). row_ids
+        [rows * group] int32: each row's random stream (fold_in of the step key)."""
         self.compiled["decode"] += 1
-        model, group, top_k = self.model, settings.group, settings.top_k
+        model, group = self.model, settings.group
+        window = settings.window or settings.new_tokens
         params = jax.lax.stop_gradient(params)
-        cache = self._grouped_cache(state, group, settings.new_tokens)
-        n_rows, t_max = cache.gen_k[0].shape[0], cache.max_new_tokens
-        per_layer = self._per_layer(params)
         positions = jnp.repeat(state.next_pos, group)
-        max_new_tokens = jnp.minimum(max_new_tokens, t_max)
+        per_layer = self._per_layer(params)
+        stop = jnp.minimum(jnp.minimum(max_new_tokens, settings.new_tokens), window)
 
-        def choose(step, logits):
-            step_key = jax.random.fold_in(rng, step)
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, row_ids)
-            # Whole vocabulary rows per device: the draw's cumsum over a `tensor`-sharded
-            # vocabulary is partitioned pathologically (151k ids on a 2 x 4 CPU mesh: 35 s per
-            # step instead of 0.1 s); gathering the [rows, V] logits is cheap.
-            logits = self._constrain(logits, ("batch", None))
-            return rules.next_tokens(keys, logits, allowed, temperature, top_p, top_k)
+        def cond(c: DecodeCarry):
+            return (c.step < stop) & ~c.done.all()
 
-        def record(step, tok, lp, tokens, logprobs, lengths, done):
-            alive = ~done
-            tok = jnp.where(alive, tok, pad_id)
-            lp = jnp.where(alive, lp, 0.0)
-            tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
-            logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, step))
-            lengths = lengths + alive.astype(jnp.int32)
-            done = done | (tok[:, None] == eos_ids[None, :]).any(-1)
-            return tok, tokens, logprobs, lengths, done
+        def body(c: DecodeCarry):
+            cache = grouped_decode.GroupedCache(
+                prompt_k=state.prompt_k, prompt_v=state.prompt_v, prompt_mask=state.prompt_mask,
+                gen_k=c.gen_k, gen_v=c.gen_v, suffix_k=state.suffix_k, suffix_v=state.suffix_v,
+                suffix_mask=state.suffix_mask)
+            logits, cache = grouped_decode.decode_step(model, params, per_layer, c.tok,
+                                                       positions + c.step - 1, cache,
+                                                       c.step - 1, window=window)
+            tok, lp = self._choose(rng, row_ids, c.step, logits, allowed, temperature, top_p,
+                                   settings.top_k)
+            return self._record(c.replace(gen_k=cache.gen_k, gen_v=cache.gen_v), tok, lp,
+                                eos_ids, pad_id)
 
-        tokens = jnp.full((n_rows, t_max), pad_id, jnp.int32)
-        logprobs = jnp.zeros((n_rows, t_max), jnp.float32)
-        lengths = jnp.zeros((n_rows,), jnp.int32)
-        done = ~jnp.repeat(state.row_valid, group)
-        tok, lp = choose(0, jnp.repeat(state.logits, group, axis=0))
-        tok, tokens, logprobs, lengths, done = record(0, tok, lp, tokens, logprobs, lengths, done)
-
-        def cond(carry):
-            step, _, _, _, _, _, done = carry
-            return (step < max_new_tokens) & ~done.all()
-
-        def body(carry):
-            step, cache, tok, tokens, logprobs, lengths, done = carry
-            logits, cache = grouped_decode.decode_step(model, params, per_layer, tok,
-                                                       positions + step - 1, cache, step - 1)
-            new, lp = choose(step, logits)
-            new, tokens, logprobs, lengths, done = record(step, new, lp, tokens, logprobs,
-                                                          lengths, done)
-            return step + 1, cache, new, tokens, logprobs, lengths, done
-
-        carry = (jnp.int32(1), cache, tok, tokens, logprobs, lengths, done)
-        _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(cond, body, carry)
-        return state, tokens, logprobs, lengths
+        return state, jax.lax.while_loop(cond, body, carry)
 
     def score(self, params, state: PromptState, trie: ContinuationTrie, temperature):
         """log p(continuation c | prompt r) [R, C]: token log-probs under the full softmax of

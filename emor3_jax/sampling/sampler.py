@@ -12,13 +12,16 @@ Per chunk of prompts (host numpy, then compiled programs):
     `position_ids`/`rope_deltas` or `processing.rope_index.get_rope_index`;
  2. `prefill` program: vision tower + prompt, once per prompt (never G times) -> a
     `PromptState`: the prompt's KV cache (grouped_decode layout) and next-token logits;
- 3. `decode` program: a `GroupedCache` whose prompt part is shared by the G rows of a group
+ 3. `decode` programs: a `GroupedCache` whose prompt part is shared by the G rows of a group
     (see grouped_decode.py: logically the repeated cache, physically one prompt copy) plus G
-    empty generated-token rows; draws the first token of every row from the prompt's logits,
-    then a `lax.while_loop` feeds one token per row until every row has ended or
-    max_new_tokens is reached. The cache lives in the loop carry and is updated in place;
-    the prompt state is donated and handed back. Decode positions are last prompt
-    position + 1 + step on all three mRoPE rows.
+    empty generated-token rows. `decode_start` makes them and draws the first token of every
+    row from the prompt's logits; then a `lax.while_loop` feeds one token per row until every
+    row has ended or max_new_tokens is reached, in windows (`decode_windows`: steps < 512,
+    then < 2048, ...: `buckets.decode_window`, then 4x each), one program each, whose
+    attention reads only the window's gen slots; a window whose rows have all ended returns
+    at once. The cache and the rows' tokens are the carry (`DecodeCarry`), donated from one
+    program to the next and updated in place; the prompt state is donated and handed back.
+    Decode positions are last prompt position + 1 + step on all three mRoPE rows.
  `score` (the judge's candidate answers) replaces step 3 by one multi-token call over the
  token trie of C fixed continuations per prompt (tree attention mask) and returns
  log p(continuation | prompt).
@@ -38,8 +41,8 @@ streams (a sample's stream is its prompt's `row_ids` entry, not its place in a c
 
 Compiled programs are keyed by shapes only: (prompts per chunk, prompt-length bucket, vision
 buckets) for prefill; (prefixes per chunk, prefix bucket, vision buckets, M, suffix-length
-bucket) for prefill_shared; plus (G, new-token bucket, top_k) for decode and (C, trie-node
-bucket, longest continuation) for score. Temperature, top-p and max_new_tokens are traced.
+bucket) for prefill_shared; plus (G, new-token bucket, top_k, window) for decode and (C,
+trie-node bucket, longest continuation) for score. Temperature, top-p and max_new_tokens are traced.
 `num_programs` counts the programs compiled so far (the bench and the tests read it).
 
 Prompts may share images (`row_images`, e.g. the judge's G consistency prompts of one rollout
@@ -73,7 +76,7 @@ from emor3_jax.sampling.memory import SamplerMemoryError  # noqa: F401 (public h
 from emor3_jax.sampling.packing import (Buckets, ContinuationTrie,  # noqa: F401 (public here)
                                         continuation_trie)
 from emor3_jax.sampling.programs import (CompiledProgram, DecodeSettings,  # noqa: F401
-                                         PromptState, SamplerPrograms, spec)
+                                         PromptState, SamplerPrograms, decode_windows, spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +112,7 @@ class SamplerBuckets:
     new_tokens_score: Buckets = geometric_buckets(1)     # score: nodes of the continuation trie
     suffix_len: Buckets = geometric_buckets(8)           # share_prefix: a chunk's longest suffix
     num_prompts: Buckets = geometric_buckets(1)
+    decode_window: int = 512          # the first decode window's gen slots (decode_windows)
     vision: vision_lib.VisionPadding = vision_lib.VisionPadding(
         num_patches=geometric_buckets(16), num_windows=geometric_buckets(1),
         num_frames=geometric_buckets(1), frame_len=geometric_buckets(16))
@@ -148,9 +152,12 @@ class Sampler:
         self._prefill = CompiledProgram(self.programs.prefill, "prefill", self._check_fits)
         self._prefill_shared = CompiledProgram(self.programs.prefill_shared, "prefill_shared",
                                                self._check_fits)
+        self._decode_start = CompiledProgram(self.programs.decode_start, "decode_start",
+                                             self._check_fits, static_argnames=("settings",),
+                                             donate_argnames=("state",))
         self._decode = CompiledProgram(self.programs.decode, "decode", self._check_fits,
                                        static_argnames=("settings",),
-                                       donate_argnames=("state",))
+                                       donate_argnames=("state", "carry"))
         self._score = CompiledProgram(self.programs.score, "score", self._check_fits,
                                       donate_argnames=("state",))
 
@@ -161,7 +168,7 @@ class Sampler:
 
     @property
     def num_programs(self) -> int:
-        """Programs compiled so far (prefill + prefill_shared + decode + score)."""
+        """Programs compiled so far (prefill, prefill_shared, decode_start, decode, score)."""
         return sum(self.compiled.values())
 
     @property
@@ -301,21 +308,27 @@ class Sampler:
             a((b * m, ls), np.int32), a((b * m, ls), np.int32), a((b * m,), np.int32),
             a((b * m,), np.bool_))
 
-    def trace_decode(self, params, state, *, group: int, new_tokens: int, top_k: int = 0):
-        """The decode program of `group` continuations of `new_tokens` (bucketed) per prompt of
-        a prefilled chunk; `state` is the prefill's output (abstract, with its shardings)."""
+    def trace_decode(self, params, state, carry=None, *, group: int, new_tokens: int,
+                     window: int | None = None, top_k: int = 0):
+        """The decode programs of `group` continuations of `new_tokens` (bucketed) per prompt of
+        a prefilled chunk: window None, `decode_start` (`carry` unused); else the window's
+        (`decode_windows`), from `carry` (the program before's). `state` is the prefill's
+        output (abstract, with their shardings, as `carry`)."""
         new_bucket = packing.round_to(new_tokens, self.buckets.new_tokens, "new_tokens")
         rep = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)     # uncommitted, as in generate
         eos = packing.padded_ids(packing.config_eos(self.config))
         n_rows = state.logits.shape[0] * group
-        return self._decode.trace(
-            params, state, scalar(jax.random.key(0).dtype), temperature=scalar(jnp.float32),
-            top_p=scalar(jnp.float32), max_new_tokens=scalar(jnp.int32),
-            eos_ids=rep(eos.shape, np.int32), pad_id=scalar(jnp.int32),
-            allowed=rep((self.config.text.vocab_size,), np.bool_),
-            row_ids=self._abstract((n_rows,), np.int32, ("batch",)),
-            settings=DecodeSettings(group, new_bucket, top_k))
+        kw = dict(temperature=scalar(jnp.float32), top_p=scalar(jnp.float32),
+                  eos_ids=rep(eos.shape, np.int32), pad_id=scalar(jnp.int32),
+                  allowed=rep((self.config.text.vocab_size,), np.bool_),
+                  row_ids=self._abstract((n_rows,), np.int32, ("batch",)),
+                  settings=DecodeSettings(group, new_bucket, top_k, window or 0))
+        key = scalar(jax.random.key(0).dtype)
+        if window is None:
+            return self._decode_start.trace(state, key, **kw)
+        return self._decode.trace(params, state, carry, key,
+                                  max_new_tokens=scalar(jnp.int32), **kw)
 
     def trace_score(self, params, state, *, num_continuations: int, width: int):
         """The score program of `num_continuations` continuations of up to `width` tokens per
@@ -382,6 +395,7 @@ class Sampler:
                       pad_id=jnp.int32(pad), allowed=self._put(allowed, (None,)),
                       temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
                       max_new_tokens=jnp.int32(max_new_tokens))  # trace_decode mirrors these
+        start_args = {k: v for k, v in shared.items() if k != "max_new_tokens"}
         g = num_samples
         outs = []
         for rows, state in self.prefill_chunks(
@@ -389,11 +403,16 @@ class Sampler:
                 position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
                 share_prefix=share_prefix):
             ids = np.where(rows >= 0, stream[np.maximum(rows, 0)], 0)[:, None] * g + np.arange(g)
-            _, tokens, logprobs, lengths = self._decode(
-                params, state, rng, row_ids=self._put(ids.reshape(-1).astype(np.int32),
-                                                      ("batch",)),
-                settings=DecodeSettings(g, new_bucket, top_k), **shared)
-            outs.append((rows, tokens, logprobs, lengths))
+            ids = self._put(ids.reshape(-1).astype(np.int32), ("batch",))
+            settings = DecodeSettings(g, new_bucket, top_k)
+            state, carry = self._decode_start(state, rng, row_ids=ids, settings=settings,
+                                              **start_args)
+            for window in decode_windows(new_bucket, self.buckets.decode_window):
+                state, carry = self._decode(
+                    params, state, carry, rng, row_ids=ids,
+                    settings=dataclasses.replace(settings, window=window), **shared)
+            outs.append((rows, carry.tokens, carry.logprobs, carry.lengths))
+            del state, carry                  # the cache, before the next chunk's prefill
         # fetch after dispatching every chunk, so the host never waits between chunks
         # (shd.to_host: with a mesh over several processes, a gather every process joins)
         tokens = np.full((n * g, max_new_tokens), pad, np.int32)
@@ -496,12 +515,14 @@ def _describe(name: str, args, kwargs) -> str:
             out += (f"; {args[2].shape[0]} suffix rows of {args[2].shape[1]} tokens; the "
                     "prompt bucket is the shared prefix's")
         return out + ")"
-    state = args[1] if len(args) > 1 else kwargs["state"]
+    state = args[0] if name == "decode_start" else args[1] if len(args) > 1 else kwargs["state"]
     prompts, lp = state.logits.shape[0], state.prompt_mask.shape[1]
-    if name == "decode":
+    if name in ("decode", "decode_start"):
         s = kwargs["settings"]
+        window = (", its start" if name == "decode_start" else
+                  f", the window of steps < {s.window}" if s.window < s.new_tokens else "")
         return (f"decode of {prompts} prompts x G={s.group} (prompt bucket {lp}, "
-                f"{s.new_tokens} new tokens)")
+                f"{s.new_tokens} new tokens{window})")
     trie = args[2]
     return (f"score of {prompts} prompts (prompt bucket {lp}) x {trie.first.shape[0]} "
             f"continuations ({trie.nodes.shape[0]} trie nodes)")
