@@ -1,9 +1,9 @@
 """emor3_jax.aot: compile a GRPO step's programs for a TPU v4-8 from this CPU host (libtpu).
 
-A tiny model at small shapes compiles every program (rollout prefill/decode, generate-mode
-judge prefill/decode, reference log-probs, the update's gradient and optimizer calls) and must fit; with a tiny share of HBM it
-must not, and the tool must exit 1 naming (and trying) a knob. Runs the tool
-in-process (`aot.cli`), like `python -m emor3_jax.aot`.
+A tiny model at small shapes compiles every program (rollout prefill, decode start and decode
+windows, generate-mode judge prefill and decode, reference log-probs, the update's gradient and
+optimizer calls) and must fit; with a tiny share of HBM it must not, and the tool must exit 1
+naming (and trying) a knob. Runs the tool in-process (`aot.cli`), like `python -m emor3_jax.aot`.
 """
 import io
 import re
