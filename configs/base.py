@@ -226,6 +226,10 @@ def get_config():
     # (the response) against it; False: every prompt whole (the suffix pass has no flash
     # kernel, so at 2,048-token responses the whole-prompt splash prefill needs less memory)
     c.reward.judge_share_prefix = True
+    # ... except for prompts whose suffix (the response and the template's end) needs more than
+    # this many tokens: they run whole (0 = no limit). The shared suffix pass has no flash
+    # kernel, so at long responses whole prompts can fit where shared ones do not.
+    c.reward.judge_shared_suffix_max = 0
 
     c.rl = ml_collections.ConfigDict()
     # The RL algorithm: a key of emor3_jax.learners.LEARNERS (grpo: GRPO and EMO-R3, the reward

@@ -28,9 +28,12 @@ pixel rows are sharded, not replicated. Knobs (AOT, this config):
   prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill of 96 prompts needs
   16.4 GiB + 12.25 resident = 28.7 live; 86 judge calls per step at most (342 at 24, the chunk
   the einsum attention allowed with bf16 masters).
-- reward.judge_share_prefix = False: with shared prefixes the responses (up to 2048 tokens)
-  are the suffixes, whose pass attends in einsum blocks (no flash kernel): 24.1 GiB at 128
-  prompts, more than the whole-prompt splash prefill (AOT).
+- reward.judge_shared_suffix_max = 1024: judge prompts share their prefix (template and
+  image, prefilled once for a rollout prompt's G consistency prompts) when their suffix (the
+  response and the template's end) needs <= 1024 tokens, else run whole. The suffix pass
+  attends in einsum blocks (no flash kernel): at 1024-token suffixes the shared prefill of 96
+  prompts needs 9.4 GiB (21.6 live), but at 2048-token responses 24.1 GiB at 128 prompts,
+  more than the whole-prompt splash prefill (AOT).
 The sampler and the judge read a bf16 copy of the policy (1.75 GiB, policy.sampling_params),
 while the fp32 masters stay resident: 12.25 GiB outside the sampling programs.
 """
@@ -49,7 +52,7 @@ def get_config(method: str = "emor3"):
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
     c.reward.judge_chunk_size = 96       # judge prompts per sampler call
-    c.reward.judge_share_prefix = False  # whole prompts: the splash prefill needs less (docstring)
+    c.reward.judge_shared_suffix_max = 1024  # longer suffixes run whole (docstring)
     c.rl.micro_batch_size = 2            # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 32   # responses per device per reference log-prob step
     return base.apply_method(c, method)

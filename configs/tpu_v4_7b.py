@@ -36,7 +36,9 @@ def get_config(method: str = "emor3"):
     # memory knobs (module docstring): how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 64            # prompts per sampler call (x G = 512 rows)
     c.reward.judge_chunk_size = 128      # judge prompts per sampler call
-    c.reward.judge_share_prefix = False  # as configs/tpu_v4.py (its docstring says why)
+    # whole judge prompts: the shared suffix pass (no flash kernel) is not AOT-checked at the
+    # 7B widths yet (configs/tpu_v4.py shares up to 1024-token suffixes)
+    c.reward.judge_share_prefix = False
     c.rl.micro_batch_size = 4            # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 16   # responses per device per log-prob step
     return base.apply_method(c, method)

@@ -36,6 +36,7 @@ TINY_CONFIG = textwrap.dedent('''
         c.reward.judge_max_new_tokens = 8
         c.reward.judge_prompt_buckets = (128,)
         c.reward.judge_chunk_size = 40       # 5 units of G = 8 sharing a prefix: runs as 8 x 8 rows
+        c.reward.judge_shared_suffix_max = 64  # suffixes of 112 tokens at these lengths: whole
         c.rl.mini_batch_size = 8
         c.rl.micro_batch_size = 4
         c.rl.micro_batch_tokens = 256        # at least 4 rows per device: 8 at 16 tokens, 16 at 8
@@ -48,7 +49,9 @@ TINY_CONFIG = textwrap.dedent('''
 ''')
 PROGRAMS = ("rollout prefill", "rollout decode start", "rollout decode, steps < 4",
             "rollout decode, steps 4-15", "judge prefill", "judge decode start",
-            "judge decode, steps < 4", "judge decode, steps 4-7",
+            "judge decode, steps < 4", "judge decode, steps 4-7", "judge shared-prefix prefill",
+            "judge shared-prefix decode start", "judge shared-prefix decode, steps < 4",
+            "judge shared-prefix decode, steps 4-7",
             "reference log-probs", "old log-probs", "update gradients",
             "update gradients, 64 rows", "update optimizer step")
 
@@ -92,12 +95,18 @@ def test_tiny_step_fits_on_v4_8(config_file):
         assert total > 0 and args > 0 and min(output, temp, alias) >= 0, (name, cells)
         assert "FLOP" in cells[8] and cells[9] != "n/a", cells   # FLOPs, est. time
         assert not cells[-1].startswith("FAILED"), cells
-    # the judge shares prefixes as the trainer's does: a chunk of 40 prompts is 5 units of G = 8
-    # prompts, padded to the sampler's buckets (8 prefixes x 8 suffixes), and the table says so
-    assert programs["judge prefill"][1].startswith(
+    # the judge as the trainer's: prompts whose suffix (response + template end: 112 tokens)
+    # needs more than judge_shared_suffix_max run whole, priced; the shared programs at that
+    # limit are compiled for the fit, no call priced: a chunk of 40 prompts is 5 units of G = 8
+    # prompts, padded to the sampler's buckets (8 prefixes x 8 suffixes)
+    assert "shared prefixes where the suffix needs <= 64 tokens, else whole prompts" in out
+    assert programs["judge prefill"][1] == ("40 (compiled as 48: the sampler's num_prompts "
+                                            "bucket) prompts x 128 tokens, 40 images"), programs
+    assert programs["judge shared-prefix prefill"][1].startswith(
         "40 (compiled as 64: the sampler's num_prompts buckets) prompts = 8 shared prefixes of "
-        "100 tokens with an image, 8 suffixes of 112 tokens each"), programs
-    assert programs["judge decode start"][1].startswith("40 (compiled as 64: "), programs
+        "100 tokens with an image, 8 suffixes of 64 tokens each"), programs
+    assert all(programs[p][11] == "0" for p in PROGRAMS if p.startswith("judge shared"))
+    assert programs["judge decode start"][11] != "0", programs
     # the decode windows: attention over the window's gen slots, then the memory roofline of a
     # step (every decoder weight and the live KV once) beside XLA's bytes
     assert programs["rollout decode, steps 4-15"][1] == (

@@ -4,6 +4,8 @@ shared-prefix judge (the default) == every prompt whole, on one device and on a 
 
 Most tests run the unshared path (share_prefix=False): its programs are the ones the
 comparisons reuse, so the file compiles each path's programs about once."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,7 +231,7 @@ def test_judge_argument_errors(setup):
         Judge.from_config(reward, model, tok)
 
 
-def test_shared_prefix_equals_unshared(setup):
+def test_shared_prefix_equals_unshared(setup, caplog):
     """share_prefix (the judge's default: each image group's and the coherence prompts' common
     token prefix prefilled once, then the suffixes against its cache) == every prompt whole:
     token-identical greedy generations, the same sampled answers with the same key, score-mode
@@ -254,9 +256,20 @@ def test_shared_prefix_equals_unshared(setup):
               valid_vocab_size=ids.vocab_size, row_images=rows)
     out = {share: judge.sampler.generate(params, p_ids, p_mask, pv, grid, max_new_tokens=6,
                                          share_prefix=share, **kw) for share in (False, True)}
-    np.testing.assert_array_equal(out[True].tokens, out[False].tokens)
-    np.testing.assert_array_equal(out[True].lengths, out[False].lengths)
-    np.testing.assert_allclose(out[True].logprobs, out[False].logprobs, atol=1e-5)
+    # shared_suffix_max: the units whose suffixes need more run whole, beside the shared ones
+    need = {unit: max(len(tokens[r]) - p for r in unit) for unit, p in by_rows.items()}
+    limit = min(need.values())
+    assert 0 < sum(n <= limit for n in need.values()) < len(need)
+    whole = sum(len(unit) for unit, n in need.items() if n > limit)
+    with caplog.at_level(logging.INFO, logger="emor3_jax.sampling.sampler"):
+        out["mixed"] = judge.sampler.generate(params, p_ids, p_mask, pv, grid,
+                                              max_new_tokens=6, share_prefix=True,
+                                              shared_suffix_max=limit, **kw)
+    assert f"{whole} of 8 prompts have suffixes of more than {limit} tokens" in caplog.text
+    for share in (True, "mixed"):
+        np.testing.assert_array_equal(out[share].tokens, out[False].tokens)
+        np.testing.assert_array_equal(out[share].lengths, out[False].lengths)
+        np.testing.assert_allclose(out[share].logprobs, out[False].logprobs, atol=1e-5)
     # sampled (T 0.6, top-p 0.95): the same key gives the same answers, whatever the order
     # the prompts run in (the unshared judge sorts them by length, the shared one by group)
     sampled = {}

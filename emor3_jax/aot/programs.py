@@ -401,11 +401,31 @@ def judge_programs(ctx: Context) -> list[Program]:
     calls = s.judge_calls * math.ceil(s.judge_prompts / s.judge_chunk)
     images = s.judge_chunk if emotion.get_preset(rw.preset).needs_consistency else 0
     # reward.judge_share_prefix: a rollout prompt's G consistency prompts share the template
-    # and image (the worst chunk: consistency units, the response in the suffix)
-    shared = (s.group, s.judge_prompt_need - s.response_len, s.response_len +
-              JUDGE_TEMPLATE_TOKENS) if rw.judge_share_prefix else None
+    # and image (the worst chunk: consistency units, the response in the suffix); prompts whose
+    # suffix needs more than reward.judge_shared_suffix_max run whole. When those are the
+    # prompts at these lengths, the shared programs at that limit are compiled too (at the
+    # maximum lengths, for the fit: shorter responses share; no call is priced).
+    prefix, suffix, limit = (s.judge_prompt_need - s.response_len,
+                             s.response_len + JUDGE_TEMPLATE_TOKENS, rw.judge_shared_suffix_max)
+    kinds = [("judge", calls, None)]
+    if rw.judge_share_prefix:
+        if not limit or suffix <= limit:
+            kinds = [("judge", calls, (s.group, prefix, suffix))]
+        elif ctx.lengths is None:
+            kinds.append(("judge shared-prefix", 0, (s.group, prefix, limit)))
+    programs = []
+    for what, n_calls, shared in kinds:
+        programs += _judge_sampler_programs(ctx, sampler, params, what, n_calls, uses, images,
+                                            shared)
+    return programs
+
+
+def _judge_sampler_programs(ctx: Context, sampler: Sampler, params, what: str, calls: int,
+                            uses, images: int, shared) -> list[Program]:
+    c, s = ctx.config, ctx.shapes
+    rw = c.reward
     programs = _sampler_programs(
-        ctx, sampler, params, what="judge", num_prompts=s.judge_chunk,
+        ctx, sampler, params, what=what, num_prompts=s.judge_chunk,
         prompt_len=s.judge_prompt_len, images=images, group=1,
         new_tokens=rw.judge_max_new_tokens, calls=calls, uses=uses, knob="judge",
         score=None if rw.judge_mode == "generate" else _score_continuations(ctx),

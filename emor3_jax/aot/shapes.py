@@ -175,8 +175,11 @@ class Shapes:
                 f"(reward.judge_chunk_size={rw.judge_chunk_size}), prompt bucket "
                 f"{self.judge_prompt_len}" + (f", {self.judge_new_tokens} new tokens"
                                               if rw.judge_mode == "generate" else "") +
-                (", shared prefixes" if rw.judge_share_prefix else
-                 ", whole prompts (reward.judge_share_prefix=False)"))
+                (", whole prompts (reward.judge_share_prefix=False)"
+                 if not rw.judge_share_prefix else ", shared prefixes" +
+                 (f" where the suffix needs <= {rw.judge_shared_suffix_max} tokens, else whole "
+                  "prompts (reward.judge_shared_suffix_max)"
+                  if rw.judge_shared_suffix_max else "")))
         es = "es" if self.mini_batches > 1 else ""
         out.append(f"update: {self.mini_batches} mini-batch{es} of {self.mini_batch_rows} "
                    f"responses, micro-batches of {rl.micro_batch_size}/device = "

@@ -113,7 +113,8 @@ class Judge:
     chunking, so a chunk pads only to its own length bucket). min_pixels/max_pixels: processing of raw
     images (release pre-resize + smart_resize, `image.process_image`; ProcessedImage inputs are
     used as they are). share_prefix: prefill the prompts' shared prefixes once (module
-    docstring); False runs every prompt whole.
+    docstring); False runs every prompt whole. shared_suffix_max: prompts whose suffix (the
+    response and the template's end) needs more tokens run whole (0: no limit).
     """
 
     def __init__(self, model, tokenizer, *, mode: str = "generate", source: str = "policy",
@@ -121,7 +122,7 @@ class Judge:
                  max_new_tokens: int = 2048, mesh=None, chunk_size: int | None = 64,
                  buckets: SamplerBuckets | None = None, memory_limit_bytes: int | None = None,
                  min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, shared_suffix_max: int = 0):
         if mode not in MODES:
             raise ValueError(f"judge mode {mode!r} (config.reward.judge_mode) must be one of "
                              f"{MODES}")
@@ -140,7 +141,7 @@ class Judge:
         self.mode, self.source, self.params = mode, source, params
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.share_prefix = share_prefix
+        self.share_prefix, self.shared_suffix_max = share_prefix, int(shared_suffix_max)
         self.ids = tokenizer_lib.token_ids(tokenizer)
         _check_same_ids(model.config, self.ids)
         self._special_strings = _special_strings(tokenizer)
@@ -171,7 +172,8 @@ class Judge:
                    temperature=reward_config.judge_temperature,
                    top_p=reward_config.judge_top_p,
                    max_new_tokens=reward_config.judge_max_new_tokens, mesh=mesh,
-                   share_prefix=reward_config.judge_share_prefix, **kwargs)
+                   share_prefix=reward_config.judge_share_prefix,
+                   shared_suffix_max=reward_config.judge_shared_suffix_max, **kwargs)
 
     # -- encoding ------------------------------------------------------------------------------
     def sanitize(self, prompt: str, num_images: int) -> str:
@@ -272,7 +274,8 @@ class Judge:
             num_samples=1, temperature=self.temperature, top_p=self.top_p,
             eos_token_ids=self.ids.eos, forbidden_token_ids=self.ids.forbidden,
             pad_token_id=self.ids.pad, valid_vocab_size=self.ids.vocab_size, rng=rng,
-            row_images=row_images, share_prefix=self.share_prefix, row_ids=order)
+            row_images=row_images, share_prefix=self.share_prefix,
+            shared_suffix_max=self.shared_suffix_max, row_ids=order)
         self.stats["generated_tokens"] += int(res.lengths.sum())
         texts = [chat.decode_response(self.tokenizer, res.tokens[i], res.lengths[i])
                  for i in range(len(prompts))]
@@ -297,7 +300,8 @@ class Judge:
         logp = self.sampler.score(params, ids, mask, pv, grid, continuations=conts,
                                   pad_token_id=self.ids.pad, row_images=row_images,
                                   temperature=self.temperature or 1.0,
-                                  share_prefix=self.share_prefix)
+                                  share_prefix=self.share_prefix,
+                                  shared_suffix_max=self.shared_suffix_max)
         pooled = np.full((len(prompts), len(candidates)), -np.inf)
         for k, j in enumerate(owner):
             pooled[:, j] = np.logaddexp(pooled[:, j], logp[:, k])

@@ -281,8 +281,10 @@ def shared_units(tokens: list[np.ndarray], images, cap: int, image_token_id: int
 
 def shared_chunks(config, buckets, chunk_size: int | None, data_parallel: int, input_ids,
                   attention_mask, pixel_values, image_grid_thw, position_ids, rope_deltas,
-                  images) -> Iterator[SuffixChunk]:
-    """share_prefix: the chunks of units (see sampler.py's docstring), host side."""
+                  images, max_suffix: int = 0) -> tuple[Iterator[SuffixChunk], np.ndarray]:
+    """share_prefix: (the chunks of units (see sampler.py's docstring), host side; the rows
+    of the units whose suffix needs more than `max_suffix` tokens (0: no limit), which run
+    whole instead)."""
     c = config
     n = input_ids.shape[0]
     valid = attention_mask != 0
@@ -300,13 +302,24 @@ def shared_chunks(config, buckets, chunk_size: int | None, data_parallel: int, i
     image_groups = collections.Counter(tuple(i) for i in images if i)
     if image_groups:
         cap = min(cap, max(image_groups.values()))
+    suffix_need = lambda u: max(len(tokens[r]) for r in u[0]) - u[1]
     by_m: dict[int, list] = {}
+    whole = []
     for unit in shared_units(tokens, images, cap, c.image_token_id):
+        if max_suffix and suffix_need(unit) > max_suffix:
+            whole.extend(unit[0])
+            continue
         by_m.setdefault(round_to(len(unit[0]), buckets.num_prompts, "num_prompts"),
                         []).append(unit)
+    chunks = _shared_chunks(c, buckets, chunk_size, data_parallel, n, by_m, tokens, row_pos,
+                            next_pos, pixel_values, image_grid_thw, images, suffix_need)
+    return chunks, np.asarray(sorted(whole), np.int64)
+
+
+def _shared_chunks(c, buckets, chunk_size, data_parallel, n, by_m, tokens, row_pos, next_pos,
+                   pixel_values, image_grid_thw, images, suffix_need) -> Iterator[SuffixChunk]:
     pad = pad_of(c)
     for m, units in sorted(by_m.items()):
-        suffix_need = lambda u: max(len(tokens[r]) for r in u[0]) - u[1]
         units.sort(key=lambda u: (round_to(u[1], buckets.prompt_len, "prompt_len"),
                                   suffix_need(u)))
         per = max(1, min(chunk_size or n, n) // m)

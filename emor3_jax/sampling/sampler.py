@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from typing import Sequence
 
 import jax
@@ -77,6 +78,8 @@ from emor3_jax.sampling.packing import (Buckets, ContinuationTrie,  # noqa: F401
                                         continuation_trie)
 from emor3_jax.sampling.programs import (CompiledProgram, DecodeSettings,  # noqa: F401
                                          PromptState, SamplerPrograms, decode_windows, spec)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +151,7 @@ class Sampler:
                              f"{chunk_size}")
         self.chunk_size = chunk_size
         self.memory_limit_bytes = memory_limit_bytes
+        self._said_whole = False
         self.programs = SamplerPrograms(model, mesh)
         self._prefill = CompiledProgram(self.programs.prefill, "prefill", self._check_fits)
         self._prefill_shared = CompiledProgram(self.programs.prefill_shared, "prefill_shared",
@@ -208,7 +212,8 @@ class Sampler:
     # -- prefill of a batch, chunk by chunk ---------------------------------------------------
     def prefill_chunks(self, params, input_ids, attention_mask=None, pixel_values=None,
                        image_grid_thw=None, *, position_ids=None, rope_deltas=None,
-                       row_images=None, share_prefix: bool = False):
+                       row_images=None, share_prefix: bool = False,
+                       shared_suffix_max: int = 0):
         """Yield (rows, PromptState) per chunk (inputs as in `generate`); rows [R]: the caller's
         row of each of the state's prompt rows, -1 on filler rows."""
         c = self.config
@@ -231,10 +236,19 @@ class Sampler:
         if pixel_values is not None:
             pixel_values = np.asarray(pixel_values)
         images = packing.images_per_row(c, input_ids, attention_mask, image_grid_thw, row_images)
+        whole = np.arange(input_ids.shape[0])
         if share_prefix:
-            for ch in packing.shared_chunks(c, self.buckets, self.chunk_size, self.data_parallel,
-                                            input_ids, attention_mask, pixel_values,
-                                            image_grid_thw, position_ids, rope_deltas, images):
+            chunks, whole = packing.shared_chunks(
+                c, self.buckets, self.chunk_size, self.data_parallel, input_ids, attention_mask,
+                pixel_values, image_grid_thw, position_ids, rope_deltas, images,
+                max_suffix=shared_suffix_max)
+            if len(whole) and not self._said_whole:
+                self._said_whole = True
+                log.info("sampler: %d of %d prompts have suffixes of more than %d tokens and "
+                         "run whole, the rest share their prefixes (shared_suffix_max; said "
+                         "once)", len(whole), input_ids.shape[0], shared_suffix_max)
+            whole = whole[np.argsort(attention_mask[whole].sum(1), kind="stable")]
+            for ch in chunks:
                 state = self._prefill_shared(
                     params, self._prefill_args(ch.prefix),
                     self._put(ch.input_ids, ("batch", None)),
@@ -242,12 +256,13 @@ class Sampler:
                     self._put(ch.positions, ("batch", None)), self._put(ch.next_pos, ("batch",)),
                     self._put(ch.row_valid, ("batch",)))
                 yield ch.rows, state
+        n = len(whole)
+        if not n:
             return
-        n = input_ids.shape[0]
         chunk = min(self.chunk_size or n, n)
         n_chunk_rows = self._chunk_rows(chunk)
         for start in range(0, n, chunk):
-            rows = np.arange(start, min(start + chunk, n))
+            rows = whole[start:start + chunk]
             ch = packing.pack_chunk(c, self.buckets, rows, n_chunk_rows, input_ids,
                                     attention_mask, position_ids, rope_deltas, pixel_values,
                                     image_grid_thw, images)
@@ -352,7 +367,7 @@ class Sampler:
                  pad_token_id: int | None = None, valid_vocab_size: int | None = None,
                  rng=None, position_ids=None, rope_deltas=None,
                  row_images: Sequence[Sequence[int]] | None = None,
-                 share_prefix: bool = False,
+                 share_prefix: bool = False, shared_suffix_max: int = 0,
                  row_ids: Sequence[int] | None = None) -> SampleOutput:
         """Sample `num_samples` continuations of every prompt; see the module docstring.
 
@@ -363,7 +378,9 @@ class Sampler:
         eos_token_ids: any of them ends a row (default: the config's eos);
         forbidden_token_ids: never sampled (the vision special tokens are always added);
         valid_vocab_size: ids >= it are never sampled (a tokenizer smaller than the head).
-        share_prefix: prefill each group's common prefix once (module docstring).
+        share_prefix: prefill each group's common prefix once (module docstring), except for
+        groups whose suffix needs more than shared_suffix_max tokens (0: no limit), which run
+        whole (a shared program whose suffix pass does not fit, where whole prompts do).
         row_ids: the random stream of each prompt (default: its row; sample g of prompt b
         draws from stream row_ids[b] * num_samples + g), so a prompt's samples do not depend
         on the chunk or the order it is run in.
@@ -401,7 +418,7 @@ class Sampler:
         for rows, state in self.prefill_chunks(
                 params, input_ids, attention_mask, pixel_values, image_grid_thw,
                 position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
-                share_prefix=share_prefix):
+                share_prefix=share_prefix, shared_suffix_max=shared_suffix_max):
             ids = np.where(rows >= 0, stream[np.maximum(rows, 0)], 0)[:, None] * g + np.arange(g)
             ids = self._put(ids.reshape(-1).astype(np.int32), ("batch",))
             settings = DecodeSettings(g, new_bucket, top_k)
@@ -431,7 +448,8 @@ class Sampler:
               image_grid_thw=None, *, continuations: Sequence[Sequence[int]],
               position_ids=None, rope_deltas=None, pad_token_id: int | None = None,
               row_images: Sequence[Sequence[int]] | None = None,
-              temperature: float = 1.0, share_prefix: bool = False) -> np.ndarray:
+              temperature: float = 1.0, share_prefix: bool = False,
+              shared_suffix_max: int = 0) -> np.ndarray:
         """log p(continuation | prompt) for every prompt x continuation -> [B, C] float32.
 
         The sum of the continuation's token log-probs under the full softmax of the logits
@@ -440,7 +458,7 @@ class Sampler:
         continuations' distinct proper prefixes (a token trie: "n", "n one" and "no" feed 2
         tokens, not 3) run through the decoder in ONE multi-token call with a tree mask, so
         scoring costs one prefill plus one short forward.
-        share_prefix: prefill each group's common prefix once (module docstring).
+        share_prefix, shared_suffix_max: as for `generate`.
         """
         conts = [list(map(int, cont)) for cont in continuations]
         if not conts or min(map(len, conts)) < 1:
@@ -455,7 +473,7 @@ class Sampler:
         for rows, state in self.prefill_chunks(
                 params, input_ids, attention_mask, pixel_values, image_grid_thw,
                 position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
-                share_prefix=share_prefix):
+                share_prefix=share_prefix, shared_suffix_max=shared_suffix_max):
             _, logp = self._score(params, state, trie_d, temp_d)
             outs.append((rows, logp))
         out = np.zeros((np.shape(input_ids)[0], len(conts)), np.float32)
