@@ -31,9 +31,9 @@ TINY_CONFIG = textwrap.dedent('''
         c.rollout.max_new_tokens = 16
         c.rollout.response_buckets = (16,)
         c.eval.max_new_tokens = 16
-        c.rollout.decode_window = 4          # decode windows 4 and 16 (the judge's: 4 and 8)
+        c.rollout.decode_window = 4          # rollout decode windows 4 and 16 (the judge's: 4)
         c.reward.judge_mode = "generate"
-        c.reward.judge_max_new_tokens = 8
+        c.reward.judge_max_new_tokens = 4
         c.reward.judge_prompt_buckets = (128,)
         c.reward.judge_chunk_size = 40       # 5 units of G = 8 sharing a prefix: runs as 8 x 8 rows
         c.reward.judge_shared_suffix_max = 64  # suffixes of 112 tokens at these lengths: whole
@@ -48,10 +48,9 @@ TINY_CONFIG = textwrap.dedent('''
         return c
 ''')
 PROGRAMS = ("rollout prefill", "rollout decode start", "rollout decode, steps < 4",
-            "rollout decode, steps 4-15", "judge prefill", "judge decode start",
-            "judge decode, steps < 4", "judge decode, steps 4-7", "judge shared-prefix prefill",
-            "judge shared-prefix decode start", "judge shared-prefix decode, steps < 4",
-            "judge shared-prefix decode, steps 4-7",
+            "rollout decode, steps 4-15", "judge prefill", "judge decode start", "judge decode",
+            "judge shared-prefix prefill", "judge shared-prefix decode start",
+            "judge shared-prefix decode",
             "reference log-probs", "old log-probs", "update gradients",
             "update gradients, 64 rows", "update optimizer step")
 
@@ -112,7 +111,8 @@ def test_tiny_step_fits_on_v4_8(config_file):
     assert programs["rollout decode, steps 4-15"][1] == (
         "8 x G=8 rows, 16 new tokens, attention over 16 slots"), programs
     roofline = table_rows(out, "| decode program")
-    assert list(roofline) == [p for p in PROGRAMS if " decode," in p], roofline
+    assert list(roofline) == [p for p in PROGRAMS
+                              if " decode" in p and not p.endswith("start")], roofline
     for name, cells in roofline.items():
         minimal, xla = (float(x.split()[0]) for x in cells[1:3])
         assert 0 < minimal < xla and cells[3] == f"{100 * minimal / xla:.0f}%", cells
