@@ -23,11 +23,11 @@ from emor3_jax.aot.cost import kernel_flops, matmul_flops
 from emor3_jax.aot.shapes import (JUDGE_CANDIDATE_TOKENS, JUDGE_TEMPLATE_TOKENS, Image,
                                   Lengths, Shapes, _round_up, image_for, lengths_for,
                                   model_config, step_shapes)
+from emor3_jax.learners.grpo import judge_buckets, rollout_buckets, token_budget
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.rewards import emotion
 from emor3_jax.rl import update as update_lib
-from emor3_jax.learners.grpo import judge_buckets, rollout_buckets, token_budget
 from emor3_jax.sampling import Sampler, decode_windows, packing
 from emor3_jax.sampling import memory as memory_lib
 
@@ -145,7 +145,7 @@ class Program:
     error: str | None = None
     extra_live: int = 0              # bytes live beside it that belong to no resident tree
     extra_what: str = ""
-    min_step_bytes: float = 0.0      # decode: per device, what one step must read (`step_bytes`)
+    min_step_bytes: float = 0.0      # decode: per device, what one step must read
 
     @property
     def total(self) -> int:

@@ -118,6 +118,12 @@ class GRPOLearner(Learner):
             raise ValueError(f"config.rl.length_buckets={tuple(buckets)}: response lengths to "
                              "cut micro-batches to must be positive integers (() = powers of "
                              "two from 64)")
+        for field, value in (("rollout.decode_window", r.decode_window),
+                             ("reward.judge_shared_suffix_max",
+                              config.reward.judge_shared_suffix_max)):
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"config.{field}={value!r}: tokens, a non-negative integer "
+                                 "(0 = no limit)")
         emotion.get_preset(config.reward.preset)
         if config.reward.judge_source == "checkpoint":
             if not config.reward.judge_dir:
