@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from flax import struct
 
+from emor3_jax import patches as patch_lib
+
 
 @struct.dataclass
 class PromptBatch:
@@ -123,7 +125,7 @@ class PromptBatch:
         images = [im for r in rows for im in self.row_images(int(r))]
         if not images:
             return None, None
-        return (np.concatenate([p for p, _ in images]),
+        return (patch_lib.concatenate([p for p, _ in images]),
                 np.asarray([g for _, g in images], np.int64))
 
     def sampler_inputs(self) -> dict:
@@ -137,7 +139,8 @@ class PromptBatch:
     def take(self, index: Sequence[int]) -> "PromptBatch":
         """The rows `index` (every row-aligned field follows)."""
         index = np.asarray(index, np.int64)
-        return jax.tree.map(lambda x: np.asarray(x)[index], self)
+        return jax.tree.map(lambda x: x[index] if isinstance(x, patch_lib.DevicePatches)
+                            else np.asarray(x)[index], self)
 
     def padded(self, width: int | None = None, patches: int | None = None,
                images: int | None = None) -> "PromptBatch":
@@ -157,7 +160,8 @@ class PromptBatch:
         if self.pixel_values is not None:
             extra = (patches or 0) - self.pixel_values.shape[1]
             if extra > 0:
-                out["pixel_values"] = np.pad(self.pixel_values, ((0, 0), (0, extra), (0, 0)))
+                out["pixel_values"] = patch_lib.pad_rows(self.pixel_values, ((0, 0), (0, extra)))
+        if self.image_grid_thw is not None:
             extra = (images or 0) - self.image_grid_thw.shape[1]
             if extra > 0:
                 out["image_grid_thw"] = np.pad(self.image_grid_thw, ((0, 0), (0, extra), (0, 0)))
@@ -177,11 +181,12 @@ def concat_prompt_batches(batches: Sequence[PromptBatch]) -> PromptBatch:
     if len(batches) == 1:
         return batches[0]
     width = max(b.width for b in batches)
-    with_images = [b for b in batches if b.pixel_values is not None]
-    patches = max((b.pixel_values.shape[1] for b in with_images), default=None)
-    images = max((b.image_grid_thw.shape[1] for b in with_images), default=None)
+    patches = max((b.pixel_values.shape[1] for b in batches if b.pixel_values is not None),
+                  default=None)
+    images = max((b.image_grid_thw.shape[1] for b in batches if b.image_grid_thw is not None),
+                 default=None)
     parts = [b.padded(width, patches, images) for b in batches]
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts).replace(
+    return jax.tree.map(lambda *xs: patch_lib.concatenate(xs), *parts).replace(
         num_skipped=sum(b.num_skipped for b in batches))
 
 

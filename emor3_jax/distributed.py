@@ -3,8 +3,9 @@
 `initialize()` runs `jax.distributed.initialize()` when the environment says we are one of
 several processes (TPU VM pods, SLURM, or explicit EMOR3_* variables), nothing otherwise.
 
-How a multi-host run works (docs/architecture.md): every host reads its shard of the data and the host
-batches are gathered (`allgather_objects`), so every process holds the same global batch and
+How a multi-host run works (docs/architecture.md): every host reads its shard of the data; the
+host batches' small fields are gathered (`allgather_objects`) and each host's pixel rows stay on
+its own devices (`patches.DevicePatches`), so every process holds the same global batch and
 runs the same host logic (sampling loop, rewards, judge prompts, advantages, packing). Device
 arrays are global (`sharding.put_global` / `sharding.to_host`), so one process and N processes
 with the same global batch and mesh shape compute the same thing.
@@ -127,11 +128,21 @@ def _bucket(n: int) -> int:
     return size
 
 
+_SENT = {"bytes": 0}
+
+
+def bytes_sent() -> int:
+    """Bytes this process has put into host-level gathers so far (every other process
+    receives them): what a step costs the hosts' network besides the programs' collectives."""
+    return _SENT["bytes"]
+
+
 def allgather_rows(row: np.ndarray) -> np.ndarray:
     """[...] numpy of the same shape and dtype on every process -> [process_count, ...]."""
     row = np.asarray(row)
     if jax.process_count() == 1:
         return row[None]
+    _SENT["bytes"] += row.nbytes
     from jax.sharding import NamedSharding, PartitionSpec as P
     mesh = _process_mesh()
     mine = mesh.devices[jax.process_index()]

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from emor3_jax.patches import DevicePatches
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -149,6 +151,8 @@ def put_global(x, sharding):
     """
     if x is None:
         return None
+    if isinstance(x, DevicePatches):        # pixel rows kept by the hosts that read them
+        return x.gather(sharding)
     if isinstance(x, jax.Array) or sharding.is_fully_addressable:
         return jax.device_put(x, sharding)
     x = np.asarray(x)
@@ -157,10 +161,11 @@ def put_global(x, sharding):
 
 def host_to_global(tree, shardings):
     """`put_global` over a pytree of host arrays and a matching tree of shardings (None leaves
-    stay None). With one process the tree is returned as it is: jit places host numpy itself,
-    which it refuses to do for shardings that span processes."""
+    stay None). With one process host numpy is left as it is: jit places it itself, which it
+    refuses to do for shardings that span processes."""
     if jax.process_count() == 1:
-        return tree
+        return jax.tree.map(lambda x, s: put_global(x, s) if isinstance(x, DevicePatches)
+                            else x, tree, shardings)
     return jax.tree.map(put_global, tree, shardings)
 
 

@@ -358,7 +358,7 @@ class Trainer:
             self.history.append({"step": 0, **self.evaluate(state.params, 0, writer)})
         bad_in_a_row = 0
         for step in range(start, total):
-            t0 = time.time()
+            t0, sent = time.time(), distributed.bytes_sent()
             with self._profile(step) if rl else contextlib.nullcontext():
                 batch = next(it)
                 state, m = learner.step(state, batch, step, it)
@@ -366,6 +366,9 @@ class Trainer:
             if rl:
                 m["time_step"] = time.time() - t0
                 m["data/skipped"] = float(sum(it.skip_counts().values()))
+                # host-level traffic of the step, and the pixel bytes that stayed on this host
+                m["host/bytes_sent"] = float(distributed.bytes_sent() - sent)
+                m["host/pixel_bytes_kept"] = float(getattr(it, "pixel_bytes_kept", 0))
             # SFT rows at the 0-based step, RL rows at the step they complete (MetricWriter.resume)
             writer.write(step if phase == "sft" else step + 1, m, prefix=learner.metric_prefix)
             writer.progress(self._ckpt_index(phase, step + 1), learner.progress(m))

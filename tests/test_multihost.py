@@ -269,6 +269,11 @@ def test_two_processes_resume_sft_and_grpo_like_one(tmp_path, data_dir):
                             multi_runs=[{"train.max_steps": 1}, {}])
     # the comparison means something only if the updates had a learning signal
     rl = [r for r in rows if "reward/mean" in r]
+    # each host kept its pixel rows (before, every host sent them to every other host)
+    for r in rl:
+        print(f"step {r['step']}: host 0 sent {r['host/bytes_sent']:,.0f} bytes to host-level "
+              f"gathers and kept {r['host/pixel_bytes_kept']:,.0f} bytes of pixel rows")
+        assert 0 < r["host/bytes_sent"] < r["host/pixel_bytes_kept"], r
     assert [r["step"] for r in rl] == [1, 2]
     assert min(r["groups/zero_spread"] for r in rl) < 1
     assert max(r["update/grad_norm"] for r in rl) > 0.1

@@ -450,7 +450,8 @@ class Pipeline:
     def global_iter(self):
         """Iterator over global batches: `iter(self)` with one process; with several, every
         host's batch k gathered and concatenated in process order (`GlobalBatchIterator`), the
-        same batch on every process. Each `next` is a collective: all processes iterate along."""
+        same batch on every process, except that each host's pixel rows stay on its own devices
+        (`patches.DevicePatches`). Each `next` is a collective: all processes iterate along."""
         import jax
         cfg = self.cfg
         if cfg.process_count == 1:
@@ -462,29 +463,43 @@ class Pipeline:
         from emor3_jax import distributed
         return GlobalBatchIterator(
             iter(self), combine=lambda parts: concat_batches(parts, cfg=cfg),
-            gather=distributed.allgather_objects, index=cfg.process_index,
-            count=cfg.process_count)
+            patches_of=lambda batch: global_patches(batch, cfg),
+            gather=distributed.allgather_objects, index=cfg.process_index, count=cfg.process_count)
 
 
 def concat_batches(batches: Sequence[PromptBatch], *, cfg: PipelineConfig) -> PromptBatch:
     """Host batches -> one batch of all their rows, in order, padded and bucketed exactly as
-    `collate` pads one batch of those rows (prompt and patch buckets of `cfg`)."""
+    `collate` pads one batch of those rows (prompt and patch buckets of `cfg`; batches without
+    pixel rows get none)."""
     out = concat_prompt_batches(batches)
-    return out.padded(patches=patch_bucket(int(out.num_patches.max()), cfg.patch_buckets))
+    return out.padded(patches=global_patches(out, cfg))
+
+
+def global_patches(batch: PromptBatch, cfg: PipelineConfig) -> int:
+    """The pixel rows per prompt of a global batch: the patch bucket of its largest image."""
+    return patch_bucket(int(batch.num_patches.max(initial=0)), cfg.patch_buckets)
 
 
 class GlobalBatchIterator:
     """Every host's next batch, concatenated in process order (`Pipeline.global_iter`).
 
-    `gather(obj)` returns every process's obj in process order (`distributed.allgather_objects`).
+    Only the small fields cross hosts (`gather(obj)` returns every process's obj in process
+    order: `distributed.allgather_objects`): each host keeps its rows' pixels and places them
+    on its own devices (`patches.PatchStore`), and the global batch's `pixel_values` is a
+    `patches.DevicePatches` view of them, gathered on device by the programs that take them.
     Checkpointable: the state holds every host's BatchIterator state ({"hosts": [...]}), so a
     resumed run restores each host's own position (and must use the same host count).
     """
 
-    def __init__(self, host_iterator: BatchIterator, *, combine, gather, index: int, count: int):
+    def __init__(self, host_iterator: BatchIterator, *, combine, patches_of, gather, index: int,
+                 count: int):
+        """combine(host batches) -> the global batch; patches_of(global batch) -> its pixel
+        rows per prompt."""
         self._it, self._combine, self._gather = host_iterator, combine, gather
+        self._patches_of = patches_of
         self._index, self._count = index, count
         self._skips: dict[str, int] = {}
+        self.pixel_bytes_kept = 0       # this host's pixel bytes of the last batch
 
     def __iter__(self):
         return self
@@ -494,8 +509,10 @@ class GlobalBatchIterator:
             batch = next(self._it)
         except StopIteration:
             batch = None
+        pixels = None
         if batch is not None:           # pixel rows up to the widest real image only
             batch = batch.trimmed()
+            pixels, batch = batch.pixel_values, batch.replace(pixel_values=None)
         parts = self._gather((batch, self._it.skip_counts()))
         skips: collections.Counter = collections.Counter()
         for _, counts in parts:
@@ -507,7 +524,19 @@ class GlobalBatchIterator:
                 log.warning("data pipeline: hosts %s ran out of batches before the others; "
                             "every host stops", [p for p, d in enumerate(done) if d])
             raise StopIteration
-        return self._combine([b for b, _ in parts])
+        batches = [b for b, _ in parts]
+        out = self._combine(batches)
+        if pixels is None:
+            self.pixel_bytes_kept = 0
+            return out
+        from emor3_jax import patches as patch_lib
+        local = np.zeros((pixels.shape[0], self._patches_of(out), pixels.shape[2]), np.float32)
+        local[:, :pixels.shape[1]] = pixels
+        rows = [b.num_rows for b in batches]
+        store = patch_lib.PatchStore.from_host_rows(local, rows_per_host=max(rows))
+        self.pixel_bytes_kept = int(pixels.nbytes)
+        index = np.concatenate([store.row_index(h, n) for h, n in enumerate(rows)])
+        return out.replace(pixel_values=patch_lib.DevicePatches(store, index))
 
     def skip_counts(self) -> dict[str, int]:
         """Examples skipped so far on all hosts together, by reason."""

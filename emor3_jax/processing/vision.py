@@ -29,6 +29,8 @@ from typing import Sequence
 import flax.struct
 import numpy as np
 
+from emor3_jax import patches as patch_lib
+
 
 @flax.struct.dataclass
 class VisionInputs:
@@ -197,15 +199,15 @@ def build_vision_inputs_for(config, grid_thw, padding: VisionPadding = VisionPad
                                window_size=v.window_size, padding=padding)
 
 
-def pad_pixel_values(pixel_values: np.ndarray, num_patches: int) -> np.ndarray:
-    """Zero rows up to the padded patch count of `VisionInputs.num_patches`."""
+def pad_pixel_values(pixel_values, num_patches: int):
+    """Zero rows up to the padded patch count of `VisionInputs.num_patches` (numpy, or a
+    `patches.DevicePatches` view)."""
     n = pixel_values.shape[0]
     if n > num_patches:
         raise ValueError(f"pixel_values has {n} patch rows, more than the padded {num_patches}")
     if n == num_patches:
         return pixel_values
-    pad = np.zeros((num_patches - n,) + pixel_values.shape[1:], pixel_values.dtype)
-    return np.concatenate([pixel_values, pad], 0)
+    return patch_lib.pad_rows(pixel_values, [(0, num_patches - n)])
 
 
 def num_image_tokens(grid_thw, spatial_merge_size: int = 2) -> np.ndarray:

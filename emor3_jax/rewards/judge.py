@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from emor3_jax import patches as patch_lib
 from emor3_jax.configs import base
 from emor3_jax.processing import chat
 from emor3_jax.processing import image as image_lib
@@ -240,7 +241,7 @@ class Judge:
         if not distinct:
             return ids, mask, None, None, row_images
         processed = [p for _, p in sorted(distinct.values(), key=lambda x: x[0])]
-        return (ids, mask, np.concatenate([p.pixel_values for p in processed], 0),
+        return (ids, mask, patch_lib.concatenate([p.pixel_values for p in processed]),
                 np.asarray([p.grid_thw for p in processed], np.int64), row_images)
 
     # -- answering -----------------------------------------------------------------------------

@@ -68,6 +68,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from emor3_jax import patches as patch_lib
 from emor3_jax import sharding
 from emor3_jax.batches import PromptBatch
 from emor3_jax.models import layers, qwen2_5_vl
@@ -229,12 +230,11 @@ def pack_policy_inputs(config, prompts: PromptBatch, responses, response_mask, *
             images = [im for prompt in x for im in prompts.row_images(int(prompt))]
             # a micro-batch without images still needs a (dummy, unread) one: static shapes
             grids.append(np.asarray([g for _, g in images]) if images else np.array([[1, 2, 2]]))
-            pixel_lists.append(np.concatenate([p for p, _ in images]).astype(np.float32)
-                               if images else np.zeros((4, prompts.pixel_values.shape[-1]),
-                                                       np.float32))
+            pixel_lists.append(patch_lib.concatenate([p for p, _ in images]).astype(np.float32)
+                               if images else patch_lib.zero_rows(prompts.pixel_values, 4))
         vins, num_patches = _padded_vision(config, grids, vision_padding)
-        pixel_values = np.stack([vision_lib.pad_pixel_values(x, num_patches)
-                                 for x in pixel_lists])
+        pixel_values = patch_lib.stack([vision_lib.pad_pixel_values(x, num_patches)
+                                        for x in pixel_lists])
         vision_inputs = jax.tree.map(lambda *xs: np.stack(xs), *vins)
     split = lambda x, axis=0: split_micro_batches(x, m, axis)
     resp_pos = response_position_ids(prompt_pos, t)[:, :, lp:]                # [3, B, T]

@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import numpy as np
 
+from emor3_jax import patches as patch_lib
 from emor3_jax.processing import rope_index
 from emor3_jax.processing import vision as vision_lib
 
@@ -227,7 +228,7 @@ def pack_chunk(config, buckets, rows: np.ndarray, n_chunk_rows: int, input_ids, 
         distinct = list(dict.fromkeys(used))      # each image once, in order of first use
         patches = all_grid.prod(-1)
         starts = np.concatenate([[0], np.cumsum(patches)])
-        pv = np.concatenate([pixel_values[starts[i]:starts[i + 1]] for i in distinct], 0)
+        pv = patch_lib.concatenate([pixel_values[starts[i]:starts[i + 1]] for i in distinct])
         vin = vision_lib.build_vision_inputs_for(c, all_grid[distinct], buckets.vision)
         pv = vision_lib.pad_pixel_values(pv, vin.num_patches)
         merged = patches // c.vision.merge_unit

@@ -71,6 +71,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from emor3_jax import sharding as shd
+from emor3_jax.patches import DevicePatches
 from emor3_jax.processing import vision as vision_lib
 from emor3_jax.sampling import memory, packing, rules
 from emor3_jax.sampling.memory import SamplerMemoryError  # noqa: F401 (public here)
@@ -233,7 +234,7 @@ class Sampler:
         if position_ids is not None and np.shape(position_ids) != (3,) + input_ids.shape:
             raise ValueError(f"position_ids must be [3, B, L] = {(3,) + input_ids.shape}, got "
                              f"{np.shape(position_ids)}")
-        if pixel_values is not None:
+        if pixel_values is not None and not isinstance(pixel_values, DevicePatches):
             pixel_values = np.asarray(pixel_values)
         images = packing.images_per_row(c, input_ids, attention_mask, image_grid_thw, row_images)
         whole = np.arange(input_ids.shape[0])
