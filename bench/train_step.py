@@ -83,7 +83,9 @@ from emor3_jax.configs import base
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import rope_index
+from emor3_jax.rl import batching
 from emor3_jax.rl import losses, update
+from emor3_jax.rl import train_state as train_state_lib
 
 CONFIGS = {
     # ~63M parameters, Qwen2.5-VL-3B's shape scaled down: GQA 16/2 heads of 64, SwiGLU 2.75x,
@@ -204,14 +206,14 @@ def setup_jax(model, params, rollout, micro_rows: int, chunk: int):
     """Compile our step; returns run() (one update, blocking) and the first step's loss."""
     c = base.get_config()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = update.make_optimizer(c.optim)
+    opt = train_state_lib.make_optimizer(c.optim)
     step = update.make_update_step(model, opt, mesh, c.rl, c.optim, chunk=chunk)
-    batch = update.pack_update_batch(
+    batch = batching.pack_update_batch(
         model.config, rollout["prompts"], rollout["responses"], rollout["response_mask"],
         rollout["advantages"], rollout["old_logp"], rollout["ref_logp"],
         group_size=rollout["group"], micro_batch_rows=micro_rows)
     batch = jax.device_put(batch)
-    state = [update.init_train_state(model, jax.tree.map(jnp.copy, params), opt, mesh)]
+    state = [train_state_lib.init_train_state(model, jax.tree.map(jnp.copy, params), opt, mesh)]
 
     def run():
         state[0], metrics = step(state[0], batch)
@@ -235,7 +237,7 @@ def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_awa
     the valid tokens' log-probs)."""
     c = base.get_config()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    opt = update.make_optimizer(c.optim)
+    opt = train_state_lib.make_optimizer(c.optim)
     p, g, mask = rollout["prompts"], rollout["group"], rollout["response_mask"]
     args = (model.config, p, rollout["responses"], mask)
     if not logprobs:
@@ -243,7 +245,7 @@ def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_awa
     kw = dict(group_size=g, micro_batch_rows=micro_rows)
     t0 = time.perf_counter()
     if length_aware:
-        batch = update.pack_micro_batches(*args, **kw, length_buckets=buckets,
+        batch = batching.pack_micro_batches(*args, **kw, length_buckets=buckets,
                                           token_budget=token_budget)
         padded = batch.padded_fraction
         shapes = sorted({(len(r), t) for r, (_, t) in zip(batch.rows, batch.shapes)},
@@ -251,8 +253,8 @@ def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_awa
         shapes = [f"{r}x{t}" if token_budget else str(t) for r, t in shapes]
         batch = dataclasses.replace(batch, items=[jax.device_put(x) for x in batch.items])
     else:
-        batch = (update.pack_policy_inputs(*args, **kw) if logprobs else
-                 update.pack_update_batch(*args, **kw))
+        batch = (batching.pack_policy_inputs(*args, **kw) if logprobs else
+                 batching.pack_update_batch(*args, **kw))
         padded, shapes = 1.0 - mask.sum() / mask.size, [str(mask.shape[1])]
         batch = jax.device_put(batch)
     pack_s = time.perf_counter() - t0
@@ -262,12 +264,12 @@ def setup_length(model, params, rollout, micro_rows: int, chunk: int, length_awa
 
         def run():
             logp = (update.micro_batch_logprobs(fn, params, batch) if length_aware else
-                    update.merge_micro_batches(fn(params, batch)))
+                    batching.merge_micro_batches(fn(params, batch)))
             return float(logp[valid].sum())
     else:
         make = update.make_micro_batch_update if length_aware else update.make_update_step
         step = make(model, opt, mesh, c.rl, c.optim, chunk=chunk)
-        state = [update.init_train_state(model, jax.tree.map(jnp.copy, params), opt, mesh)]
+        state = [train_state_lib.init_train_state(model, jax.tree.map(jnp.copy, params), opt, mesh)]
 
         def run():
             state[0], metrics = step(state[0], batch)
@@ -296,7 +298,7 @@ def main_length(args, cfg):
           f"{args.prompts} prompts (~{lp} tokens with the image) x G {args.group} = {n} "
           f"responses; micro-batches of {args.micro_rows} rows (log-prob passes: "
           f"{args.logprob_micro_rows}); length buckets "
-          f"{update.bucket_lengths(args.response_len, buckets)}; chunk {args.chunk}, attention "
+          f"{batching.bucket_lengths(args.response_len, buckets)}; chunk {args.chunk}, attention "
           f"{args.attention}", flush=True)
     print(f"response lengths (long-tailed: {args.long_frac:g} of the responses at the max "
           f"{args.response_len}, the rest uniform in [{short[0]:g}, {short[1]:g}] x max): "
@@ -305,7 +307,7 @@ def main_length(args, cfg):
     # the token budget: by default what the fixed rows compute at the longest lengths (the
     # same peak memory), so short responses go more to a micro-batch
     width = rollout["prompts"].input_ids.shape[1]
-    budget_of = lambda rows, given: given or update.micro_batch_slots(
+    budget_of = lambda rows, given: given or batching.micro_batch_slots(
         rows, -(-rows // args.group), width, args.response_len, 1)
     budgets = {False: budget_of(args.micro_rows, args.micro_tokens),
                True: budget_of(args.logprob_micro_rows, args.logprob_micro_tokens)}
@@ -362,7 +364,7 @@ def setup_torch(hf, cfg, rollout, micro_rows: int):
     n, resp_len = rollout["responses"].shape
     ids = np.concatenate([np.repeat(p.input_ids, g, 0), rollout["responses"]], 1)
     mask = np.concatenate([np.repeat(p.attention_mask, g, 0), rollout["response_mask"]], 1)
-    pos = np.repeat(update.response_position_ids(p.mrope_positions, resp_len), g, 1)
+    pos = np.repeat(batching.response_position_ids(p.mrope_positions, resp_len), g, 1)
     grid = p.flat_images(np.arange(n) // g)[1]
     tt = lambda x, dtype=torch.long: torch.tensor(np.ascontiguousarray(x), dtype=dtype)
     micro = []

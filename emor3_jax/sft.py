@@ -20,6 +20,8 @@ import numpy as np
 import optax
 
 from emor3_jax.configs import base
+from emor3_jax.rl import batching as batching_lib
+from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update as update_lib
 from emor3_jax.rl.logprobs import response_logprobs
 
@@ -107,14 +109,14 @@ def make_sft_step(model, optimizer, mesh, *, chunk: int):
 
 
 def pack_sft_batch(model_config, batch, tokenizer, ids, *, labels: Sequence[str], target: str,
-                   max_len: int, micro_batch_rows: int) -> update_lib.UpdateBatch:
+                   max_len: int, micro_batch_rows: int) -> batching_lib.UpdateBatch:
     captions = batch_captions(batch) if target == "set_caption" else [""] * len(labels)
     texts = [sft_target(label, target, caption) for label, caption in zip(labels, captions)]
     tokens, mask = target_tokens(tokenizer, texts, ids.im_end, ids.pad, max_len)
     mask = mask * batch.row_valid.astype(np.int32)[:, None]   # filler rows teach nothing
     n = tokens.shape[0]
     zeros = np.zeros((n,), np.float32)
-    return update_lib.pack_update_batch(model_config, batch, tokens, mask, zeros,
+    return batching_lib.pack_update_batch(model_config, batch, tokens, mask, zeros,
                                         np.zeros(tokens.shape, np.float32), group_size=1,
                                         micro_batch_rows=micro_batch_rows)
 
@@ -126,4 +128,4 @@ def make_sft_optimizer(sft_config, optim_config) -> optax.GradientTransformation
     with cfg.unlocked():
         cfg.lr = float(sft_config.lr)
         cfg.schedule = "constant"
-    return update_lib.make_optimizer(cfg)
+    return train_state_lib.make_optimizer(cfg)

@@ -41,7 +41,7 @@ from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, 
 from emor3_jax import provenance, sharding
 from emor3_jax.configs import base
 from emor3_jax.data import pipeline as data_lib
-from emor3_jax.rl import update as update_lib
+from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def sigterm_saves():
 @dataclasses.dataclass(frozen=True)
 class Restored:
     """A checkpoint as the loop reads it."""
-    state: update_lib.TrainState
+    state: train_state_lib.TrainState
     saved: dict             # what the phase's learner keeps beside the state (Learner.saved)
     phase: str              # "sft" | "rl"
     step: int               # steps of `phase` done
@@ -270,7 +270,7 @@ class Trainer:
         return step if phase == "sft" else self.config.sft.steps + step
 
     def _init_state(self, learner_cls, params):
-        return update_lib.init_train_state(self.model, params,
+        return train_state_lib.init_train_state(self.model, params,
                                            learner_cls.make_optimizer(self.config), self.mesh)
 
     def restore(self, learner_cls, state):

@@ -40,7 +40,9 @@ from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import tokenizer as tokenizer_lib
 from emor3_jax.rewards.judge import Judge
+from emor3_jax.rl import batching
 from emor3_jax.rl import rollout as rollout_lib
+from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update
 from emor3_jax.sampling import Sampler, SamplerBuckets
 
@@ -104,7 +106,7 @@ def build_world():
     batch = collate(examples)
     assert batch.input_ids.shape[0] == len(PHOTOS) and batch.attention_mask.sum(1).min() > 150
     return dict(tok=tok, ids=ids, cfg=cfg, model=model, mesh=mesh, params=params, batch=batch,
-                micro=update.micro_batch_rows(4, mesh),            # 4 responses per device
+                micro=batching.micro_batch_rows(4, mesh),            # 4 responses per device
                 logprob_fn=update.make_logprob_fn(model, mesh, chunk=16))
 
 
@@ -124,12 +126,12 @@ def _cold_start(w, step, state):
     """
     labels = [COLD_START_LABELS[g % len(COLD_START_LABELS)] for _ in PHOTOS for g in range(G)]
     tokens, mask = _fixed_answers(w, labels)
-    inputs = update.pack_policy_inputs(w["cfg"], w["batch"], tokens, mask, group_size=G,
+    inputs = batching.pack_policy_inputs(w["cfg"], w["batch"], tokens, mask, group_size=G,
                                        micro_batch_rows=w["micro"])
     losses = []
     for _ in range(SFT_STEPS):
-        own = update.merge_micro_batches(w["logprob_fn"](state.params, inputs))
-        batch = update.pack_update_batch(w["cfg"], w["batch"], tokens, mask,
+        own = batching.merge_micro_batches(w["logprob_fn"](state.params, inputs))
+        batch = batching.pack_update_batch(w["cfg"], w["batch"], tokens, mask,
                                          np.ones(len(labels), np.float32), own, own,
                                          group_size=G, micro_batch_rows=w["micro"],
                                          inputs=inputs)
@@ -144,9 +146,9 @@ def _answer_logprob(w, params):
     """Exact log p(`\\boxed{true label}<|im_end|>` | prompt) per prompt (no sampling noise)."""
     labels = [label for _, label in PHOTOS for _ in range(G)]
     tokens, mask = _fixed_answers(w, labels)
-    inputs = update.pack_policy_inputs(w["cfg"], w["batch"], tokens, mask, group_size=G,
+    inputs = batching.pack_policy_inputs(w["cfg"], w["batch"], tokens, mask, group_size=G,
                                        micro_batch_rows=w["micro"])
-    logp = update.merge_micro_batches(w["logprob_fn"](params, inputs))
+    logp = batching.merge_micro_batches(w["logprob_fn"](params, inputs))
     return (np.asarray(logp) * mask).sum(1)[::G]
 
 
@@ -162,7 +164,7 @@ def test_grpo_steps_on_a_mesh_raise_the_mean_reward(world):
     judge = Judge(model, tok, mode="score", source="policy", mesh=mesh, chunk_size=None,
                   buckets=SamplerBuckets(prompt_len=(64, 128)))
 
-    state = update.init_train_state(model, jax.tree.map(jnp.copy, w["params"]), opt, mesh)
+    state = train_state_lib.init_train_state(model, jax.tree.map(jnp.copy, w["params"]), opt, mesh)
     state, sft_losses = _cold_start(w, step, state)
     assert sft_losses[-1] < 0.2 * sft_losses[0], sft_losses
     ref_params = jax.tree.map(jnp.copy, state.params)          # the frozen reference
@@ -178,10 +180,10 @@ def test_grpo_steps_on_a_mesh_raise_the_mean_reward(world):
         ro = rollout_lib.score(ro, "emor3", judge, judge_params=state.params, rng=k_judge)
         rmetrics = rollout_lib.metrics(ro)
         mask = ro.response_mask()
-        inputs = update.pack_policy_inputs(cfg, batch, ro.tokens, mask, group_size=G,
+        inputs = batching.pack_policy_inputs(cfg, batch, ro.tokens, mask, group_size=G,
                                            micro_batch_rows=w["micro"])
-        ref = update.merge_micro_batches(w["logprob_fn"](ref_params, inputs))
-        ub = update.pack_update_batch(cfg, batch, ro.tokens, mask, ro.advantages, ro.logprobs,
+        ref = batching.merge_micro_batches(w["logprob_fn"](ref_params, inputs))
+        ub = batching.pack_update_batch(cfg, batch, ro.tokens, mask, ro.advantages, ro.logprobs,
                                       ref, group_size=G, micro_batch_rows=w["micro"],
                                       inputs=inputs)
         state, m = step(state, ub)

@@ -10,6 +10,7 @@ from emor3_jax import sharding
 from emor3_jax.batches import PromptBatch, concat_prompt_batches
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
+from emor3_jax.rl import batching
 from emor3_jax.rl import update
 from emor3_jax.sampling import Sampler
 from qwen_testutil import chat_row, hf_model, images, left_pad
@@ -92,7 +93,7 @@ def test_sampler_and_update_take_device_rows_like_host_rows(setup, devices8):
     rmask = (np.arange(resp.shape[1])[None] < want.lengths.reshape(-1)[:, None]).astype(np.int32)
     logps = []
     for b in (batch, dev):
-        mb = update.pack_micro_batches(cfg, b, resp, rmask, group_size=G, micro_batch_rows=4,
+        mb = batching.pack_micro_batches(cfg, b, resp, rmask, group_size=G, micro_batch_rows=4,
                                        length_buckets=(8,), prompt_buckets=(b.width,))
         logps.append(update.micro_batch_logprobs(logprob_fn, params, mb))
     assert (logps[0] < 0).sum() >= rmask.sum() // 2       # real log-probs, not padding

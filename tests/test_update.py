@@ -16,8 +16,10 @@ from emor3_jax.configs import base
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import rope_index, vision
+from emor3_jax.rl import batching
 from emor3_jax.rl import logprobs, losses, update
 from emor3_jax.rl import rollout as rollout_lib
+from emor3_jax.rl import train_state as train_state_lib
 from qwen_testutil import chat_row, images, left_pad
 
 G, T = 4, 7
@@ -83,7 +85,7 @@ def setup():
 def _batch(s, rows, **kw):
     args = dict(old_logp=s["old"], ref_logp=s["ref"], advantages=s["adv"])
     args.update(kw)
-    return update.pack_update_batch(s["cfg"], s["prompts"], s["resp"], s["rmask"],
+    return batching.pack_update_batch(s["cfg"], s["prompts"], s["resp"], s["rmask"],
                                     group_size=G, micro_batch_rows=rows, **args)
 
 
@@ -131,7 +133,7 @@ def _full_sequences(s):
     prompts, cfg = s["prompts"], s["cfg"]
     ids = np.concatenate([np.repeat(prompts.input_ids, G, 0), s["resp"]], 1)
     mask = np.concatenate([np.repeat(prompts.attention_mask, G, 0), s["rmask"]], 1)
-    pos = np.repeat(update.response_position_ids(prompts.mrope_positions, T), G, 1)
+    pos = np.repeat(batching.response_position_ids(prompts.mrope_positions, T), G, 1)
     pv, grid = prompts.flat_images(np.repeat(np.arange(prompts.num_rows), G))
     return ids, mask, pos, pv, vision.build_vision_inputs_for(cfg, grid)
 
@@ -141,7 +143,7 @@ def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(setup):
     model's plain forward over every response with its own prompt and image copy."""
     s = setup
     cfg, model, params = s["cfg"], s["model"], s["params"]
-    packed = update.pack_policy_inputs(cfg, s["prompts"], s["resp"], s["rmask"], group_size=G,
+    packed = batching.pack_policy_inputs(cfg, s["prompts"], s["resp"], s["rmask"], group_size=G,
                                        micro_batch_rows=2 * G)
     inputs = jax.tree.map(lambda x: x[0], packed)
     assert inputs.prompt_ids.shape[0] == 2                    # 2 prompts for 8 responses
@@ -172,7 +174,7 @@ def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(setup):
 
 def test_response_position_ids_continue_after_the_prompt():
     prompt = np.array([[[0, 0, 1, 2, 2, 5]], [[0, 0, 1, 3, 3, 5]], [[0, 0, 1, 2, 4, 5]]])
-    pos = update.response_position_ids(prompt, 3)
+    pos = batching.response_position_ids(prompt, 3)
     assert pos.shape == (3, 1, 9)
     np.testing.assert_array_equal(pos[:, 0, 6:], [[6, 7, 8]] * 3)
 
@@ -218,7 +220,7 @@ def test_released_microbatch_mean_differs_and_matches_per_micro_batch_losses(set
                                  batch.advantages[i], batch.response_mask[i])[0]
               for i in range(4)]
     np.testing.assert_allclose(loss, np.mean(per_mb), atol=1e-6, rtol=0)
-    token_mean = losses.policy_loss(update.merge_micro_batches(logp), s["old"], s["ref"],
+    token_mean = losses.policy_loss(batching.merge_micro_batches(logp), s["old"], s["ref"],
                                     s["adv"], s["rmask"])[0]
     assert abs(float(loss) - float(token_mean)) > 1e-4
 
@@ -234,16 +236,16 @@ def test_update_step_learns_and_skips_non_finite_batches(setup, logprob_fn):
     s = setup
     model, mesh = s["model"], _mesh1()
     optim = _optim(1e-3)
-    opt = update.make_optimizer(optim)
+    opt = train_state_lib.make_optimizer(optim)
     rl = _rl()
     step = update.make_update_step(model, opt, mesh, rl, optim, chunk=4)
-    inputs = update.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"], s["rmask"],
+    inputs = batching.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"], s["rmask"],
                                        group_size=G, micro_batch_rows=2)
-    start = update.merge_micro_batches(logprob_fn(s["params"], inputs))
-    batch = update.pack_update_batch(s["cfg"], s["prompts"], s["resp"], s["rmask"], s["adv"],
+    start = batching.merge_micro_batches(logprob_fn(s["params"], inputs))
+    batch = batching.pack_update_batch(s["cfg"], s["prompts"], s["resp"], s["rmask"], s["adv"],
                                      start, start, group_size=G, micro_batch_rows=2,
                                      inputs=inputs)
-    state = update.init_train_state(model, s["params"], opt, mesh)
+    state = train_state_lib.init_train_state(model, s["params"], opt, mesh)
     params0 = jax.tree.map(np.asarray, s["params"])
     history = []
     for _ in range(3):
@@ -258,7 +260,7 @@ def test_update_step_learns_and_skips_non_finite_batches(setup, logprob_fn):
     assert int(state.step) == 3
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.params, params0)
     assert all(jax.tree.leaves(changed))
-    after = update.merge_micro_batches(logprob_fn(state.params, inputs))
+    after = batching.merge_micro_batches(logprob_fn(state.params, inputs))
     m = s["rmask"] > 0
     gain = ((after - start) * m).sum(1) / m.sum(1)          # mean log-prob change per response
     assert (gain[s["adv"] > 0] > 0).all() and (gain[s["adv"] < 0] < 0).all(), gain
@@ -287,13 +289,13 @@ def test_length_aware_micro_batches_equal_padding_to_the_longest(setup):
     s = setup
     rmask = _mask([3, 2, 0, 0, T, 2, 1, 1])
     args = (s["cfg"], s["prompts"], s["resp"], rmask, s["adv"], s["old"], s["ref"])
-    padded = update.pack_update_batch(*args, group_size=G, micro_batch_rows=2)
+    padded = batching.pack_update_batch(*args, group_size=G, micro_batch_rows=2)
     loss0, metrics0, grads0 = jax.jit(update.make_loss_and_grad(s["model"], _mesh1(), _rl(),
                                                                 chunk=3))(s["params"], padded)
     optim = _optim(1e-3)
-    opt = update.make_optimizer(optim)
+    opt = train_state_lib.make_optimizer(optim)
     step = update.make_micro_batch_update(s["model"], opt, _mesh1(), _rl(), optim, chunk=4)
-    mbs = update.pack_micro_batches(*args, group_size=G, micro_batch_rows=2,
+    mbs = batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=2,
                                     length_buckets=(4,))
     assert [t for _, t in mbs.shapes] == [T, 4, 4] and mbs.num_micro_batches == 4
     np.testing.assert_array_equal(mbs.rows, [[4, 5], [6, 7], [0, 1]])    # [2, 3] not run
@@ -305,8 +307,8 @@ def test_length_aware_micro_batches_equal_padding_to_the_longest(setup):
         _assert_grads_close(grads, grads0)
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads0)) > 1e-3
 
-    fresh = lambda: update.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]),
-                                            opt, _mesh1())
+    fresh = lambda: train_state_lib.init_train_state(
+        s["model"], jax.tree.map(jnp.copy, s["params"]), opt, _mesh1())
     want, _ = step.apply_gradients(fresh(), grads0, metrics0)       # the padded gradients
     item = mbs.items[1].replace(old_logp=np.full_like(mbs.items[1].old_logp, np.nan))
     state = fresh()
@@ -333,12 +335,13 @@ def test_length_aware_micro_batches_equal_padding_to_the_longest(setup):
 
 def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
     s = setup
-    assert update.bucket_lengths(2048) == (64, 128, 256, 512, 1024, 2048)
-    assert update.bucket_lengths(300) == (64, 128, 256, 300)
-    assert update.bucket_lengths(48) == (48,) and update.bucket_lengths(T, (2, 4, 9)) == (2, 4, T)
+    assert batching.bucket_lengths(2048) == (64, 128, 256, 512, 1024, 2048)
+    assert batching.bucket_lengths(300) == (64, 128, 256, 300)
+    assert batching.bucket_lengths(48) == (48,)
+    assert batching.bucket_lengths(T, (2, 4, 9)) == (2, 4, T)
     # prompt 0: 1 7 1 6, prompt 1: 1 1 2 1; micro-batches of 2 rows, buckets 4 and 7
     rmask = _mask([1, T, 1, 6, 1, 1, 2, 1])
-    pack = lambda **kw: update.pack_micro_batches(
+    pack = lambda **kw: batching.pack_micro_batches(
         s["cfg"], s["prompts"], s["resp"], rmask, group_size=G, micro_batch_rows=2,
         length_buckets=(4,), **kw)
     plain, ordered = pack(sort=False), pack()
@@ -351,7 +354,7 @@ def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
     assert ordered.padded_fraction == pytest.approx(1 - 20 / 38)
     # prompt 1 holds the longest response: it and its image go first
     rmask = _mask([1, 2, 3, 2, 5, T, 1, 6])
-    mbs = update.pack_micro_batches(s["cfg"], s["prompts"], s["resp"], rmask, group_size=G,
+    mbs = batching.pack_micro_batches(s["cfg"], s["prompts"], s["resp"], rmask, group_size=G,
                                     micro_batch_rows=2 * G)
     item = mbs.items[0]
     np.testing.assert_array_equal(mbs.rows[0], [5, 7, 4, 6, 2, 1, 3, 0])
@@ -364,7 +367,7 @@ def test_pack_micro_batches_sorts_groups_and_counts_padding(setup):
     # function that returns each slot's token id), cut micro-batches padded with 0
     fake = lambda params, x: x.response_ids.astype(np.float32)
     for rows, buckets in ((2 * G, ()), (2, (2, 4))):
-        got = update.micro_batch_logprobs(fake, None, update.pack_micro_batches(
+        got = update.micro_batch_logprobs(fake, None, batching.pack_micro_batches(
             s["cfg"], s["prompts"], s["resp"], rmask, group_size=G, micro_batch_rows=rows,
             length_buckets=buckets))
         np.testing.assert_array_equal(got[rmask > 0], s["resp"][rmask > 0])
@@ -380,29 +383,29 @@ def test_token_budget_packs_short_responses_many_to_a_micro_batch(setup):
     args = (s["cfg"], s["prompts"], s["resp"], rmask, s["adv"], s["old"], s["ref"])
     lp = s["prompts"].width
     budget = lp + 2 * T                # one prompt + two rows of the longest bucket
-    mbs = update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
+    mbs = batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
                                     length_buckets=(2,), token_budget=budget)
     np.testing.assert_array_equal(np.concatenate(mbs.rows), [1, 3, 0, 2, 6, 4, 5, 7])
     assert [len(r) for r in mbs.rows] == [2, 2, 4] and mbs.num_micro_batches == 3
     assert [t for _, t in mbs.shapes] == [T, 2, 2]
     assert [item.inputs.prompt_ids.shape[1] for item in mbs.items] == [1, 1, 1]
     assert mbs.padded_fraction == pytest.approx(1 - 20 / (2 * T + 2 * 2 + 4 * 2))
-    fixed = update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
+    fixed = batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
                                       length_buckets=(2,))
     assert len(fixed.items) == 8
     # within the budget everywhere: its own slots, counted per device
     for item in mbs.items:
         n, p = item.inputs.response_ids.shape[1], item.inputs.prompt_ids.shape[1]
-        assert update.micro_batch_slots(n, p, item.inputs.prompt_ids.shape[2],
+        assert batching.micro_batch_slots(n, p, item.inputs.prompt_ids.shape[2],
                                         item.inputs.response_ids.shape[2], 1) <= budget
     # per device: 2 prompts do not split over 4 devices (each runs both), 4 do
-    assert update.micro_batch_slots(8, 2, 10, 4, 4) == 2 * 10 + 8 * 4 // 4
-    assert update.micro_batch_slots(8, 4, 10, 4, 4) == 10 + 8 * 4 // 4
+    assert batching.micro_batch_slots(8, 2, 10, 4, 4) == 2 * 10 + 8 * 4 // 4
+    assert batching.micro_batch_slots(8, 4, 10, 4, 4) == 10 + 8 * 4 // 4
 
-    padded = update.pack_update_batch(*args, group_size=G, micro_batch_rows=2)
+    padded = batching.pack_update_batch(*args, group_size=G, micro_batch_rows=2)
     loss0, metrics0, grads0 = jax.jit(update.make_loss_and_grad(s["model"], _mesh1(), _rl(),
                                                                 chunk=3))(s["params"], padded)
-    step = update.make_micro_batch_update(s["model"], update.make_optimizer(_optim(1e-3)),
+    step = update.make_micro_batch_update(s["model"], train_state_lib.make_optimizer(_optim(1e-3)),
                                           _mesh1(), _rl(), chunk=4)
     loss, metrics, grads = step.gradients(s["params"], mbs)
     np.testing.assert_allclose(loss, loss0, atol=1e-6, rtol=0)
@@ -411,9 +414,9 @@ def test_token_budget_packs_short_responses_many_to_a_micro_batch(setup):
 
     with pytest.raises(ValueError, match=r"needs \d+ token slots per device, more than the "
                                          r"token budget 9"):
-        update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1, token_budget=9)
+        batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=1, token_budget=9)
     with pytest.raises(ValueError, match="sort=True"):
-        update.pack_micro_batches(*args, group_size=G, micro_batch_rows=1, sort=False,
+        batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=1, sort=False,
                                   token_budget=budget)
 
 
@@ -449,8 +452,9 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, bud
     c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
                 ppo_epochs=2, logprob_chunk=4,
                 micro_batch_tokens=budget)       # a budget: each prompt's 4 rows in one call
-    mesh, opt = _mesh1(), update.make_optimizer(_optim(1e-2))
-    state = update.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt, mesh)
+    mesh, opt = _mesh1(), train_state_lib.make_optimizer(_optim(1e-2))
+    state = train_state_lib.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt,
+                                             mesh)
     sampled = jax.tree.map(np.asarray, state.params)
     events, logprob_fn = [], update.make_logprob_fn(s["model"], mesh, chunk=4)
     update_fn = update.make_micro_batch_update(s["model"], opt, mesh, c.rl, chunk=4)
@@ -495,10 +499,10 @@ def test_check_config_names_bad_length_buckets():
 
 def test_learning_rate_schedules():
     optim = _optim(1e-3)
-    constant = update.learning_rate_schedule(optim)
+    constant = train_state_lib.learning_rate_schedule(optim)
     assert [float(constant(s)) for s in (0, 7, 10_000)] == [1e-3] * 3
     optim.warmup_steps, optim.schedule, optim.decay_steps, optim.min_lr_ratio = 4, "cosine", 8, 0.1
-    cosine = update.learning_rate_schedule(optim)
+    cosine = train_state_lib.learning_rate_schedule(optim)
     got = np.array([float(cosine(s)) for s in range(16)])
     # Torch-style warm-up (step + 1) / warmup, then 1e-3 * (0.1 + 0.9 * (1 + cos(pi t)) / 2),
     # t = (step - warmup) / decay_steps, held at 1e-4 after the decay.
@@ -508,14 +512,14 @@ def test_learning_rate_schedules():
     np.testing.assert_allclose(got, warm + decay, rtol=1e-5)
     assert got[12:] == pytest.approx([1e-4] * 4)
     # The optimizer applies it: AdamW's first step moves a weight by about lr(0) (sign-like).
-    opt = update.make_optimizer(optim)
+    opt = train_state_lib.make_optimizer(optim)
     params = {"w": jnp.zeros((3,))}
     upd, _ = opt.update({"w": jnp.ones((3,))}, opt.init(params), params)
     np.testing.assert_allclose(np.asarray(upd["w"]), -got[0], rtol=1e-3)
 
 
 def test_optimizer_keeps_fp32_moments_for_bf16_params():
-    opt = update.make_optimizer(_optim(1e-2), moment_dtype=jnp.float32)
+    opt = train_state_lib.make_optimizer(_optim(1e-2), moment_dtype=jnp.float32)
     params = {"w": jnp.ones((4,), jnp.bfloat16)}
     state = opt.init(params)
     dtypes = {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
@@ -541,9 +545,9 @@ def test_one_recipe_update_moves_fp32_master_weights_but_not_bf16(setup, param_d
     model = qwen2_5_vl.build_model(cfg)
     params = qwen2_5_vl.init_params(model, jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(param_dtype)}
-    opt = update.make_optimizer(c.optim)
+    opt = train_state_lib.make_optimizer(c.optim)
     step = update.make_update_step(model, opt, _mesh1(), c.rl, c.optim, chunk=4)
-    state = update.init_train_state(model, params, opt, _mesh1())
+    state = train_state_lib.init_train_state(model, params, opt, _mesh1())
     before = jax.tree.map(np.asarray, params)
     state, metrics = step(state, _batch(s, 2))
     assert float(metrics["skipped"]) == 0 and float(metrics["grad_norm"]) > 0
@@ -587,24 +591,24 @@ def test_pack_rejects_bad_shapes(setup):
     with pytest.raises(ValueError, match="do not split into micro-batches"):
         _batch(s, 3)
     with pytest.raises(ValueError, match="prompt-major"):
-        update.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"][:6], s["rmask"][:6],
+        batching.pack_policy_inputs(s["cfg"], s["prompts"], s["resp"][:6], s["rmask"][:6],
                                   group_size=G, micro_batch_rows=2)
     grid = s["prompts"].image_grid_thw.copy()
     grid[1, 0, 1] += 2                  # row 1's image larger than its image-pad tokens
     prompts = s["prompts"].replace(image_grid_thw=grid)
     with pytest.raises(ValueError, match="row 1: .* image-pad tokens"):
-        update.pack_policy_inputs(s["cfg"], prompts, s["resp"], s["rmask"], group_size=G,
+        batching.pack_policy_inputs(s["cfg"], prompts, s["resp"], s["rmask"], group_size=G,
                                   micro_batch_rows=2)
 
 
 def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
     s = setup
     cfg, prompts = s["cfg"], s["prompts"]
-    whole = update.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
+    whole = batching.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
                                       micro_batch_rows=2 * G)
     np.testing.assert_array_equal(whole.prompt_index, [[0, 0, 0, 0, 1, 1, 1, 1]])
     np.testing.assert_array_equal(whole.prompt_ids[0], prompts.input_ids)
-    halves = update.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
+    halves = batching.pack_policy_inputs(cfg, prompts, s["resp"], s["rmask"], group_size=G,
                                        micro_batch_rows=2)
     assert halves.prompt_ids.shape[:2] == (4, 1) and (halves.prompt_index == 0).all()
     np.testing.assert_array_equal(halves.prompt_ids[:, 0], np.repeat(prompts.input_ids, 2, 0))
@@ -614,14 +618,13 @@ def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
     # G = 3 in micro-batches of 2 straddles groups: rows {0,1} {2,3} {4,5} need prompts
     # {0} {0,1} {1}; the 1-prompt micro-batches get a padding prompt row (mask 0)
     resp, rmask = s["resp"][:6], s["rmask"][:6]
-    odd = update.pack_policy_inputs(cfg, prompts, resp, rmask, group_size=3, micro_batch_rows=2)
+    odd = batching.pack_policy_inputs(cfg, prompts, resp, rmask, group_size=3, micro_batch_rows=2)
     np.testing.assert_array_equal(odd.prompt_index, [[0, 0], [0, 1], [0, 0]])
     assert odd.prompt_mask.shape[:2] == (3, 2)
     assert not odd.prompt_mask[0, 1].any() and not odd.prompt_mask[2, 1].any()
-    one = update.pack_policy_inputs(cfg, prompts, resp, rmask, group_size=3, micro_batch_rows=6)
-    np.testing.assert_allclose(update.merge_micro_batches(logprob_fn(s["params"], odd))[rmask > 0],
-                               update.merge_micro_batches(logprob_fn(s["params"], one))[rmask > 0],
-                               atol=1e-5, rtol=0)
+    one = batching.pack_policy_inputs(cfg, prompts, resp, rmask, group_size=3, micro_batch_rows=6)
+    merged = lambda x: batching.merge_micro_batches(logprob_fn(s["params"], x))[rmask > 0]
+    np.testing.assert_allclose(merged(odd), merged(one), atol=1e-5, rtol=0)
 
     # a text-only prompt: its micro-batch gets an unread dummy image
     ids = prompts.input_ids.copy()
@@ -629,12 +632,12 @@ def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
     grid = prompts.image_grid_thw.copy()
     grid[1] = 0
     text_only = prompts.replace(input_ids=ids, image_grid_thw=grid)
-    mixed = update.pack_policy_inputs(cfg, text_only, s["resp"], s["rmask"], group_size=G,
+    mixed = batching.pack_policy_inputs(cfg, text_only, s["resp"], s["rmask"], group_size=G,
                                       micro_batch_rows=G)
     assert mixed.pixel_values.shape[0] == 2 and not mixed.pixel_values[1].any()
     no_images = text_only.replace(input_ids=np.where(ids == cfg.image_token_id, 7, ids),
                                   pixel_values=None, image_grid_thw=None)
-    plain = update.pack_policy_inputs(cfg, no_images, s["resp"], s["rmask"], group_size=G,
+    plain = batching.pack_policy_inputs(cfg, no_images, s["resp"], s["rmask"], group_size=G,
                                       micro_batch_rows=G)
     assert plain.pixel_values is None and plain.vision_inputs is None
 
@@ -642,8 +645,8 @@ def test_pack_carries_each_prompt_once_per_micro_batch(setup, logprob_fn):
 def test_train_state_on_mesh_shards_moments_like_params(setup, devices8):
     s = setup
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
-    opt = update.make_optimizer(_optim(1e-3))
-    state = update.init_train_state(s["model"], s["params"], opt, mesh)
+    opt = train_state_lib.make_optimizer(_optim(1e-3))
+    state = train_state_lib.init_train_state(s["model"], s["params"], opt, mesh)
     want = qwen2_5_vl.param_shardings(s["model"], mesh)
     moments = [t for t in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, dict))
                if isinstance(t, dict)]

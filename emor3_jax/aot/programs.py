@@ -27,6 +27,8 @@ from emor3_jax.learners.grpo import judge_buckets, rollout_buckets, token_budget
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.rewards import emotion
+from emor3_jax.rl import batching as batching_lib
+from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update as update_lib
 from emor3_jax.sampling import Sampler, decode_windows, packing
 from emor3_jax.sampling import memory as memory_lib
@@ -52,12 +54,12 @@ def abstract_params(model, mesh):
     return _with_shardings(shapes, qwen2_5_vl.param_shardings(model, mesh))
 
 
-def abstract_train_state(model, optimizer, mesh) -> update_lib.TrainState:
+def abstract_train_state(model, optimizer, mesh) -> train_state_lib.TrainState:
     """TrainState (params + optimizer state) as ShapeDtypeStructs with its shardings."""
     params = nn.unbox(qwen2_5_vl.abstract_params(model))
-    state = update_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+    state = train_state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                   opt_state=jax.eval_shape(optimizer.init, params))
-    return _with_shardings(state, update_lib.train_state_shardings(model, optimizer, mesh))
+    return _with_shardings(state, train_state_lib.train_state_shardings(model, optimizer, mesh))
 
 
 def _stack_micro_batches(tree, num_micro_batches: int):
@@ -67,7 +69,7 @@ def _stack_micro_batches(tree, num_micro_batches: int):
 
 
 def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Image,
-                          micro_rows: int, *, with_ref: bool) -> update_lib.UpdateBatch:
+                          micro_rows: int, *, with_ref: bool) -> batching_lib.UpdateBatch:
     """An UpdateBatch of one mini-batch, shapes only: the smallest rollout that packs into
     whole micro-batches goes through `pack_update_batch` (the trainer's packing), then its
     micro-batch axis is widened to the mini-batch's."""
@@ -87,7 +89,7 @@ def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Im
     prompts = PromptBatch.create(ids, np.ones_like(ids), np.zeros((3, prompts_n, lp), np.int32),
                                  images=[[(pixels, image.grid_thw)]] * prompts_n)
     responses = np.zeros((rows, t), np.int32)
-    batch = update_lib.pack_update_batch(
+    batch = batching_lib.pack_update_batch(
         model_cfg, prompts, responses, np.ones_like(responses), np.zeros(rows, np.float32),
         np.zeros((rows, t), np.float32), np.zeros((rows, t), np.float32) if with_ref else None,
         group_size=g, micro_batch_rows=micro_rows)
@@ -106,13 +108,13 @@ def micro_batch_shapes(ctx: Context, base_rows: int, token_budget: int
     calls = lambda n: -(-s.mini_batch_rows // n) * s.mini_batches
     if not token_budget:
         return [(base_rows, s.response_len, calls(base_rows))]
-    rows_at = lambda t: update_lib.budget_rows(token_budget, base_rows, s.mini_batch_rows,
+    rows_at = lambda t: batching_lib.budget_rows(token_budget, base_rows, s.mini_batch_rows,
                                                s.group, s.prompt_len, t, s.dp)
     if ctx.lengths is not None:
         n = rows_at(s.response_len)
         return [(n, s.response_len, calls(n))]
     longest = {}
-    for t in update_lib.bucket_lengths(s.response_len, tuple(c.rl.length_buckets)):
+    for t in batching_lib.bucket_lengths(s.response_len, tuple(c.rl.length_buckets)):
         longest[rows_at(t)] = t                 # ascending t: the last one per row count
     return [(n, t, calls(n) if t == s.response_len else 0)
             for n, t in sorted(longest.items(), key=lambda nt: -nt[1]) if n]
@@ -481,7 +483,7 @@ def update_programs(ctx: Context) -> list[Program]:
     rl.micro_batch_tokens; the fp32 gradient accumulator donated from call to call), then
     one optimizer call (train state donated)."""
     c, s = ctx.config, ctx.shapes
-    optimizer = update_lib.make_optimizer(c.optim)
+    optimizer = train_state_lib.make_optimizer(c.optim)
     state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
     step = update_lib.make_micro_batch_update(ctx.model, optimizer, ctx.mesh, c.rl,
                                               chunk=c.rl.logprob_chunk, optim_config=c.optim)
@@ -521,7 +523,7 @@ def _compile_all(ctx: Context, names: Sequence[str]) -> list[Program]:
 def resident_bytes(ctx: Context) -> dict[str, int]:
     """Per-device bytes of what stays on the chips for the whole run."""
     c = ctx.config
-    optimizer = update_lib.make_optimizer(c.optim)
+    optimizer = train_state_lib.make_optimizer(c.optim)
     state = abstract_train_state(ctx.model, optimizer, ctx.mesh)
     out = {"policy params": per_device_bytes(state.params),
            "optimizer state": per_device_bytes((state.opt_state, state.step)),

@@ -41,11 +41,11 @@ def _resident(config, devices) -> tuple[dict[str, int], int]:
     from emor3_jax.aot import programs
     from emor3_jax.aot.shapes import model_config
     from emor3_jax.models import qwen2_5_vl
-    from emor3_jax.rl import update as update_lib
+    from emor3_jax.rl import train_state as train_state_lib
     m = config.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     model = qwen2_5_vl.build_model(model_config(config))
-    optimizer = update_lib.make_optimizer(config.optim)
+    optimizer = train_state_lib.make_optimizer(config.optim)
     state = programs.abstract_train_state(model, optimizer, mesh)
     compute = policy_lib.reference_params(state.params, config.model.dtype)
     out = {"policy params": programs.per_device_bytes(state.params),

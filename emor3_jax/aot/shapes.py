@@ -13,7 +13,7 @@ from emor3_jax.configs import base
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.processing import image as image_lib
 from emor3_jax.rewards import emotion
-from emor3_jax.rl import update as update_lib
+from emor3_jax.rl import batching as batching_lib
 
 # Tokens of a prompt besides its image (chat template, system prompt, question, SET text).
 PROMPT_TEXT_TOKENS = 256
@@ -221,8 +221,8 @@ def step_shapes(config, mesh, image: Image, hosts: int, lengths: Lengths | None 
                              max(rw.judge_prompt_buckets)),
         judge_prompt_need=need, judge_new_tokens=int(rw.judge_max_new_tokens),
         mini_batch_rows=mini_rows, mini_batches=max(1, r.batch_size // rl.mini_batch_size),
-        micro_rows=update_lib.micro_batch_rows(rl.micro_batch_size, mesh),
-        logprob_micro_rows=update_lib.micro_batch_rows(rl.logprob_micro_batch_size, mesh),
+        micro_rows=batching_lib.micro_batch_rows(rl.micro_batch_size, mesh),
+        logprob_micro_rows=batching_lib.micro_batch_rows(rl.logprob_micro_batch_size, mesh),
         dp=dp, hosts=hosts,
         rollout_decode_steps=int(r.max_new_tokens if lengths is None else lengths.response),
         judge_decode_steps=int(rw.judge_max_new_tokens if lengths is None else

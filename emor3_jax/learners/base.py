@@ -31,7 +31,7 @@ import jax
 import optax
 
 from emor3_jax import policy as policy_lib
-from emor3_jax.rl import update as update_lib
+from emor3_jax.rl import train_state as train_state_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Learner(abc.ABC):
 
     @classmethod
     def make_optimizer(cls, config) -> optax.GradientTransformation:
-        return update_lib.make_optimizer(config.optim)
+        return train_state_lib.make_optimizer(config.optim)
 
     @classmethod
     def saved_like(cls, config, params) -> dict:
@@ -97,8 +97,8 @@ class Learner(abc.ABC):
         return {}
 
     @abc.abstractmethod
-    def step(self, state: update_lib.TrainState, batch: dict, step: int,
-             batches: Iterator[dict]) -> tuple[update_lib.TrainState, dict]:
+    def step(self, state: train_state_lib.TrainState, batch: dict, step: int,
+             batches: Iterator[dict]) -> tuple[train_state_lib.TrainState, dict]:
         """One training step on `batch` (the next global batch of the phase's data);
         `batches` is the iterator it came from (a learner may draw more); returns the new state
         and host-side float metrics."""

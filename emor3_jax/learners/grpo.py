@@ -22,7 +22,9 @@ from emor3_jax import model_source, policy as policy_lib, sharding
 from emor3_jax import checkpoint as ckpt_lib
 from emor3_jax.learners.base import Context, Learner
 from emor3_jax.rewards import emotion
+from emor3_jax.rl import batching as batching_lib
 from emor3_jax.rl import rollout as rollout_lib
+from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update as update_lib
 from emor3_jax.sampling import SamplerBuckets
 
@@ -43,7 +45,7 @@ def rows_budget(config, data_parallel: int, field: str) -> int:
     rl, r = config.rl, config.rollout
     rows_per_device = rl[_ROWS_OF_BUDGET[field]]
     rows = min(rows_per_device * data_parallel, rl.mini_batch_size * r.group_size)
-    return update_lib.micro_batch_slots(
+    return batching_lib.micro_batch_slots(
         rows, -(-rows // r.group_size), _round_up(config.data.max_prompt_len,
                                                   config.data.prompt_buckets),
         _round_up(r.max_new_tokens, r.response_buckets), data_parallel)
@@ -130,7 +132,7 @@ class GRPOLearner(Learner):
                 raise ValueError("config.reward.judge_source='checkpoint' needs "
                                  "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
             model_source.check(config.reward.judge_dir, "config.reward.judge_dir")
-        update_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
+        train_state_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
         if r.max_new_tokens > max(r.response_buckets):
             raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
                              f"largest response bucket {max(r.response_buckets)}")
@@ -253,10 +255,10 @@ class GRPOLearner(Learner):
         length = min(length, ro.tokens.shape[1])
         tokens, old = ro.tokens[:, :length], ro.logprobs[:, :length]
         mask = ro.response_mask()[:, :length]
-        micro = update_lib.micro_batch_rows(rl.micro_batch_size, self.mesh)
+        micro = batching_lib.micro_batch_rows(rl.micro_batch_size, self.mesh)
         per_update = rl.mini_batch_size   # prompts; the rollout is global on every host
         lp_micro = logprob_micro_rows(
-            update_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
+            batching_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
         n_prompts = ro.prompts.num_rows
         mini_batches = []
         for start in range(0, n_prompts, per_update):
@@ -296,7 +298,7 @@ class GRPOLearner(Learner):
         responses), each cut to its own bucketed length."""
         c = self.config
         dp = sharding.data_parallel_size(self.mesh)
-        batches = update_lib.pack_micro_batches(
+        batches = batching_lib.pack_micro_batches(
             self.model.config, prompts, tokens, mask, group_size=c.rollout.group_size,
             micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
             prompt_buckets=tuple(c.data.prompt_buckets),
@@ -311,7 +313,7 @@ class GRPOLearner(Learner):
         micro-batches)."""
         c = self.config
         dp = sharding.data_parallel_size(self.mesh)
-        batches = update_lib.pack_micro_batches(
+        batches = batching_lib.pack_micro_batches(
             self.model.config, prompts, tokens, mask, advantages, old, ref,
             group_size=c.rollout.group_size, micro_batch_rows=micro,
             sort=c.rl.loss_agg == "token_mean", length_buckets=tuple(c.rl.length_buckets),

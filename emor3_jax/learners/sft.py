@@ -10,7 +10,7 @@ import numpy as np
 
 from emor3_jax import sft
 from emor3_jax.learners.base import Context, Learner
-from emor3_jax.rl import update as update_lib
+from emor3_jax.rl import batching as batching_lib
 
 
 class SFTLearner(Learner):
@@ -39,7 +39,7 @@ class SFTLearner(Learner):
         c = self.config
         self.step_fn = sft.make_sft_step(self.model, self.make_optimizer(c), self.mesh,
                                          chunk=c.rl.logprob_chunk)
-        self.micro_rows = update_lib.micro_batch_rows(c.rl.micro_batch_size, self.mesh)
+        self.micro_rows = batching_lib.micro_batch_rows(c.rl.micro_batch_size, self.mesh)
 
     def step(self, state, batch, step, batches):
         c, policy = self.config, self.ctx.policy

@@ -70,7 +70,7 @@ def scatter_image_embeds(inputs_embeds, image_mask, image_embeds, source_index=N
     k-th image position (row-major) takes row k.
     source_index [B, L] int32 (optional): an explicit row of image_embeds for each masked
     position instead of the running count, so several sequences can share one image's
-    embeddings (GRPO: the G responses of a prompt; see emor3_jax/rl/update.py).
+    embeddings (GRPO: the G responses of a prompt; see emor3_jax/rl/batching.py).
     """
     b, length, d = inputs_embeds.shape
     flat = image_mask.reshape(-1)

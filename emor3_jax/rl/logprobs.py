@@ -45,7 +45,7 @@ from emor3_jax.processing.vision import VisionInputs
 @flax.struct.dataclass
 class PolicyInputs:
     """Model inputs of n responses to p distinct prompts (one micro-batch; every leaf may be
-    stacked along a leading micro-batch axis, see emor3_jax/rl/update.py for how it is built).
+    stacked along a leading micro-batch axis, see emor3_jax/rl/batching.py for how it is built).
 
     Prompts are left-padded to Lp; responses right-padded to T. Rows of the prompt arrays that
     no response points to are padding (mask 0). pixel_values hold the images of the prompts in
