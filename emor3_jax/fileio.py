@@ -70,10 +70,30 @@ def check_writable(p, field: str = "--workdir") -> None:
         probe.write_text("")
         probe.unlink()
     except Exception as e:  # noqa: BLE001  (gcsfs/google-auth raise many types; classified)
-        from emor3_jax.model_source import remote_error
         if not is_remote(p):
             raise
         raise remote_error(os.fspath(p), field, e, write=True) from e
+
+
+def remote_error(uri: str, field: str, error: Exception, write: bool = False) -> Exception:
+    """The exception to raise for a failed read (or write) of `uri`, saying what to do."""
+    what = f"{type(error).__name__}: {error}".strip()
+    if isinstance(error, FileNotFoundError):
+        return FileNotFoundError(f"{field}={uri!r}: not found (no such bucket, or nothing under "
+                                 f"this path); check it with `gcloud storage ls {uri}` ({what})")
+    code = getattr(error, "code", None)
+    text = what.lower()
+    verb, role = ("write to", "objectUser") if write else ("read", "objectViewer")
+    if code in (401, 403) or any(k in text for k in (
+            "forbidden", "unauthorized", "credential", "anonymous caller", "permission",
+            "refresherror", "401", "403")):
+        return PermissionError(
+            f"{field}={uri!r}: cannot {verb} it: no Google Cloud credentials, or they lack "
+            f"permission. On a TPU/GCE VM give the VM's service account {verb.split()[0]} "
+            f"access to the bucket (roles/storage.{role}); elsewhere run `gcloud auth "
+            f"application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a key file "
+            f"({what})")
+    return OSError(f"{field}={uri!r}: {'writing' if write else 'reading'} it failed ({what})")
 
 
 def exists(p) -> bool:

@@ -23,6 +23,8 @@ import posixpath
 import re
 from pathlib import Path
 
+from emor3_jax.fileio import is_remote, remote_error
+
 log = logging.getLogger(__name__)
 
 # What a model directory needs: config, weights, tokenizer, processor and chat template files.
@@ -43,7 +45,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("EMOR3_CACHE") or "~/.cache/emor3_jax").expanduser()
 
 
-from emor3_jax.fileio import is_remote  # noqa: E402  (one definition of "remote")
 
 
 def classify(source) -> str:
@@ -89,27 +90,6 @@ def _remote_fs(uri: str):
         return fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as e:
         raise ImportError(f"reading {uri}: {e}; `pip install gcsfs` for gs:// paths") from e
-
-
-def remote_error(uri: str, field: str, error: Exception, write: bool = False) -> Exception:
-    """The exception to raise for a failed read (or write) of `uri`, saying what to do."""
-    what = f"{type(error).__name__}: {error}".strip()
-    if isinstance(error, FileNotFoundError):
-        return FileNotFoundError(f"{field}={uri!r}: not found (no such bucket, or nothing under "
-                                 f"this path); check it with `gcloud storage ls {uri}` ({what})")
-    code = getattr(error, "code", None)
-    text = what.lower()
-    verb, role = ("write to", "objectUser") if write else ("read", "objectViewer")
-    if code in (401, 403) or any(k in text for k in (
-            "forbidden", "unauthorized", "credential", "anonymous caller", "permission",
-            "refresherror", "401", "403")):
-        return PermissionError(
-            f"{field}={uri!r}: cannot {verb} it: no Google Cloud credentials, or they lack "
-            f"permission. On a TPU/GCE VM give the VM's service account {verb.split()[0]} "
-            f"access to the bucket (roles/storage.{role}); elsewhere run `gcloud auth "
-            f"application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a key file "
-            f"({what})")
-    return OSError(f"{field}={uri!r}: {'writing' if write else 'reading'} it failed ({what})")
 
 
 def _version(info: dict) -> str:

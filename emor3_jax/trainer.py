@@ -493,13 +493,6 @@ def rl_steps_from_epochs(num_examples: int, batch_size: int, epochs, data_set: s
 
 
 # --------------------------------------------------------------------------------------------
-def run(config, workdir: str):
-    """Everything `python -m emor3_jax.main` does for `config.mode` (main.run; kept here for
-    callers of the old name)."""
-    from emor3_jax import main
-    return main.run(config, workdir)
-
-
 def compile_cache_dir(config, workdir: str) -> str | None:
     """Where XLA executables persist across runs: config.compile_cache_dir, "" = the
     JAX_COMPILATION_CACHE_DIR environment variable if set, else `jax_cache` beside the

@@ -10,7 +10,7 @@ from absl import flags
 
 import emor3_jax.data as data
 from emor3_jax.configs import base
-from emor3_jax.data import images, pipeline
+from emor3_jax.data import hosts, images, pipeline
 from emor3_jax.data.sample_files import encode, photo, write_image_folder
 from emor3_jax.processing import chat, image as image_processing
 from emor3_jax.processing.rope_index import get_rope_index
@@ -124,7 +124,7 @@ def test_captions_travel_with_their_rows(synth_dir, tokenizer):
         for example_id, caption, valid in zip(batch.example_id, batch.caption,
                                               batch.valid):
             assert caption == (by_id[example_id] if valid else "")
-    merged = pipeline.concat_batches(batches[:2],
+    merged = hosts.concat_batches(batches[:2],
                                      cfg=pipeline.PipelineConfig(batch_size=8, **SMALL))
     assert list(merged.caption) == list(batches[0].caption) + list(batches[1].caption)
 

@@ -19,7 +19,7 @@ from absl import flags
 import conftest
 
 import emor3_jax.data as data
-from emor3_jax.data import pipeline
+from emor3_jax.data import hosts, pipeline
 from emor3_jax.processing.tokenizer import build_demo_tokenizer
 from test_data_pipeline import assert_same_batch
 
@@ -55,10 +55,10 @@ def test_host_blocks_concatenate_to_the_one_process_batches(synth):
     reference = [next(one) for _ in range(5)]
     for count in (2, 3):
         pipes = [_train_pipe(synth, tokenizer, 6 // count, p, count) for p in range(count)]
-        hosts = [iter(p) for p in pipes]
+        iterators = [iter(p) for p in pipes]
         for k, ref in enumerate(reference):
-            parts = [next(h) for h in hosts]
-            glued = pipeline.concat_batches(parts, cfg=pipes[0].cfg)
+            parts = [next(h) for h in iterators]
+            glued = hosts.concat_batches(parts, cfg=pipes[0].cfg)
             assert_same_batch(glued, ref)
         assert [int(e) for e in glued.epoch] == [int(e) for e in reference[-1].epoch]
     epochs = np.concatenate([b.epoch for b in reference])

@@ -75,7 +75,7 @@ from emor3_jax.aot.chips import (CHIPS, SLICES, Chip, GiB, Topology,  # noqa: E4
                                  resolve_topology, topology_devices)
 from emor3_jax.aot.cli import analyze, cli, define_flags, run  # noqa: E402,F401
 from emor3_jax.aot.cost import kernel_flops, matmul_flops  # noqa: E402,F401
-from emor3_jax.aot.programs import (BUILDERS, RESIDENT, Context, Program,  # noqa: E402,F401
+from emor3_jax.aot.programs import (BUILDERS, RESIDENT, BuildContext, Program,  # noqa: E402,F401
                                     abstract_params, abstract_train_state,
                                     abstract_update_batch, compile_program, judge_model,
                                     judge_programs, live_bytes, make_context, per_device_bytes,

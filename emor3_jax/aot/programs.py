@@ -96,7 +96,7 @@ def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Im
     return _stack_micro_batches(batch, shapes.mini_batch_rows // micro_rows)
 
 
-def micro_batch_shapes(ctx: Context, base_rows: int, token_budget: int
+def micro_batch_shapes(ctx: BuildContext, base_rows: int, token_budget: int
                        ) -> list[tuple[int, int, int]]:
     """(rows, response length, calls per step) of the micro-batches the trainer's packer
     (`pack_micro_batches`) cuts a mini-batch into at the context's lengths. Fixed rows: one
@@ -120,7 +120,7 @@ def micro_batch_shapes(ctx: Context, base_rows: int, token_budget: int
             for n, t in sorted(longest.items(), key=lambda nt: -nt[1]) if n]
 
 
-def one_micro_batch(ctx: Context, rows: int, response_len: int, *, with_ref: bool):
+def one_micro_batch(ctx: BuildContext, rows: int, response_len: int, *, with_ref: bool):
     """An UpdateBatch of one micro-batch of `rows` responses (leading axis 1), shapes only."""
     shapes = dataclasses.replace(ctx.shapes, response_len=response_len,
                                  mini_batch_rows=math.lcm(rows, ctx.shapes.group))
@@ -202,7 +202,7 @@ def _abstract_outputs(traced, compiled):
 
 
 @dataclasses.dataclass
-class Context:
+class BuildContext:
     """Everything the program builders share (one config variant)."""
     config: Any
     topology: Topology
@@ -222,20 +222,20 @@ class Context:
 
 
 def make_context(config, topology: Topology, devices, image_name: str, log=None,
-                 lengths: str = "max") -> Context:
+                 lengths: str = "max") -> BuildContext:
     m = config.mesh
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
     model = qwen2_5_vl.build_model(model_config(config))
     image = image_for(config.data, image_name, model.config)
     hosts = len({d.process_index for d in devices})
     expected = lengths_for(lengths, config, image)
-    return Context(config=config, topology=topology, mesh=mesh, model=model,
+    return BuildContext(config=config, topology=topology, mesh=mesh, model=model,
                    params=abstract_params(model, mesh), image=image,
                    shapes=step_shapes(config, mesh, image, hosts, expected), log=log,
                    lengths=expected, sample_mesh=policy_lib.sampling_mesh(config, mesh))
 
 
-def _sampler_programs(ctx: Context, sampler: Sampler, params, *, what: str, num_prompts: int,
+def _sampler_programs(ctx: BuildContext, sampler: Sampler, params, *, what: str, num_prompts: int,
                       prompt_len: int, images: int, group: int, new_tokens: int,
                       calls: int, uses: tuple[str, ...], knob: str,
                       score: tuple[int, int] | None = None, steps: int = 0,
@@ -324,7 +324,7 @@ def _not_compiled(program: Program) -> Program:
     return program
 
 
-def rollout_programs(ctx: Context) -> list[Program]:
+def rollout_programs(ctx: BuildContext) -> list[Program]:
     """The rollout sampler's prefill and decode for one chunk (as Trainer builds it)."""
     c, s = ctx.config, ctx.shapes
     r = c.rollout
@@ -354,16 +354,14 @@ def _earlier_chunks(decodes: list[Program], sampler: Sampler, chunk: int, group:
                                  f"chunk{'s' if chunks > 2 else ''}")
 
 
-def judge_model(ctx: Context):
+def judge_model(ctx: BuildContext):
     """(model, abstract params) of the judge: the policy's sampling copy, or reward.judge_dir's
     shapes (on the sampler's mesh)."""
     rw = ctx.config.reward
     if rw.judge_source != "checkpoint":
         return ctx.model, ctx.sampling_params
-    if not rw.judge_dir:
-        raise ValueError("config.reward.judge_source='checkpoint': AOT needs "
-                         "reward.judge_dir (the judge's config.json)")
-    judge_dir = model_source.resolve(rw.judge_dir, "config.reward.judge_dir",
+    from emor3_jax.rewards.judge import checkpoint_dir
+    judge_dir = model_source.resolve(checkpoint_dir(rw), "config.reward.judge_dir",
                                      patterns=("config.json",))
     cfg = Qwen2_5_VLConfig.from_json_file(os.path.join(judge_dir, "config.json"),
                                           **policy_lib.runtime_fields(ctx.config.model))
@@ -371,7 +369,7 @@ def judge_model(ctx: Context):
     return model, abstract_params(model, ctx.sample_mesh)
 
 
-def _score_continuations(ctx: Context) -> tuple[int, int]:
+def _score_continuations(ctx: BuildContext) -> tuple[int, int]:
     """(count, longest) of the coherence candidates' continuations (the larger set)."""
     from emor3_jax.rewards import judge as judge_lib
     from emor3_jax.data import pipeline as data_lib
@@ -390,8 +388,9 @@ def _score_continuations(ctx: Context) -> tuple[int, int]:
     return spellings, JUDGE_CANDIDATE_TOKENS
 
 
-def judge_programs(ctx: Context) -> list[Program]:
-    """The judge's programs over one chunk of its prompts (as Trainer._judge builds it)."""
+def judge_programs(ctx: BuildContext) -> list[Program]:
+    """The judge's programs over one chunk of its prompts (the sampler `Judge.from_config`
+    builds for the GRPO learner, with the same buckets and chunk)."""
     c, s = ctx.config, ctx.shapes
     rw = c.reward
     if not s.judge_prompts:
@@ -422,7 +421,7 @@ def judge_programs(ctx: Context) -> list[Program]:
     return programs
 
 
-def _judge_sampler_programs(ctx: Context, sampler: Sampler, params, what: str, calls: int,
+def _judge_sampler_programs(ctx: BuildContext, sampler: Sampler, params, what: str, calls: int,
                             uses, images: int, shared) -> list[Program]:
     c, s = ctx.config, ctx.shapes
     rw = c.reward
@@ -439,7 +438,7 @@ def _judge_sampler_programs(ctx: Context, sampler: Sampler, params, what: str, c
     return programs
 
 
-def reference_programs(ctx: Context) -> list[Program]:
+def reference_programs(ctx: BuildContext) -> list[Program]:
     """The log-prob passes over one mini-batch (make_logprob_fn): the frozen reference's
     (rl.kl_coef != 0, compute-dtype params) and, with rl.recompute_old_logp, the current
     policy's (its master params: another dtype, so another program); one call per
@@ -472,12 +471,12 @@ def reference_programs(ctx: Context) -> list[Program]:
     return programs
 
 
-def _reference(ctx: Context):
+def _reference(ctx: BuildContext):
     """The frozen reference as the trainer keeps it: a copy in the compute dtype."""
     return policy_lib.reference_params(ctx.params, ctx.config.model.dtype)
 
 
-def update_programs(ctx: Context) -> list[Program]:
+def update_programs(ctx: BuildContext) -> list[Program]:
     """One GRPO update of a mini-batch, as the trainer runs it (make_micro_batch_update): one
     gradient call per micro-batch at the shapes the packer cuts (`micro_batch_shapes`,
     rl.micro_batch_tokens; the fp32 gradient accumulator donated from call to call), then
@@ -513,14 +512,14 @@ BUILDERS = {"rollout": rollout_programs, "judge": judge_programs,
             "reference": reference_programs, "update": update_programs}
 
 
-def _compile_all(ctx: Context, names: Sequence[str]) -> list[Program]:
+def _compile_all(ctx: BuildContext, names: Sequence[str]) -> list[Program]:
     compiled = []
     for name in names:
         compiled += BUILDERS[name](ctx)
     return compiled
 
 
-def resident_bytes(ctx: Context) -> dict[str, int]:
+def resident_bytes(ctx: BuildContext) -> dict[str, int]:
     """Per-device bytes of what stays on the chips for the whole run."""
     c = ctx.config
     optimizer = train_state_lib.make_optimizer(c.optim)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from emor3_jax import sharding
 from emor3_jax.aot import hlo
 from emor3_jax.aot.chips import Chip
-from emor3_jax.aot.programs import (BUILDERS, Context, Program, all_fit, live_bytes,
+from emor3_jax.aot.programs import (BUILDERS, BuildContext, Program, all_fit, live_bytes,
                                     make_context, resident_bytes)
 from emor3_jax.aot.report import gib
 from emor3_jax.sampling.sampler import geometric_buckets
@@ -22,13 +22,13 @@ KNOBS = {"update": "rl.micro_batch_size", "reference": "rl.logprob_micro_batch_s
          "rollout": "rollout.chunk_size", "judge": "reward.judge_chunk_size"}
 
 
-def knob_value(ctx: Context, group: str) -> int:
+def knob_value(ctx: BuildContext, group: str) -> int:
     c, s = ctx.config, ctx.shapes
     return {"update": c.rl.micro_batch_size, "reference": c.rl.logprob_micro_batch_size,
             "rollout": s.rollout_chunk, "judge": s.judge_chunk}[group]
 
 
-def knob_candidates(ctx: Context, group: str) -> list[int]:
+def knob_candidates(ctx: BuildContext, group: str) -> list[int]:
     """Valid values below the current one, ascending: micro-batches that split the mini-batch;
     chunk sizes the sampler runs without filler rows (a bucket size, a multiple of dp)."""
     s, value = ctx.shapes, knob_value(ctx, group)
@@ -82,7 +82,7 @@ def _with_override(config, field: str, value):
     return new
 
 
-def _try(ctx: Context, devices, image_name: str, field: str, value, group: str, log):
+def _try(ctx: BuildContext, devices, image_name: str, field: str, value, group: str, log):
     """Recompile one family with config field = value: (programs, resident) or the error."""
     trial = _with_override(ctx.config, field, value)
     try:
@@ -103,7 +103,7 @@ def _trial_line(field: str, value, programs: list[Program], resident: dict[str, 
             f"{100 * live / chip.hbm_bytes:.0f}% of HBM)")
 
 
-def suggest(ctx: Context, programs: list[Program], resident: dict[str, int], limit: float,
+def suggest(ctx: BuildContext, programs: list[Program], resident: dict[str, int], limit: float,
             devices, image_name: str, attempts: int, log=None) -> list[str]:
     """Lines naming what to change; recompiles each failing family (at most `attempts` times)
     with values predicted to fit and reports the first that does, else the next to try."""

@@ -128,10 +128,8 @@ class GRPOLearner(Learner):
                                  "(0 = no limit)")
         emotion.get_preset(config.reward.preset)
         if config.reward.judge_source == "checkpoint":
-            if not config.reward.judge_dir:
-                raise ValueError("config.reward.judge_source='checkpoint' needs "
-                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL directory)")
-            model_source.check(config.reward.judge_dir, "config.reward.judge_dir")
+            from emor3_jax.rewards.judge import checkpoint_dir
+            model_source.check(checkpoint_dir(config.reward), "config.reward.judge_dir")
         train_state_lib.learning_rate_schedule(config.optim)     # names a bad schedule field
         if r.max_new_tokens > max(r.response_buckets):
             raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "

@@ -104,6 +104,16 @@ def candidate_tokens(tokenizer, im_end_id: int, candidates: Sequence[str]
     return conts, owner
 
 
+def checkpoint_dir(reward_config) -> str:
+    """config.reward.judge_dir, which judge_source='checkpoint' needs (the trainer's config check,
+    the judge and the AOT tool all ask here)."""
+    if not reward_config.judge_dir:
+        raise ValueError("config.reward.judge_source='checkpoint' needs config.reward.judge_dir "
+                         "(a Hugging Face Qwen2.5-VL model: a local or gs:// directory or a hub "
+                         "repo id)")
+    return reward_config.judge_dir
+
+
 class Judge:
     """Answers judge prompts in batches with the grouped sampler (see the module docstring).
 
@@ -159,12 +169,9 @@ class Judge:
         from emor3_jax.models import qwen2_5_vl
         model, params = policy_model, None
         if reward_config.judge_source == "checkpoint":
-            if not reward_config.judge_dir:
-                raise ValueError("config.reward.judge_source='checkpoint' needs "
-                                 "config.reward.judge_dir (a Hugging Face Qwen2.5-VL model: a "
-                                 "local or gs:// directory or a hub repo id)")
             from emor3_jax import model_source
-            judge_dir = model_source.resolve(reward_config.judge_dir, "config.reward.judge_dir")
+            judge_dir = model_source.resolve(checkpoint_dir(reward_config),
+                                             "config.reward.judge_dir")
             model, params = qwen2_5_vl.load_hf(
                 judge_dir, dtype=dtype or policy_model.config.compute_dtype,
                 mesh=mesh)
