@@ -26,8 +26,10 @@ def _rows(**kw):
     return dataclasses.field(metadata=_RESPONSE_ROWS, **kw)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Rollout:
+    """A sampled rollout; `score` returns it scored (rewards, components, advantages, judge
+    metrics), a new value."""
     prompts: PromptBatch            # the prompts the responses answer (B rows)
     tokens: np.ndarray = _rows()    # [N, T] int32, pad after the end
     logprobs: np.ndarray = _rows()  # [N, T] fp32 sampler log-probs (the rollout policy's)
@@ -99,25 +101,24 @@ def sample(sampler, params, batch: PromptBatch, rng, *, group_size: int,
 
 def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None,
           adv_eps: float = 1e-6) -> Rollout:
-    """Rule rewards + (if the preset needs them) the reflective judge, then group advantages
-    ((r - mean) / (std + adv_eps), config.rl.adv_eps)."""
+    """The rollout scored: rule rewards + (if the preset needs them) the reflective judge, then
+    group advantages ((r - mean) / (std + adv_eps), config.rl.adv_eps)."""
     preset = emotion.get_preset(preset)
     labels = rollout.labels
-    answers: dict = {}
-    rollout.judge = {}
+    answers, judged = {}, {}
     if preset.needs_coherence or preset.needs_consistency:
         if judge is None:
             raise ValueError(f"reward preset {preset.name!r} needs the judge, but none was built")
         verdict = judge.rewards(rollout.texts, labels, tuple(rollout.prompts.labels_of_dataset),
                                 preset, image_rows(rollout), rng, policy_params=judge_params)
         answers = verdict.score_kwargs()
-        rollout.judge = judge_metrics(verdict, rollout)
+        judged = judge_metrics(verdict, rollout)
     scores = emotion.score_responses(rollout.texts, labels, preset, **answers)
-    rollout.rewards = np.asarray(scores.overall, np.float32)
-    rollout.components = {k: np.asarray(v) for k, v in scores.components.items()}
-    rollout.advantages = np.asarray(losses.group_advantages(rollout.rewards, rollout.group_size,
-                                                            eps=adv_eps))
-    return rollout
+    rewards = np.asarray(scores.overall, np.float32)
+    return dataclasses.replace(
+        rollout, judge=judged, rewards=rewards,
+        components={k: np.asarray(v) for k, v in scores.components.items()},
+        advantages=np.asarray(losses.group_advantages(rewards, rollout.group_size, eps=adv_eps)))
 
 
 def judge_metrics(verdict, rollout: Rollout) -> dict[str, float]:
