@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.rl import batching as batching_lib
 from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update as update_lib
@@ -34,7 +34,7 @@ def sft_target(label: str, target: str, caption: str = "") -> str:
         return f"\\boxed{{{label}}}"
     if target in ("set_template", "set_caption"):
         step1 = caption if target == "set_caption" else _FIXED_STEP1
-        valence, arousal = base.VALENCE_AROUSAL.get(label, ("mixed", "moderate"))
+        valence, arousal = recipe.VALENCE_AROUSAL.get(label, ("mixed", "moderate"))
         return (f"<step1>{step1}</step1>\n"
                 "<step2>A person would feel something about it.</step2>\n"
                 f"<step3>The emotion is {valence}, with {arousal} arousal.</step3>\n"

@@ -39,7 +39,7 @@ from emor3_jax import checkpoint as ckpt_lib
 from emor3_jax import distributed, fileio, learners
 from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, report
 from emor3_jax import provenance, sharding
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.data import pipeline as data_lib
 from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.sampling import Sampler
@@ -86,12 +86,12 @@ def check_config(config, num_devices: int | None = None, process_count: int | No
     if config.mode == "train":
         learners.learner_class(config, "rl").check_config(config, data_parallel=dp,
                                                           process_count=process_count)
-    if config.data.prompt_format not in base.PROMPT_FORMATS:
+    if config.data.prompt_format not in recipe.PROMPT_FORMATS:
         raise ValueError(f"config.data.prompt_format={config.data.prompt_format!r}; choose one "
-                         f"of {tuple(base.PROMPT_FORMATS)}")
+                         f"of {tuple(recipe.PROMPT_FORMATS)}")
     for name in [config.data.train, *config.data.eval]:
-        if name not in base.LABELS:
-            raise ValueError(f"data set {name!r} is unknown; choose from {tuple(base.LABELS)}")
+        if name not in recipe.LABELS:
+            raise ValueError(f"data set {name!r} is unknown; choose from {tuple(recipe.LABELS)}")
     for name in config.data.get("labels", {}):
         data_lib.source_config(config, name)        # a bad label-list override fails here
     if config.eval.batch_size % process_count:
@@ -418,7 +418,7 @@ class Trainer:
         n = builder.info.splits[TRAIN_SPLIT].num_examples
         mini = data_lib.generation_batch_size(c)   # DAPO draws whole mini batches (EasyR1)
         n = (n // mini) * mini
-        epochs = c.train.epochs or base.released_epochs(c.data.train, c.method)
+        epochs = c.train.epochs or recipe.released_epochs(c.data.train, c.method)
         return rl_steps_from_epochs(n, c.rollout.batch_size, epochs, c.data.train)
 
     def _phase_steps(self, phase: str) -> int:

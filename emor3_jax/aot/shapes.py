@@ -9,7 +9,7 @@ from typing import Sequence
 
 from emor3_jax import model_source, policy as policy_lib
 from emor3_jax import sharding
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.processing import image as image_lib
 from emor3_jax.rewards import emotion
@@ -60,7 +60,7 @@ class Image:
 
     @property
     def tokens(self) -> int:
-        return self.patches // (base.MERGE_SIZE ** 2)
+        return self.patches // (recipe.MERGE_SIZE ** 2)
 
     def describe(self) -> str:
         return (f"{self.what} -> {self.height}x{self.width} px = {self.grid_thw[1]}x"

@@ -2,7 +2,7 @@
 
 All four are written to array_record and read with `builder.as_data_source(split)` (no
 TensorFlow). Features: `image` (RGB uint8, stored as JPEG/PNG bytes), `label` (ClassLabel with
-the data set's label names from configs/base.py LABELS), `problem` (the question text;
+the data set's label names from emor3_jax/recipe.py LABELS), `problem` (the question text;
 `question_text(labels)` when the files have none) and `id` (where the example came from).
 
 Preparation never drops an example silently: every file or row that cannot become an example is
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.data import images, layouts, synth
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ Then: tfds.builder("{name}", data_dir=...).download_and_prepare(
 
 
 def _manual_instructions(name: str) -> str:
-    return _MANUAL_INSTRUCTIONS.format(name=name, labels=", ".join(base.LABELS[name]))
+    return _MANUAL_INSTRUCTIONS.format(name=name, labels=", ".join(recipe.LABELS[name]))
 
 
 def _features(labels, extra=None):
@@ -85,7 +85,7 @@ class _SkipLog:
 
 @dataclasses.dataclass(eq=False)
 class EmotionFilesConfig(tfds.core.BuilderConfig):
-    """The label list of a users'-files data set; () = configs/base.py LABELS[name]."""
+    """The label list of a users'-files data set; () = emor3_jax/recipe.py LABELS[name]."""
     labels: tuple[str, ...] = ()
 
 
@@ -104,18 +104,18 @@ def labels_config(labels) -> EmotionFilesConfig:
 class EmotionFilesBuilder(_ArrayRecordBuilder, skip_registration=True):
     """Common builder for data sets that users bring as files (see `layouts` for the layouts).
 
-    Its default config uses the data set's labels from configs/base.py; `labels_config(...)`
+    Its default config uses the data set's labels from emor3_jax/recipe.py; `labels_config(...)`
     gives another list (a variant of the data set) its own prepared files.
     """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Parquet, manifest and image-folder layouts; skip report."}
     BUILDER_CONFIGS = [EmotionFilesConfig(name="default",
-                                          description="the labels of configs/base.py LABELS")]
+                                          description="the labels of emor3_jax/recipe.py LABELS")]
 
     @property
     def labels(self) -> tuple[str, ...]:
-        return tuple(self.builder_config.labels) or base.LABELS[self.name]
+        return tuple(self.builder_config.labels) or recipe.LABELS[self.name]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__,
@@ -148,7 +148,7 @@ class EmotionFilesBuilder(_ArrayRecordBuilder, skip_registration=True):
 
     def _generate_examples(self, found, split):
         index = {label.lower(): i for i, label in enumerate(self.labels)}
-        default_problem = base.question_text(self.labels)
+        default_problem = recipe.question_text(self.labels)
         written = 0
         for raw in layouts.read_split(found, split):
             example = self._check(raw, split, index, default_problem)
@@ -280,7 +280,7 @@ class EmoSynth(_ArrayRecordBuilder):
 
     def _generate_examples(self, split, num_examples):
         c = self.builder_config
-        problem = base.question_text(synth.LABELS)
+        problem = recipe.question_text(synth.LABELS)
         for i, image, label, clean, caption in synth.generate_split(
                 num_examples, split, seed=c.seed, size=c.image_size, label_noise=c.label_noise):
             key = f"{split}/{i:06d}"

@@ -53,7 +53,7 @@ import grain
 import numpy as np
 
 from emor3_jax.batches import PromptBatch, pack_row_images
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.data import images
 from emor3_jax.processing import chat
 from emor3_jax.processing import image as image_processing
@@ -72,9 +72,9 @@ _FILLER_SIZE = 28  # filler image side (pre-resize and smart_resize grow it to m
 class PipelineConfig:
     """What the pipeline does; `from_config` fills it from the run config."""
     batch_size: int                       # examples per batch on this host
-    prompt_format: str = "set"            # key of configs/base.py PROMPT_FORMATS
-    min_pixels: int = base.MIN_PIXELS
-    max_pixels: int = base.MAX_PIXELS
+    prompt_format: str = "set"            # key of emor3_jax/recipe.py PROMPT_FORMATS
+    min_pixels: int = recipe.MIN_PIXELS
+    max_pixels: int = recipe.MAX_PIXELS
     max_prompt_len: int = 2048            # longer prompts are skipped (counted), never cut
     prompt_buckets: tuple[int, ...] = (256, 512, 1024, 2048)
     # Pixel rows per prompt (its image padded to the batch's largest, rounded up): a list of
@@ -90,14 +90,14 @@ class PipelineConfig:
     prefetch: int = 16                    # examples each process prepares ahead
     process_index: int | None = None      # None = jax.process_index()
     process_count: int | None = None      # None = jax.process_count()
-    system_prompt: str = base.DEFAULT_SYSTEM_PROMPT
+    system_prompt: str = recipe.DEFAULT_SYSTEM_PROMPT
 
     def __post_init__(self):
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.prompt_format not in base.PROMPT_FORMATS:
+        if self.prompt_format not in recipe.PROMPT_FORMATS:
             raise ValueError(f"prompt_format {self.prompt_format!r} is not one of "
-                             f"{sorted(base.PROMPT_FORMATS)}")
+                             f"{sorted(recipe.PROMPT_FORMATS)}")
         if self.max_prompt_len > max(self.prompt_buckets):
             raise ValueError(f"max_prompt_len {self.max_prompt_len} exceeds the largest prompt "
                              f"bucket {max(self.prompt_buckets)}; add a bucket or lower it")
@@ -114,9 +114,9 @@ def source_config(config, name: str):
 
 
 def dataset_labels(config, name: str) -> tuple[str, ...]:
-    """Data set `name`'s label list in this run (its override, else configs/base.py LABELS)."""
+    """Data set `name`'s label list in this run (its override, else emor3_jax/recipe.py LABELS)."""
     override = source_config(config, name)
-    return tuple(override.labels) if override is not None else tuple(base.LABELS[name])
+    return tuple(override.labels) if override is not None else tuple(recipe.LABELS[name])
 
 
 def generation_batch_size(config) -> int:
@@ -212,7 +212,7 @@ class Preprocess:
     def filler(self) -> dict:
         """A well-formed padding row: a grey image with the data set's own question."""
         grey = np.full((_FILLER_SIZE, _FILLER_SIZE, 3), 128, np.uint8)
-        out = self.example(grey, base.question_text(self.labels), -1, "", -1)
+        out = self.example(grey, recipe.question_text(self.labels), -1, "", -1)
         if "skip" in out:
             raise ValueError(f"max_prompt_len {self.cfg.max_prompt_len} is too small for even "
                              f"the smallest image prompt: {out['message']}")
@@ -250,7 +250,7 @@ def collate(rows: Sequence[dict], valid: Sequence[bool], *, labels: Sequence[str
     grid_thw = np.stack([r["grid_thw"] for r in rows]).astype(np.int32)
     position_ids, rope_deltas = get_rope_index(
         input_ids, grid_thw, attention_mask, image_token_id=ids.image_pad,
-        vision_start_token_id=ids.vision_start, spatial_merge_size=base.MERGE_SIZE)
+        vision_start_token_id=ids.vision_start, spatial_merge_size=recipe.MERGE_SIZE)
     patches = patch_bucket(max(r["pixel_values"].shape[0] for r in rows), cfg.patch_buckets)
     pixel_values, image_grid_thw = pack_row_images(
         [[(r["pixel_values"], r["grid_thw"])] for r in rows], patches)

@@ -1,7 +1,7 @@
 """`emo_synth`: a procedurally generated emotion data set, made from a seed (no files).
 
 The rule (what a model has to learn). Three binary visual cues pick one of the eight Mikels
-labels (configs/base.py MIKELS_LABELS):
+labels (emor3_jax/recipe.py MIKELS_LABELS):
 
     warm   (valence):  hue red..yellow (warm)              vs  cyan..violet (cool)
     sharp  (arousal):  vivid (saturation 0.70-0.95) with    vs  muted (saturation 0.12-0.32)
@@ -14,7 +14,7 @@ labels (configs/base.py MIKELS_LABELS):
     contentment   1    0     1         sadness     0    0     1
     awe           1    0     0         fear        0    0     0
 
-Valence always follows configs/base.py VALENCE_AROUSAL (warm = positive) and arousal follows
+Valence always follows emor3_jax/recipe.py VALENCE_AROUSAL (warm = positive) and arousal follows
 it for seven labels (sharp = high). Fear is the exception: Mikels' quadrants hold 2/2/3/1
 labels, which a 2x2x2 grid cannot, so fear takes the cool-smooth-dark cell (darkness, fog).
 
@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 
-LABELS = base.LABELS["emo_synth"]
+LABELS = recipe.LABELS["emo_synth"]
 CUE_NAMES = ("warm", "sharp", "bright")
 LABEL_CUES = {
     "amusement": (1, 1, 1), "excitement": (1, 1, 0), "contentment": (1, 0, 1), "awe": (1, 0, 0),

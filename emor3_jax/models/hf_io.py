@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from emor3_jax import model_source, sharding
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.models.config import Qwen2_5_VLConfig
 
 log = logging.getLogger(__name__)
@@ -302,8 +302,8 @@ def _parse_size(size) -> int:
 
 
 def save_hf(params, config: Qwen2_5_VLConfig, out_dir: str, *, max_shard_size="5GB",
-            tokenizer=None, min_pixels: int = base.MIN_PIXELS,
-            max_pixels: int = base.MAX_PIXELS) -> str:
+            tokenizer=None, min_pixels: int = recipe.MIN_PIXELS,
+            max_pixels: int = recipe.MAX_PIXELS) -> str:
     """Write a servable Hugging Face directory: safetensors (sharded with an index when over
     max_shard_size), config.json, generation_config.json, preprocessor_config.json (images
     resized to [min_pixels, max_pixels], as in the run) and, given `tokenizer`, the tokenizer
@@ -379,10 +379,10 @@ def _write_weights(params, config: Qwen2_5_VLConfig, out_dir: str, limit: int, w
 
 
 def write_serving_files(out_dir: str, config: Qwen2_5_VLConfig, tokenizer=None,
-                        min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS):
+                        min_pixels: int = recipe.MIN_PIXELS, max_pixels: int = recipe.MAX_PIXELS):
     """What a server needs besides weights and config.json, as Qwen2.5-VL-*-Instruct has it.
 
-    generation_config.json: stop at any of configs/base.py EOS_TOKENS (`<|im_end|>`,
+    generation_config.json: stop at any of emor3_jax/recipe.py EOS_TOKENS (`<|im_end|>`,
     `<|endoftext|>`; the model's eos without a tokenizer), no sampling defaults (the run's
     sampling is a client choice). preprocessor_config.json: Qwen2VLImageProcessor with the
     model's patch/merge geometry and the run's pixel budget (both the v5 `size` and the 4.x
@@ -395,8 +395,8 @@ def write_serving_files(out_dir: str, config: Qwen2_5_VLConfig, tokenizer=None,
 
     t, v = config.text, config.vision
     if tokenizer is not None:
-        eos = [int(tokenizer.convert_tokens_to_ids(x)) for x in base.EOS_TOKENS]
-        pad = int(tokenizer.convert_tokens_to_ids(base.PAD_TOKEN))
+        eos = [int(tokenizer.convert_tokens_to_ids(x)) for x in recipe.EOS_TOKENS]
+        pad = int(tokenizer.convert_tokens_to_ids(recipe.PAD_TOKEN))
     else:
         eos = list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else [t.eos_token_id]
         pad = t.pad_token_id
@@ -404,8 +404,8 @@ def write_serving_files(out_dir: str, config: Qwen2_5_VLConfig, tokenizer=None,
     preprocessor = {
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
         "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255,
-        "do_normalize": True, "image_mean": list(base.IMAGE_MEAN),
-        "image_std": list(base.IMAGE_STD),
+        "do_normalize": True, "image_mean": list(recipe.IMAGE_MEAN),
+        "image_std": list(recipe.IMAGE_STD),
         "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
         "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
         "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,

@@ -3,7 +3,7 @@
 The official Jinja template is kept below and the Python renderer is tested against
 transformers' `apply_chat_template(..., chat_template=QWEN2_5_VL_CHAT_TEMPLATE)`; rendering in
 Python keeps the data pipeline free of Jinja and of the tokenizer's own (possibly different)
-template. Prompt strings use the `<image>` marker (configs/base.py IMAGE_MARKER) where the
+template. Prompt strings use the `<image>` marker (emor3_jax/recipe.py IMAGE_MARKER) where the
 image goes; a prompt without a marker gets its image(s) first, as in the EMO-R3 task prompts.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 
 # The chat template of Qwen/Qwen2.5-VL-3B-Instruct (tokenizer_config.json / chat_template.json).
 QWEN2_5_VL_CHAT_TEMPLATE = (
@@ -41,13 +41,13 @@ _TEMPLATE_DEFAULT_SYSTEM = "You are a helpful assistant."
 def task_prompt(question: str, prompt_format: str = "set") -> str:
     """The user text of a task: question stripped, the format's separator and instruction.
 
-    `prompt_format` is a key of configs/base.py PROMPT_FORMATS ("set", "grpo_think", "plain");
+    `prompt_format` is a key of emor3_jax/recipe.py PROMPT_FORMATS ("set", "grpo_think", "plain");
     "plain" is the stripped question alone (zero-shot / SFT style).
     """
-    if prompt_format not in base.PROMPT_FORMATS:
+    if prompt_format not in recipe.PROMPT_FORMATS:
         raise ValueError(f"unknown prompt_format {prompt_format!r}; expected one of "
-                         f"{sorted(base.PROMPT_FORMATS)} (configs/base.py PROMPT_FORMATS)")
-    separator, instruction = base.PROMPT_FORMATS[prompt_format]
+                         f"{sorted(recipe.PROMPT_FORMATS)} (emor3_jax/recipe.py PROMPT_FORMATS)")
+    separator, instruction = recipe.PROMPT_FORMATS[prompt_format]
     question = question.strip()
     return question if instruction is None else question + separator + instruction
 
@@ -61,7 +61,7 @@ def user_content(text: str, num_images: int) -> str | list[dict[str, Any]]:
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
-    pieces = text.split(base.IMAGE_MARKER)
+    pieces = text.split(recipe.IMAGE_MARKER)
     markers = len(pieces) - 1
     if markers == 0 and num_images == 0:
         return text
@@ -71,7 +71,7 @@ def user_content(text: str, num_images: int) -> str | list[dict[str, Any]]:
             content.append({"type": "text", "text": text})
         return content
     if markers != num_images:
-        raise ValueError(f"prompt has {markers} {base.IMAGE_MARKER} marker(s) but {num_images} "
+        raise ValueError(f"prompt has {markers} {recipe.IMAGE_MARKER} marker(s) but {num_images} "
                          f"image(s) were given: {text[:80]!r}")
     content = []
     for i, piece in enumerate(pieces):
@@ -83,7 +83,8 @@ def user_content(text: str, num_images: int) -> str | list[dict[str, Any]]:
 
 
 def build_messages(text: str, num_images: int,
-                   system_prompt: str | None = base.DEFAULT_SYSTEM_PROMPT) -> list[dict[str, Any]]:
+                   system_prompt: str | None = recipe.DEFAULT_SYSTEM_PROMPT
+                   ) -> list[dict[str, Any]]:
     """[system, user] messages for one prompt (`system_prompt=None`: the template adds its own)."""
     messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
     return messages + [{"role": "user", "content": user_content(text, num_images)}]
@@ -114,12 +115,12 @@ def render_chat(messages: Sequence[dict[str, Any]], *, add_generation_prompt: bo
                     images += 1
                     if add_vision_id:
                         out.append(f"Picture {images}: ")
-                    out.append(base.VISION_START + base.IMAGE_PAD + base.VISION_END)
+                    out.append(recipe.VISION_START + recipe.IMAGE_PAD + recipe.VISION_END)
                 elif _is_video(item):
                     videos += 1
                     if add_vision_id:
                         out.append(f"Video {videos}: ")
-                    out.append(base.VISION_START + base.VIDEO_PAD + base.VISION_END)
+                    out.append(recipe.VISION_START + recipe.VIDEO_PAD + recipe.VISION_END)
                 elif "text" in item:
                     out.append(item["text"])
         out.append(f"{_IM_END}\n")
@@ -129,7 +130,7 @@ def render_chat(messages: Sequence[dict[str, Any]], *, add_generation_prompt: bo
 
 
 def render_prompt(text: str, num_images: int,
-                  system_prompt: str | None = base.DEFAULT_SYSTEM_PROMPT) -> str:
+                  system_prompt: str | None = recipe.DEFAULT_SYSTEM_PROMPT) -> str:
     """Full prompt string: system turn, one user turn (images + text), assistant prefix.
 
     Each image appears as a single `<|image_pad|>`; `expand_image_pads` / `encode_prompt`
@@ -140,13 +141,13 @@ def render_prompt(text: str, num_images: int,
 
 def expand_image_pads(prompt: str, token_counts: Sequence[int]) -> str:
     """Replace the i-th `<|image_pad|>` by token_counts[i] copies (what the HF processor does)."""
-    pieces = prompt.split(base.IMAGE_PAD)
+    pieces = prompt.split(recipe.IMAGE_PAD)
     if len(pieces) - 1 != len(token_counts):
-        raise ValueError(f"prompt holds {len(pieces) - 1} {base.IMAGE_PAD} but "
+        raise ValueError(f"prompt holds {len(pieces) - 1} {recipe.IMAGE_PAD} but "
                          f"{len(token_counts)} image token counts were given")
     out = [pieces[0]]
     for count, piece in zip(token_counts, pieces[1:]):
-        out += [base.IMAGE_PAD * int(count), piece]
+        out += [recipe.IMAGE_PAD * int(count), piece]
     return "".join(out)
 
 
@@ -159,8 +160,8 @@ def _image_token_counts(grid_thw_list, merge_size: int) -> list[int]:
 # Token ids.
 
 def encode_prompt(tokenizer, text_with_marker: str, grid_thw_list=(), *,
-                  merge_size: int = base.MERGE_SIZE,
-                  system_prompt: str | None = base.DEFAULT_SYSTEM_PROMPT) -> np.ndarray:
+                  merge_size: int = recipe.MERGE_SIZE,
+                  system_prompt: str | None = recipe.DEFAULT_SYSTEM_PROMPT) -> np.ndarray:
     """Prompt token ids [L] int32: chat-rendered, each image pad widened to its token count.
 
     `grid_thw_list` has one (t, h, w) per image (empty for a text-only prompt). Equal to
@@ -170,12 +171,12 @@ def encode_prompt(tokenizer, text_with_marker: str, grid_thw_list=(), *,
     counts = _image_token_counts(grid_thw_list, merge_size)
     prompt = render_prompt(text_with_marker, len(counts), system_prompt)
     ids = np.asarray(tokenizer.encode(prompt, add_special_tokens=False), dtype=np.int32)
-    pad_id = tokenizer.convert_tokens_to_ids(base.IMAGE_PAD)
+    pad_id = tokenizer.convert_tokens_to_ids(recipe.IMAGE_PAD)
     is_pad = ids == pad_id
     if int(is_pad.sum()) != len(counts):
-        raise ValueError(f"prompt tokenizes to {int(is_pad.sum())} {base.IMAGE_PAD} for "
+        raise ValueError(f"prompt tokenizes to {int(is_pad.sum())} {recipe.IMAGE_PAD} for "
                          f"{len(counts)} image(s); does the text contain a literal "
-                         f"{base.IMAGE_PAD}? {text_with_marker[:80]!r}")
+                         f"{recipe.IMAGE_PAD}? {text_with_marker[:80]!r}")
     repeats = np.ones(len(ids), dtype=np.int64)
     repeats[is_pad] = counts
     return np.repeat(ids, repeats)

@@ -21,16 +21,16 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 
 # Largest allowed max(h, w) / min(h, w); beyond it the patch grid degenerates (HF's limit).
 MAX_ASPECT_RATIO = 200
 _RESCALE_FACTOR = 1 / 255
 
 
-def smart_resize(height: int, width: int, factor: int = base.PATCH_SIZE * base.MERGE_SIZE,
-                 min_pixels: int = base.MIN_PIXELS,
-                 max_pixels: int = base.MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = recipe.PATCH_SIZE * recipe.MERGE_SIZE,
+                 min_pixels: int = recipe.MIN_PIXELS,
+                 max_pixels: int = recipe.MAX_PIXELS) -> tuple[int, int]:
     """Target (height, width): multiples of `factor`, area within [min, max] pixels, aspect kept.
 
     Same rounding as Hugging Face's Qwen2-VL `smart_resize` (Python's round-half-to-even, then
@@ -57,8 +57,8 @@ def smart_resize(height: int, width: int, factor: int = base.PATCH_SIZE * base.M
     return h_bar, w_bar
 
 
-def release_preresize_size(height: int, width: int, min_pixels: int = base.MIN_PIXELS,
-                           max_pixels: int = base.MAX_PIXELS) -> tuple[int, int]:
+def release_preresize_size(height: int, width: int, min_pixels: int = recipe.MIN_PIXELS,
+                           max_pixels: int = recipe.MAX_PIXELS) -> tuple[int, int]:
     """(height, width) after the release's PIL pre-resize into [min_pixels, max_pixels].
 
     The size arithmetic of EasyR1's `process_image`: an image above max_pixels is scaled by
@@ -81,8 +81,8 @@ def release_preresize_size(height: int, width: int, min_pixels: int = base.MIN_P
     return height, width
 
 
-def release_preresize(image: Image.Image, min_pixels: int = base.MIN_PIXELS,
-                      max_pixels: int = base.MAX_PIXELS) -> Image.Image:
+def release_preresize(image: Image.Image, min_pixels: int = recipe.MIN_PIXELS,
+                      max_pixels: int = recipe.MAX_PIXELS) -> Image.Image:
     """The release's pre-resize of a PIL image (EasyR1 `process_image`), in the image's own mode.
 
     Same calls as released: `image.resize((width, height))` with PIL's default filter (BICUBIC;
@@ -103,8 +103,9 @@ def release_preresize(image: Image.Image, min_pixels: int = base.MIN_PIXELS,
     return image
 
 
-def target_size(height: int, width: int, *, min_pixels: int = base.MIN_PIXELS,
-                max_pixels: int = base.MAX_PIXELS, factor: int = base.PATCH_SIZE * base.MERGE_SIZE,
+def target_size(height: int, width: int, *, min_pixels: int = recipe.MIN_PIXELS,
+                max_pixels: int = recipe.MAX_PIXELS,
+                factor: int = recipe.PATCH_SIZE * recipe.MERGE_SIZE,
                 preresize: bool = True) -> tuple[int, int]:
     """(height, width) the model sees: release pre-resize (if `preresize`), then smart_resize."""
     if preresize:
@@ -112,7 +113,7 @@ def target_size(height: int, width: int, *, min_pixels: int = base.MIN_PIXELS,
     return smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
-def num_image_tokens(grid_thw: Sequence[int], merge_size: int = base.MERGE_SIZE) -> int:
+def num_image_tokens(grid_thw: Sequence[int], merge_size: int = recipe.MERGE_SIZE) -> int:
     """LLM tokens (`<|image_pad|>` copies) for one image: t*h*w / merge_size^2."""
     t, h, w = (int(v) for v in grid_thw)
     if h % merge_size or w % merge_size:
@@ -120,9 +121,9 @@ def num_image_tokens(grid_thw: Sequence[int], merge_size: int = base.MERGE_SIZE)
     return t * h * w // (merge_size * merge_size)
 
 
-def grid_thw_for_size(height: int, width: int, *, min_pixels: int = base.MIN_PIXELS,
-                      max_pixels: int = base.MAX_PIXELS, patch_size: int = base.PATCH_SIZE,
-                      merge_size: int = base.MERGE_SIZE, preresize: bool = True
+def grid_thw_for_size(height: int, width: int, *, min_pixels: int = recipe.MIN_PIXELS,
+                      max_pixels: int = recipe.MAX_PIXELS, patch_size: int = recipe.PATCH_SIZE,
+                      merge_size: int = recipe.MERGE_SIZE, preresize: bool = True
                       ) -> tuple[int, int, int]:
     """The (t, h, w) patch grid an image of this size gets, without decoding its pixels.
 
@@ -207,9 +208,9 @@ def to_rgb_uint8(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-def patchify(image_chw: np.ndarray, *, patch_size: int = base.PATCH_SIZE,
-             merge_size: int = base.MERGE_SIZE,
-             temporal_patch_size: int = base.TEMPORAL_PATCH_SIZE) -> np.ndarray:
+def patchify(image_chw: np.ndarray, *, patch_size: int = recipe.PATCH_SIZE,
+             merge_size: int = recipe.MERGE_SIZE,
+             temporal_patch_size: int = recipe.TEMPORAL_PATCH_SIZE) -> np.ndarray:
     """[C, H, W] -> [grid_h*grid_w, C*T*P*P] in HF order (merge windows contiguous).
 
     Rows run over (h_block, w_block, h_in_block, w_in_block) so each run of merge_size^2 rows
@@ -230,11 +231,12 @@ def patchify(image_chw: np.ndarray, *, patch_size: int = base.PATCH_SIZE,
                            channels * temporal_patch_size * patch_size * patch_size)
 
 
-def process_image(image: Image.Image | np.ndarray, *, min_pixels: int = base.MIN_PIXELS,
-                  max_pixels: int = base.MAX_PIXELS, patch_size: int = base.PATCH_SIZE,
-                  merge_size: int = base.MERGE_SIZE,
-                  temporal_patch_size: int = base.TEMPORAL_PATCH_SIZE,
-                  mean: Sequence[float] = base.IMAGE_MEAN, std: Sequence[float] = base.IMAGE_STD,
+def process_image(image: Image.Image | np.ndarray, *, min_pixels: int = recipe.MIN_PIXELS,
+                  max_pixels: int = recipe.MAX_PIXELS, patch_size: int = recipe.PATCH_SIZE,
+                  merge_size: int = recipe.MERGE_SIZE,
+                  temporal_patch_size: int = recipe.TEMPORAL_PATCH_SIZE,
+                  mean: Sequence[float] = recipe.IMAGE_MEAN,
+                  std: Sequence[float] = recipe.IMAGE_STD,
                   preresize: bool = True) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image -> (pixel_values [n_patches, 3*T*P*P] float32, grid_thw (1, h, w)).
 

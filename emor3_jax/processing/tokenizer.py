@@ -12,10 +12,10 @@ import os
 import re
 from pathlib import Path
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.processing import chat
 
-# Qwen2.5-VL special tokens that base.SPECIAL_TOKENS leaves out (the pipeline never uses them);
+# Qwen2.5-VL special tokens that recipe.SPECIAL_TOKENS leaves out (the pipeline never uses them);
 # the demo tokenizer carries them too so its special-token block has Qwen's layout.
 _OTHER_QWEN_SPECIAL_TOKENS = {
     "<|object_ref_start|>": 151646,
@@ -35,18 +35,18 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 def qwen_special_tokens() -> list[str]:
     """All Qwen2.5-VL special tokens (strings) in Qwen id order, 151643 ... 151656."""
-    ids = {**base.SPECIAL_TOKENS, **_OTHER_QWEN_SPECIAL_TOKENS}
+    ids = {**recipe.SPECIAL_TOKENS, **_OTHER_QWEN_SPECIAL_TOKENS}
     return sorted(ids, key=ids.get)
 
 
 def response_tag_tokens() -> list[str]:
     """Tags the policy writes (`<step1>` ... `</step3>`, `<think>`, `</think>`, `\\boxed{`).
 
-    Read from the prompt instructions in configs/base.py so they cannot drift from the prompts.
+    Read from the prompt instructions in emor3_jax/recipe.py so they cannot drift from the prompts.
     """
-    text = base.SET_INSTRUCTION + "\n" + base.GRPO_THINK_INSTRUCTION
+    text = recipe.SET_INSTRUCTION + "\n" + recipe.GRPO_THINK_INSTRUCTION
     tags = list(dict.fromkeys(re.findall(r"</?[A-Za-z]+\d*>", text)))
-    boxed = re.search(r"\\boxed\{", base.SET_INSTRUCTION).group(0)
+    boxed = re.search(r"\\boxed\{", recipe.SET_INSTRUCTION).group(0)
     return tags + [boxed]
 
 
@@ -82,10 +82,10 @@ def load_tokenizer(path: str | os.PathLike, *, field: str = "tokenizer directory
 
 
 def check_special_tokens(tokenizer, where: str = "tokenizer") -> None:
-    """Raises ValueError unless every configs/base.py special token is one special id."""
+    """Raises ValueError unless every emor3_jax/recipe.py special token is one special id."""
     problems = []
     added = tokenizer.added_tokens_decoder
-    for token in base.SPECIAL_TOKENS:
+    for token in recipe.SPECIAL_TOKENS:
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             problems.append(f"{token} encodes to {len(ids)} ids {ids[:8]} (not a single token)")
@@ -112,18 +112,18 @@ class TokenIds:
 
 
 def token_ids(tokenizer) -> TokenIds:
-    """Look up `TokenIds` (strings from configs/base.py) in `tokenizer`."""
+    """Look up `TokenIds` (strings from emor3_jax/recipe.py) in `tokenizer`."""
     check_special_tokens(tokenizer)
 
     def one(token: str) -> int:
         return int(tokenizer.convert_tokens_to_ids(token))
 
     return TokenIds(
-        image_pad=one(base.IMAGE_PAD), video_pad=one(base.VIDEO_PAD),
-        vision_start=one(base.VISION_START), vision_end=one(base.VISION_END),
-        im_start=one("<|im_start|>"), im_end=one("<|im_end|>"), pad=one(base.PAD_TOKEN),
-        eos=tuple(one(t) for t in base.EOS_TOKENS),
-        forbidden=tuple(one(t) for t in base.FORBIDDEN_IN_RESPONSE),
+        image_pad=one(recipe.IMAGE_PAD), video_pad=one(recipe.VIDEO_PAD),
+        vision_start=one(recipe.VISION_START), vision_end=one(recipe.VISION_END),
+        im_start=one("<|im_start|>"), im_end=one("<|im_end|>"), pad=one(recipe.PAD_TOKEN),
+        eos=tuple(one(t) for t in recipe.EOS_TOKENS),
+        forbidden=tuple(one(t) for t in recipe.FORBIDDEN_IN_RESPONSE),
         vocab_size=len(tokenizer))
 
 
@@ -210,17 +210,18 @@ def demo_corpus() -> list[str]:
     Label words are repeated in every form they take (after a space, inside `\\boxed{}`, at a
     line start) so each becomes one or two tokens.
     """
-    labels = sorted({label for labels in base.LABELS.values() for label in labels})
-    lines = [base.DEFAULT_SYSTEM_PROMPT, base.SET_INSTRUCTION, base.GRPO_THINK_INSTRUCTION,
-             base.JUDGE_NONE_TEXT_PROMPT, base.JUDGE_NONE_IMAGE_PROMPT]
-    for name in sorted(base.LABELS):
-        question = base.question_text(base.LABELS[name])
-        lines += [question, question + "\n\n" + base.SET_INSTRUCTION]
-        lines.append(base.COHERENCE_TEMPLATE.format(
+    labels = sorted({label for labels in recipe.LABELS.values() for label in labels})
+    lines = [recipe.DEFAULT_SYSTEM_PROMPT, recipe.SET_INSTRUCTION, recipe.GRPO_THINK_INSTRUCTION,
+             recipe.JUDGE_NONE_TEXT_PROMPT, recipe.JUDGE_NONE_IMAGE_PROMPT]
+    for name in sorted(recipe.LABELS):
+        question = recipe.question_text(recipe.LABELS[name])
+        lines += [question, question + "\n\n" + recipe.SET_INSTRUCTION]
+        lines.append(recipe.COHERENCE_TEMPLATE.format(
             text="The scene shows people. A human would feel it.",
-            labels=", ".join(base.LABELS[name])))
-    lines.append(base.CONSISTENCY_TEMPLATE.format(text="A person smiles in the park."))
-    lines += [f"{valence} {arousal} arousal" for valence, arousal in base.VALENCE_AROUSAL.values()]
+            labels=", ".join(recipe.LABELS[name])))
+    lines.append(recipe.CONSISTENCY_TEMPLATE.format(text="A person smiles in the park."))
+    lines += [f"{valence} {arousal} arousal"
+              for valence, arousal in recipe.VALENCE_AROUSAL.values()]
     lines += _COMMON_ENGLISH.strip().splitlines()
     for label in labels:
         lines += [label, " " + label, label.capitalize(), f"{{{label}}}",
@@ -260,9 +261,9 @@ def build_demo_tokenizer(out_dir: str | os.PathLike | None = None):
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token=base.PAD_TOKEN, bos_token=None,
+        tokenizer_object=tk, eos_token="<|im_end|>", pad_token=recipe.PAD_TOKEN, bos_token=None,
         unk_token=None, additional_special_tokens=[t for t in specials
-                                                   if t not in ("<|im_end|>", base.PAD_TOKEN)],
+                                                   if t not in ("<|im_end|>", recipe.PAD_TOKEN)],
         clean_up_tokenization_spaces=False, model_max_length=32768)
     tokenizer.chat_template = chat.QWEN2_5_VL_CHAT_TEMPLATE
     check_special_tokens(tokenizer, where="demo tokenizer")

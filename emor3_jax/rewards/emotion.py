@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from emor3_jax.configs import base
+from emor3_jax import recipe
 
 # --------------------------------------------------------------------------------------------
 # Patterns (all from docs/method.md / the released reward functions).
@@ -129,23 +129,23 @@ def consistency_span(response: str) -> str | None:
 def coherence_prompt(response: str, labels: Sequence[str]) -> str:
     """Text-only judge prompt: does step1+step2 alone imply an emotion from `labels`?
 
-    `labels` is the data set's label tuple (e.g. `base.LABELS["emoset2k"]`), joined by ', '.
+    `labels` is the data set's label tuple (e.g. `recipe.LABELS["emoset2k"]`), joined by ', '.
     """
     if isinstance(labels, str):
         raise TypeError(f"coherence_prompt: labels must be a sequence of label strings (e.g. "
-                        f"configs/base.py LABELS['emoset2k']), got the string {labels!r}")
+                        f"emor3_jax/recipe.py LABELS['emoset2k']), got the string {labels!r}")
     span = coherence_span(response)
     if not span:
-        return base.JUDGE_NONE_TEXT_PROMPT
-    return base.COHERENCE_TEMPLATE.format(text=span, labels=", ".join(labels))
+        return recipe.JUDGE_NONE_TEXT_PROMPT
+    return recipe.COHERENCE_TEMPLATE.format(text=span, labels=", ".join(labels))
 
 
 def consistency_prompt(response: str) -> str:
     """Judge prompt with the `<image>` marker: can step 1 describe the image?"""
     span = consistency_span(response)
     if not span:
-        return base.JUDGE_NONE_IMAGE_PROMPT
-    return base.CONSISTENCY_TEMPLATE.format(text=span)
+        return recipe.JUDGE_NONE_IMAGE_PROMPT
+    return recipe.CONSISTENCY_TEMPLATE.format(text=span)
 
 
 def coherence_score(judge_answer: str, label: str) -> float:
@@ -197,7 +197,7 @@ def _single_word(text: str, words: Mapping[str, re.Pattern]) -> str | None:
 
 
 def valence_arousal_reward(response: str, label: str) -> float:
-    """Step-3 valence/arousal check in {0, 0.5, 1} against configs/base.py VALENCE_AROUSAL.
+    """Step-3 valence/arousal check in {0, 0.5, 1} against emor3_jax/recipe.py VALENCE_AROUSAL.
 
     Detection (this project's definition, tighter than the authors' substring test):
       * step 3 = text inside the first `<step3>...</step3>` of the normalized response
@@ -212,14 +212,14 @@ def valence_arousal_reward(response: str, label: str) -> float:
     error: this preset is defined for the Mikels labels only.
     """
     key = label.strip().lower()
-    if key not in base.VALENCE_AROUSAL:
-        raise ValueError(f"valence_arousal_reward: label {label!r} has no entry in configs/base.py "
-                         f"VALENCE_AROUSAL (known: {sorted(base.VALENCE_AROUSAL)}); use the "
+    if key not in recipe.VALENCE_AROUSAL:
+        raise ValueError(f"valence_arousal_reward: label {label!r} has no entry in recipe.py "
+                         f"VALENCE_AROUSAL (known: {sorted(recipe.VALENCE_AROUSAL)}); use the "
                          f"valence_arousal reward preset only with Mikels-label data sets")
     text = step3_text(response)
     if text is None:
         return 0.0
-    want_polarity, want_arousal = base.VALENCE_AROUSAL[key]
+    want_polarity, want_arousal = recipe.VALENCE_AROUSAL[key]
     score = 0.0
     if _single_word(text, _POLARITY_WORDS) == want_polarity:
         score += 0.5
@@ -380,7 +380,7 @@ def judge_prompts(responses: Sequence[str], dataset_labels: Sequence[str],
                   preset: str | RewardPreset) -> tuple[list[str] | None, list[str] | None]:
     """(coherence prompts, consistency prompts) for the judge passes the preset needs (else None).
 
-    `dataset_labels` is the data set's label tuple (configs/base.py LABELS[name]).
+    `dataset_labels` is the data set's label tuple (emor3_jax/recipe.py LABELS[name]).
     """
     preset = get_preset(preset)
     coherence = ([coherence_prompt(r, dataset_labels) for r in responses]

@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from emor3_jax import patches as patch_lib
-from emor3_jax.configs import base
+from emor3_jax import recipe
 from emor3_jax.processing import chat
 from emor3_jax.processing import image as image_lib
 from emor3_jax.processing import tokenizer as tokenizer_lib
@@ -132,7 +132,7 @@ class Judge:
                  params=None, temperature: float = 0.6, top_p: float = 0.95,
                  max_new_tokens: int = 2048, mesh=None, chunk_size: int | None = 64,
                  buckets: SamplerBuckets | None = None, memory_limit_bytes: int | None = None,
-                 min_pixels: int = base.MIN_PIXELS, max_pixels: int = base.MAX_PIXELS,
+                 min_pixels: int = recipe.MIN_PIXELS, max_pixels: int = recipe.MAX_PIXELS,
                  share_prefix: bool = True, shared_suffix_max: int = 0):
         if mode not in MODES:
             raise ValueError(f"judge mode {mode!r} (config.reward.judge_mode) must be one of "
@@ -191,7 +191,7 @@ class Judge:
         for token in self._special_strings:
             removed += clean.count(token)
             clean = clean.replace(token, "")
-        head, marker, rest = "", base.IMAGE_MARKER, clean
+        head, marker, rest = "", recipe.IMAGE_MARKER, clean
         for _ in range(num_images):
             before, found, rest = rest.partition(marker)
             if not found:
@@ -226,8 +226,8 @@ class Judge:
                              "image (or None) per prompt")
         rows, row_images, distinct = [], [], {}
         for i, (prompt, img) in enumerate(zip(prompts, images)):
-            if img is not None and base.IMAGE_MARKER not in prompt:
-                raise ValueError(f"judge prompt {i} has an image but no {base.IMAGE_MARKER} "
+            if img is not None and recipe.IMAGE_MARKER not in prompt:
+                raise ValueError(f"judge prompt {i} has an image but no {recipe.IMAGE_MARKER} "
                                  f"marker: {prompt[:80]!r}")
             if img is None:
                 rows.append(chat.encode_prompt(self.tokenizer, self.sanitize(prompt, 0)))
@@ -387,7 +387,7 @@ def _special_strings(tokenizer) -> list[str]:
     """Every special-token string of the tokenizer, longest first (so none hides another)."""
     strings = set(getattr(tokenizer, "all_special_tokens", []))
     strings.update(tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special)
-    strings.update(base.SPECIAL_TOKENS)
+    strings.update(recipe.SPECIAL_TOKENS)
     return sorted((s for s in strings if s), key=len, reverse=True)
 
 
