@@ -162,6 +162,10 @@ def get_config():
     # 2048-token prompts, -1 does not fit: 32-row micro-batches of 512-token responses).
     c.rl.micro_batch_tokens = 0
     c.rl.logprob_micro_batch_tokens = 0   # the same for the log-prob passes
+    # The most responses per device a budget may put in one micro-batch (0: no cap), for
+    # what token slots do not count (see above).
+    c.rl.micro_batch_max_size = 0
+    c.rl.logprob_micro_batch_max_size = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-6

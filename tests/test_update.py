@@ -393,6 +393,10 @@ def test_token_budget_packs_short_responses_many_to_a_micro_batch(setup):
     fixed = batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
                                       length_buckets=(2,))
     assert len(fixed.items) == 8
+    # a row cap (rl.micro_batch_max_size): the short responses go two, not four, to a pass
+    capped = batching.pack_micro_batches(*args, group_size=G, micro_batch_rows=1,
+                                         length_buckets=(2,), token_budget=budget, max_rows=2)
+    assert [len(r) for r in capped.rows] == [2, 2, 2, 2]
     # within the budget everywhere: its own slots, counted per device
     for item in mbs.items:
         n, p = item.inputs.response_ids.shape[1], item.inputs.prompt_ids.shape[1]
@@ -431,6 +435,12 @@ def test_check_config_names_a_token_budget_that_holds_no_micro_batch():
                                          r"one micro-batch .* use at least 6144"):
         check()
     c.rl.micro_batch_tokens = 6144
+    check()
+    c.rl.micro_batch_max_size = 1           # fewer than the 2 responses per device
+    with pytest.raises(ValueError, match=r"config.rl.micro_batch_max_size=1: .* at least "
+                                         r"rl.micro_batch_size=2"):
+        check()
+    c.rl.micro_batch_max_size = 8
     check()
     c.rl.loss_agg = "microbatch_token_mean"
     with pytest.raises(ValueError, match=r"config.rl.micro_batch_tokens=6144 needs "

@@ -23,7 +23,7 @@ from emor3_jax.aot.cost import kernel_flops, matmul_flops
 from emor3_jax.aot.shapes import (JUDGE_CANDIDATE_TOKENS, JUDGE_TEMPLATE_TOKENS, Image,
                                   Lengths, Shapes, _round_up, image_for, lengths_for,
                                   model_config, step_shapes)
-from emor3_jax.learners.grpo import judge_buckets, rollout_buckets, token_budget
+from emor3_jax.learners.grpo import judge_buckets, rollout_buckets, row_cap, token_budget
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import Qwen2_5_VLConfig
 from emor3_jax.rewards import emotion
@@ -96,7 +96,7 @@ def abstract_update_batch(model_cfg: Qwen2_5_VLConfig, shapes: Shapes, image: Im
     return _stack_micro_batches(batch, shapes.mini_batch_rows // micro_rows)
 
 
-def micro_batch_shapes(ctx: BuildContext, base_rows: int, token_budget: int
+def micro_batch_shapes(ctx: BuildContext, base_rows: int, token_budget: int, max_rows: int = 0
                        ) -> list[tuple[int, int, int]]:
     """(rows, response length, calls per step) of the micro-batches the trainer's packer
     (`pack_micro_batches`) cuts a mini-batch into at the context's lengths. Fixed rows: one
@@ -108,8 +108,9 @@ def micro_batch_shapes(ctx: BuildContext, base_rows: int, token_budget: int
     calls = lambda n: -(-s.mini_batch_rows // n) * s.mini_batches
     if not token_budget:
         return [(base_rows, s.response_len, calls(base_rows))]
-    rows_at = lambda t: batching_lib.budget_rows(token_budget, base_rows, s.mini_batch_rows,
-                                               s.group, s.prompt_len, t, s.dp)
+    most = min(s.mini_batch_rows, max_rows) if max_rows else s.mini_batch_rows
+    rows_at = lambda t: batching_lib.budget_rows(token_budget, base_rows, most, s.group,
+                                               s.prompt_len, t, s.dp)
     if ctx.lengths is not None:
         n = rows_at(s.response_len)
         return [(n, s.response_len, calls(n))]
@@ -452,7 +453,8 @@ def reference_programs(ctx: BuildContext) -> list[Program]:
         passes.append(("old log-probs", ("policy params",), ctx.params))
     fn = update_lib.make_logprob_fn(ctx.model, ctx.mesh, chunk=c.rl.logprob_chunk)
     shapes = micro_batch_shapes(ctx, s.logprob_micro_rows,
-                                token_budget(c, s.dp, "logprob_micro_batch_tokens"))
+                                token_budget(c, s.dp, "logprob_micro_batch_tokens"),
+                                row_cap(c, s.dp, "logprob_micro_batch_tokens"))
     programs = []
     for name, uses, params in passes:
         for k, (n, t, calls) in enumerate(shapes):
@@ -492,7 +494,8 @@ def update_programs(ctx: BuildContext) -> list[Program]:
     sums = jax.ShapeDtypeStruct((step.num_summed_metrics,), jnp.float32, sharding=rep)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     programs = []
-    shapes = micro_batch_shapes(ctx, s.micro_rows, token_budget(c, s.dp, "micro_batch_tokens"))
+    shapes = micro_batch_shapes(ctx, s.micro_rows, token_budget(c, s.dp, "micro_batch_tokens"),
+                                row_cap(c, s.dp, "micro_batch_tokens"))
     for k, (n, t, calls) in enumerate(shapes):
         prog = Program("update gradients" if k == 0 else f"update gradients, {n} rows",
                        f"1 micro-batch of {n} rows ({-(-s.mini_batch_rows // n)} per "

@@ -59,6 +59,16 @@ def token_budget(config, data_parallel: int, field: str) -> int:
     return rows_budget(config, data_parallel, field) if budget == -1 else budget
 
 
+_ROW_CAP_OF_BUDGET = {"micro_batch_tokens": "micro_batch_max_size",
+                      "logprob_micro_batch_tokens": "logprob_micro_batch_max_size"}
+
+
+def row_cap(config, data_parallel: int, field: str) -> int:
+    """The most rows a micro-batch packed by the token budget rl.<field> may take (global):
+    rl.micro_batch_max_size / rl.logprob_micro_batch_max_size per device; 0: no cap."""
+    return int(config.rl.get(_ROW_CAP_OF_BUDGET[field], 0)) * data_parallel
+
+
 def rollout_buckets(config) -> SamplerBuckets:
     """The rollout and evaluation sampler's shape buckets (the trainer's and the AOT's)."""
     r = config.rollout
@@ -141,6 +151,11 @@ class GRPOLearner(Learner):
         fails mid-run), and needs the token-mean loss."""
         rl = config.rl
         for field, rows_field in _ROWS_OF_BUDGET.items():
+            cap_field, cap = _ROW_CAP_OF_BUDGET[field], rl.get(_ROW_CAP_OF_BUDGET[field], 0)
+            if not (isinstance(cap, int) and (cap == 0 or cap >= rl[rows_field])):
+                raise ValueError(f"config.rl.{cap_field}={cap!r}: the most responses per "
+                                 f"device in a micro-batch, at least rl.{rows_field}="
+                                 f"{rl[rows_field]} (0 = no cap)")
             budget = rl.get(field, 0)
             if budget == 0:
                 continue
@@ -300,7 +315,8 @@ class GRPOLearner(Learner):
             self.model.config, prompts, tokens, mask, group_size=c.rollout.group_size,
             micro_batch_rows=lp_micro, length_buckets=tuple(c.rl.length_buckets),
             prompt_buckets=tuple(c.data.prompt_buckets),
-            token_budget=token_budget(c, dp, "logprob_micro_batch_tokens"), data_parallel=dp)
+            token_budget=token_budget(c, dp, "logprob_micro_batch_tokens"), data_parallel=dp,
+            max_rows=row_cap(c, dp, "logprob_micro_batch_tokens"))
         return update_lib.micro_batch_logprobs(self.logprob_fn, params, batches)
 
     def _update_mini_batch(self, state, prompts, tokens, mask, advantages, old, ref,
@@ -316,5 +332,6 @@ class GRPOLearner(Learner):
             group_size=c.rollout.group_size, micro_batch_rows=micro,
             sort=c.rl.loss_agg == "token_mean", length_buckets=tuple(c.rl.length_buckets),
             prompt_buckets=tuple(c.data.prompt_buckets),
-            token_budget=token_budget(c, dp, "micro_batch_tokens"), data_parallel=dp)
+            token_budget=token_budget(c, dp, "micro_batch_tokens"), data_parallel=dp,
+            max_rows=row_cap(c, dp, "micro_batch_tokens"))
         return self.update_fn(state, batches)

@@ -340,6 +340,7 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
                        advantages=None, old_logp=None, ref_logp=None, *, group_size: int,
                        micro_batch_rows: int, sort: bool = True, length_buckets=(),
                        prompt_buckets=None, token_budget: int = 0, data_parallel: int = 1,
+                       max_rows: int = 0,
                        vision_padding: VisionPadding = DEFAULT_VISION_PADDING) -> MicroBatches:
     """Length-aware micro-batches of a mini-batch (`MicroBatches`): same arguments and the same
     rows per micro-batch as `pack_update_batch` (without advantages: `pack_policy_inputs`,
@@ -359,6 +360,8 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
     bucketed lengths fit the budget, starting at a multiple of its row count (a micro-batch of
     G or more rows holds whole prompts). Short responses travel many to a micro-batch, long
     ones few: fewer passes over the weights for the same tokens. (verl's use_dynamic_bsz.)
+    max_rows (> 0): no micro-batch takes more rows (token slots undercount what a row holds
+    besides its tokens: an LM-head logit chunk, attention rows over the prompt).
     Images stay padded to one size over the micro-batches of one row count.
     """
     responses = np.asarray(responses)
@@ -421,6 +424,7 @@ def pack_micro_batches(config, prompts: PromptBatch, responses, response_mask,
                     f"token slots per device, more than the token budget {token_budget}: raise "
                     "the budget or lower the micro-batch rows")
             while (start % (2 * n) == 0 and start + 2 * n <= n_rows
+                   and (not max_rows or 2 * n <= max_rows)
                    and slots(start, 2 * n) <= token_budget):
                 n *= 2
         spans.append((start, n))
