@@ -232,6 +232,16 @@ def test_a_single_chip_runtime_says_what_fits_instead():
     assert runtime.check(tpu_v4.get_config(), jax.devices()[:1]).fits is None   # CPU: unknown
 
 
+def test_decode_roofline_without_a_cost_analysis_says_n_a():
+    """A deviceless CUDA compile has no cost analysis (XLA bytes 0): the decode roofline table
+    prints n/a for XLA's bytes instead of dividing by zero (the GPU report once failed so)."""
+    from emor3_jax.aot import report
+    program = aot.Program(name="rollout decode", shapes="", uses=(), calls=1, group="rollout")
+    program.min_step_bytes = 2 * 2 ** 30
+    rows = report.decode_table([program], aot.resolve_topology("h100x8").chip)
+    assert rows[-1].startswith("| rollout decode | 2.00 GiB | n/a | n/a |"), rows
+
+
 def test_gpu_nodes_resolve_and_need_the_cuda_plugin():
     """h100x8 is one node of 8 H100s (jax's CUDA topology 1x1x8), compiled against 90 % of each
     GPU; without jax's CUDA plugin (the aot-gpu extra; not in the test extra) the tool says

@@ -101,11 +101,11 @@ def decode_table(programs: list[Program], chip: Chip) -> list[str]:
         return []
     rows = ["| decode program | minimal bytes/step | XLA bytes/step | minimal / XLA | "
             "roofline/step | est./step |", "|---|---|---|---|---|---|"]
-    for p in decodes:
-        rows.append(f"| {p.name} | {gib(p.min_step_bytes)} GiB | {gib(p.xla_bytes)} GiB | "
-                    f"{100 * p.min_step_bytes / p.xla_bytes:.0f}% | "
-                    f"{secs(p.min_step_bytes / chip.hbm_bandwidth)} | "
-                    f"{secs(p.xla_bytes / chip.hbm_bandwidth)} |")
+    for p in decodes:       # no XLA bytes without a cost analysis (deviceless CUDA): n/a
+        xla = (f"{gib(p.xla_bytes)} GiB", f"{100 * p.min_step_bytes / p.xla_bytes:.0f}%",
+               secs(p.xla_bytes / chip.hbm_bandwidth)) if p.xla_bytes else ("n/a",) * 3
+        rows.append(f"| {p.name} | {gib(p.min_step_bytes)} GiB | {xla[0]} | {xla[1]} | "
+                    f"{secs(p.min_step_bytes / chip.hbm_bandwidth)} | {xla[2]} |")
     return ["", "Decode steps against their memory roofline (per device; minimal = every "
             "decoder weight and the live KV cache read once, at the window's mean length; "
             "XLA = its bytes accessed in one loop iteration):", ""] + rows
