@@ -92,8 +92,9 @@ def analyze(config, topology: Topology, *, image: str = "typical",
     if topology.chip.platform == "cuda":
         notes.append("deviceless CUDA compilation gives no cost analysis: FLOPs are the "
                      "jaxpr's matmuls and cuDNN attention calls (forward 4*T*S*head_dim per "
-                     "head, backward 10*T*S*head_dim), and times are FLOP-bound only (no bytes "
-                     f"figure); the memory limit is {100 * hbm_fraction:g}% of each GPU, the "
+                     "head, backward 10*T*S*head_dim), and times are FLOP-bound (no bytes "
+                     "figure) except decode, priced at its minimal bytes per step (the decoder "
+                     f"weights and the live KV cache read once); the memory limit is {100 * hbm_fraction:g}% of each GPU, the "
                      "share launch/slurm_gpu.sbatch lets XLA's allocator take "
                      "(XLA_PYTHON_CLIENT_MEM_FRACTION)")
     if mc.attention_impl == "splash":

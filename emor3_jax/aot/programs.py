@@ -160,9 +160,12 @@ class Program:
 
     def seconds(self, chip: Chip) -> float:
         """Roofline time on `chip`: FLOPs at the MXU's peak or bytes at HBM bandwidth,
-        whichever takes longer (a lower bound where overlap or collectives fall short)."""
+        whichever takes longer (a lower bound where overlap or collectives fall short).
+        Without XLA's bytes (no cost analysis: deviceless CUDA) a decode step still reads
+        its minimal bytes (`min_step_bytes`), so decode is not priced as if FLOP-bound."""
+        step_bytes = self.xla_bytes or self.min_step_bytes
         return max(self.flops / chip.peak_flops,
-                   self.xla_bytes * self.loop_scale / chip.hbm_bandwidth)
+                   step_bytes * self.loop_scale / chip.hbm_bandwidth)
 
 
 def compile_program(program: Program, traced, *, while_trips: int = 1, log=None):
