@@ -25,5 +25,6 @@ def get_config(method: str = "emor3"):
     c.rollout.chunk_size = 32            # prompts per sampler call (x G = 256 rows)
     c.reward.judge_chunk_size = 64       # judge prompts per sampler call: 128 calls per step
     c.rl.micro_batch_size = 1            # responses per chip per accumulation step
+    c.rl.micro_batch_tokens = 0          # fixed rows: tpu_v4.py's token budget is not compiled here
     c.rl.logprob_micro_batch_size = 16   # responses per chip per log-prob step
     return base.apply_method(c, method)
