@@ -12,8 +12,8 @@ is set, each against 32 GiB per chip with the train state (fp32 params, fp32 Ada
 the bf16 reference resident (12.25 GiB/chip).
 
 Fits a v4-8 with fp32 master weights: peak 28.7 GiB live per chip (judge prefill) of 30.4
-usable; the update 26.9 (AOT, README). What made room (with bf16 compute unchanged):
-model.attention = "splash" (the TPU Pallas kernel: no fp32 [T, S] scores); the log-prob passes
+usable; the update 24.6 (its 16-row micro-batches; AOT, README). What made room (with bf16
+compute unchanged): model.attention = "splash" (the TPU Pallas kernel: no fp32 [T, S] scores); the log-prob passes
 run prompts and responses through each layer in one scan (rl/logprobs.py: one stacked fp32
 gradient of the layers, not one per pass); the LM head is vocabulary-parallel in the log-prob
 chunks (no [rows, chunk, vocab] fp32 logit cotangents gathered on every chip); the update's
