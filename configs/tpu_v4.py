@@ -16,8 +16,9 @@ usable; the update 24.6 (its 16-row micro-batches; AOT, README). What made room 
 compute unchanged): model.attention = "splash" (the TPU Pallas kernel: no fp32 [T, S]
 scores); the log-prob passes run prompts and responses through each layer in one scan
 (rl/logprobs.py: one stacked fp32 gradient of the layers, not one per pass); the LM head is
-vocabulary-parallel in the log-prob chunks (no [rows, chunk, vocab] fp32 logit cotangents gathered on every chip); the update's
-pixel rows are sharded, not replicated. Knobs (AOT, this config):
+vocabulary-parallel in the log-prob chunks (no [rows, chunk, vocab] fp32 logit cotangents
+gathered on every chip); the update's pixel rows are sharded, not replicated. Knobs (AOT, this
+config):
 - model.remat = "full": the update keeps only each layer's input for the backward pass.
 - rl.micro_batch_size = 2 (responses/device per accumulation step): the update needs 25.2 GiB
   + the reference params (1.75) = 26.9 live.
