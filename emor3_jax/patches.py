@@ -29,31 +29,25 @@ def _host_mesh() -> Mesh:
 
 
 class PatchStore:
-    """A global batch's patch rows [hosts * rows_per_host * P, D] fp32 on device, each host's
-    block on its own devices; `on(mesh)` the same rows re-laid over another mesh's devices."""
+    """A global batch's patch rows [N, D] fp32 on device (from `from_host_rows`: each host's
+    block on its own devices); `on(mesh)` the same rows re-laid over another mesh's devices."""
 
-    def __init__(self, array: jax.Array, patches_per_row: int, rows_per_host: int):
+    def __init__(self, array: jax.Array):
         self.array, self.dim = array, int(array.shape[1])
-        self.patches_per_row, self.rows_per_host = patches_per_row, rows_per_host
         self._placed: dict = {}
 
     @classmethod
     def from_host_rows(cls, local_rows: np.ndarray, rows_per_host: int) -> "PatchStore":
         """local_rows [b, P, D]: this host's rows (b <= rows_per_host, the same P and D on
-        every host; rows past b are zero). Every process calls it, with its own rows."""
+        every host; rows past b are zero). Every process calls it, with its own rows; host h's
+        batch row r, patch j is store row (h * rows_per_host + r) * P + j (`host_rows_index`)."""
         b, p, d = local_rows.shape
         block = np.zeros((rows_per_host * p, d), np.float32)
         block[:b * p] = local_rows.reshape(b * p, d)
         mesh = _host_mesh()
         axes = ("hosts", "local") if (rows_per_host * p) % mesh.shape["local"] == 0 else "hosts"
         return cls(jax.make_array_from_process_local_data(
-            NamedSharding(mesh, P(axes)), block, (jax.process_count() * rows_per_host * p, d)),
-            p, rows_per_host)
-
-    def row_index(self, host: int, rows: int) -> np.ndarray:
-        """[rows, P] store row indices of host `host`'s first `rows` batch rows."""
-        first = host * self.rows_per_host * self.patches_per_row
-        return first + np.arange(rows * self.patches_per_row).reshape(rows, -1)
+            NamedSharding(mesh, P(axes)), block, (jax.process_count() * rows_per_host * p, d)))
 
     def on(self, mesh: Mesh) -> jax.Array:
         """The rows laid over `mesh`'s devices (rows split over all its axes where they divide,
@@ -64,6 +58,13 @@ class PatchStore:
             spec = P(axes) if axes and n % np.prod([mesh.shape[a] for a in axes]) == 0 else P()
             self._placed[mesh] = jax.device_put(self.array, NamedSharding(mesh, spec))
         return self._placed[mesh]
+
+
+def host_rows_index(rows: Sequence[int], rows_per_host: int, patches: int) -> np.ndarray:
+    """[sum(rows), P] store row indices of the hosts' batch rows in process order (host h
+    has rows[h] of them) in a `PatchStore.from_host_rows` store."""
+    return np.concatenate([(h * rows_per_host + np.arange(n))[:, None] * patches
+                           + np.arange(patches)[None] for h, n in enumerate(rows)])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -135,8 +136,8 @@ def _one_store(parts: Sequence) -> tuple[PatchStore, list[np.ndarray]]:
     offsets = dict(zip(map(id, stores), np.cumsum([0] + [s.array.shape[0] for s in stores])))
     array = jax.jit(lambda *a: jnp.concatenate(a), out_shardings=stores[0].array.sharding)(
         *[s.array for s in stores])
-    store = PatchStore(array, stores[0].patches_per_row, stores[0].rows_per_host)
-    return store, [np.where(p.index >= 0, p.index + offsets[id(p.store)], -1) for p in parts]
+    return PatchStore(array), [np.where(p.index >= 0, p.index + offsets[id(p.store)], -1)
+                               for p in parts]
 
 
 def concatenate(parts: Sequence, axis: int = 0):

@@ -23,8 +23,8 @@ IMAGE_SPECS = [("astronaut", (200, 280)), ("chelsea", (240, 160)), ("coffee", (1
 def _on_device(batch: PromptBatch) -> PromptBatch:
     """The batch with its pixel rows in a PatchStore (this process's rows: all of them)."""
     store = patch_lib.PatchStore.from_host_rows(batch.pixel_values, batch.num_rows)
-    return batch.replace(pixel_values=patch_lib.DevicePatches(
-        store, store.row_index(0, batch.num_rows)))
+    return batch.replace(pixel_values=patch_lib.DevicePatches(store, patch_lib.host_rows_index(
+        [batch.num_rows], batch.num_rows, batch.pixel_values.shape[1])))
 
 
 def _rows(x, mesh=None):

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from emor3_jax import patches as patch_lib
 from emor3_jax.batches import PromptBatch, concat_prompt_batches
 from emor3_jax.data.pipeline import BatchIterator, PipelineConfig, patch_bucket
 
@@ -76,13 +77,13 @@ class GlobalBatchIterator:
         if pixels is None:
             self.pixel_bytes_kept = 0
             return out
-        from emor3_jax import patches as patch_lib
-        local = np.zeros((pixels.shape[0], self._patches_of(out), pixels.shape[2]), np.float32)
+        patches = self._patches_of(out)
+        local = np.zeros((pixels.shape[0], patches, pixels.shape[2]), np.float32)
         local[:, :pixels.shape[1]] = pixels
         rows = [b.num_rows for b in batches]
         store = patch_lib.PatchStore.from_host_rows(local, rows_per_host=max(rows))
         self.pixel_bytes_kept = int(pixels.nbytes)
-        index = np.concatenate([store.row_index(h, n) for h, n in enumerate(rows)])
+        index = patch_lib.host_rows_index(rows, max(rows), patches)
         return out.replace(pixel_values=patch_lib.DevicePatches(store, index))
 
     def skip_counts(self) -> dict[str, int]:

@@ -35,15 +35,17 @@ def logprob_micro_rows(rows_per_call: int, mini_batch_rows: int) -> int:
     return min(rows_per_call, mini_batch_rows)
 
 
-_ROWS_OF_BUDGET = {"micro_batch_tokens": "micro_batch_size",
-                   "logprob_micro_batch_tokens": "logprob_micro_batch_size"}
+# a token budget field -> (its fewest rows per device, its most rows per device)
+_ROWS_OF_BUDGET = {"micro_batch_tokens": ("micro_batch_size", "micro_batch_max_size"),
+                   "logprob_micro_batch_tokens": ("logprob_micro_batch_size",
+                                                  "logprob_micro_batch_max_size")}
 
 
 def rows_budget(config, data_parallel: int, field: str) -> int:
     """Token slots per device that the fewest rows of a micro-batch (rl.micro_batch_size or
     rl.logprob_micro_batch_size per device, for rl.<field>) compute at the longest lengths."""
     rl, r = config.rl, config.rollout
-    rows_per_device = rl[_ROWS_OF_BUDGET[field]]
+    rows_per_device = rl[_ROWS_OF_BUDGET[field][0]]
     rows = min(rows_per_device * data_parallel, rl.mini_batch_size * r.group_size)
     return batching_lib.micro_batch_slots(
         rows, -(-rows // r.group_size), _round_up(config.data.max_prompt_len,
@@ -59,14 +61,10 @@ def token_budget(config, data_parallel: int, field: str) -> int:
     return rows_budget(config, data_parallel, field) if budget == -1 else budget
 
 
-_ROW_CAP_OF_BUDGET = {"micro_batch_tokens": "micro_batch_max_size",
-                      "logprob_micro_batch_tokens": "logprob_micro_batch_max_size"}
-
-
 def row_cap(config, data_parallel: int, field: str) -> int:
     """The most rows a micro-batch packed by the token budget rl.<field> may take (global):
     rl.micro_batch_max_size / rl.logprob_micro_batch_max_size per device; 0: no cap."""
-    return int(config.rl.get(_ROW_CAP_OF_BUDGET[field], 0)) * data_parallel
+    return int(config.rl.get(_ROWS_OF_BUDGET[field][1], 0)) * data_parallel
 
 
 def rollout_buckets(config) -> SamplerBuckets:
@@ -150,8 +148,8 @@ class GRPOLearner(Learner):
         """A token budget must hold the fewest rows at the longest lengths (else the packer
         fails mid-run), and needs the token-mean loss."""
         rl = config.rl
-        for field, rows_field in _ROWS_OF_BUDGET.items():
-            cap_field, cap = _ROW_CAP_OF_BUDGET[field], rl.get(_ROW_CAP_OF_BUDGET[field], 0)
+        for field, (rows_field, cap_field) in _ROWS_OF_BUDGET.items():
+            cap = rl.get(cap_field, 0)
             if not (isinstance(cap, int) and (cap == 0 or cap >= rl[rows_field])):
                 raise ValueError(f"config.rl.{cap_field}={cap!r}: the most responses per "
                                  f"device in a micro-batch, at least rl.{rows_field}="
