@@ -79,6 +79,8 @@ def get_config(method: str = "cold_start"):
     c.sft.batch_size = 32
     c.sft.random_labels = True
     c.sft.target = "set_caption"     # step 1 = what the image shows; the label stays random
+    c.sft.max_len = 48               # the rollout's length: a target is 42-43 tokens (128 padded
+                                     # every row to 2.7x its length; same loss and gradients)
 
     c.train.max_steps = 150
     c.train.eval_every = 25
