@@ -174,7 +174,7 @@ def sampling_params(model, params, mesh):
     arrays and on ShapeDtypeStructs (AOT)."""
     dtype = model.config.compute_dtype
     return jax.tree.map(lambda x, where: _in_dtype(x, dtype, where), params,
-                        qwen2_5_vl.param_shardings(model, mesh))
+                        qwen2_5_vl.param_shardings(model, mesh, sharding.SAMPLING_RULES))
 
 
 def check_update_precision(config) -> None:

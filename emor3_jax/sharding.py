@@ -39,6 +39,13 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_heads", "tensor"),  # KV-cache key/value heads (unflattened)
     ("act_embed", None),        # the residual stream between layers (activations)
 )
+# The sampling copy of the weights (policy.sampling_params) and the sampler's activations: the
+# vocabulary over fsdp x tensor, so a decode step's LM head gives each device a vocabulary slice
+# of every row's logits. With the embedding split over `embed` (FSDP), XLA contracts over the
+# split and all-reduces fp32 partial logits of every row ([rows, V]) at every token: 4x the
+# bytes on a v4-8, in HBM and on the interconnect.
+SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, ("fsdp", "tensor")) for name in ("vocab", "mlp", "heads", "kv_heads")) + LOGICAL_RULES
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, field: str = "config.mesh"

@@ -116,6 +116,8 @@ def test_tiny_step_fits_on_v4_8(config_file):
     for name, cells in roofline.items():
         minimal, xla = (float(x.split()[0]) for x in cells[1:3])
         assert 0 < minimal < xla and cells[3] == f"{100 * minimal / xla:.0f}%", cells
+        # what a step moves between the 4 chips (the rows live on different chips)
+        assert re.fullmatch(r"(\S+ [\d.]+ [KM]iB)(, \S+ [\d.]+ [KM]iB)*", cells[6]), cells
     assert programs["rollout prefill"][1].startswith("8 prompts x 64 tokens"), programs
     # the programs the trainer runs (rl.length_aware): log-probs one micro-batch per call (a
     # mini-batch of 64 responses = 4 micro-batches of 4 rows x 4 devices); the gradients of
@@ -173,6 +175,34 @@ def test_bad_usage_exits_2(config_file):
     assert code == 2 and "bogus" in err
     code, _, err = run_tool(f"--config={config_file}", "--lengths=4096,8")
     assert code == 2 and "--lengths=4096,8" in err, err
+
+
+def test_loop_collectives_are_counted_once_per_iteration(devices8):
+    """What a compiled loop body moves between devices, per iteration and device: a psum of a
+    [64, 32] fp32 block (8 KiB) and an all-gather of [16, 8] fp32 blocks from 8 devices (4 KiB
+    received), whatever the trip count; none outside a loop."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+    from emor3_jax import sharding
+    from emor3_jax.aot import hlo
+    mesh = sharding.make_mesh(1, 8, 1, devices=devices8)
+
+    def body(i, carry):
+        a, b = carry
+        return jax.lax.psum(a, "fsdp") * 0.5, b + jax.lax.all_gather(b, "fsdp").sum(0) * i
+
+    def program(trips):
+        loop = jax.shard_map(lambda a, b: jax.lax.fori_loop(0, trips, body, (a, b)), mesh=mesh,
+                             in_specs=(P(), P("fsdp")), out_specs=(P(), P("fsdp")))
+        return jax.jit(loop).lower(jnp.ones((64, 32)), jnp.ones((128, 8))).compile().as_text()
+
+    for trips in (3, 50):
+        assert hlo.loop_collective_bytes(program(trips)) == {"all-reduce": 64 * 32 * 4,
+                                                             "all-gather": 8 * 16 * 8 * 4}
+    no_loop = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "fsdp"), mesh=mesh,
+                                    in_specs=P(), out_specs=P()))
+    assert hlo.loop_collective_bytes(no_loop.lower(jnp.ones((4,))).compile().as_text()) == {}
 
 
 def test_splash_kernel_flops_are_counted_from_its_shapes(devices8):

@@ -415,3 +415,31 @@ def test_sampling_params_sample_like_the_master_weights(setup, devices8, compute
     np.testing.assert_array_equal(sampled.lengths, masters.lengths)
     np.testing.assert_allclose(sampled.logprobs, masters.logprobs,
                                atol=0 if rollout_mesh is None else 1e-5)
+
+
+def test_decode_on_a_mesh_moves_activations_not_weights(devices8):
+    # The sampling copy's layout (policy.sampling_params: heads, k/v and MLP columns and the
+    # vocabulary over the devices that split the rows) and the decode's activation layout: a
+    # step's collectives (aot.hlo.loop_collective_bytes of the compiled decode loop) carry a
+    # few [rows, D] activations per layer and the [rows, V] logits once; neither a weight nor
+    # the [rows, 2F] MLP activations that contracting over FSDP-split weights sums per layer.
+    from emor3_jax import policy
+    from emor3_jax.aot import hlo
+    cfg = tiny_config(intermediate_size=1024)                  # F wide next to D = 64
+    model = qwen2_5_vl.build_model(cfg)
+    mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+    params = policy.sampling_params(model, qwen2_5_vl.init_params(model, jax.random.key(0), mesh),
+                                    mesh)
+    prompts, group, length = 8, 8, 12
+    ids = np.random.default_rng(0).integers(0, cfg.text.vocab_size - 8, (prompts, length))
+    sampler = Sampler(model, mesh=mesh)
+    sampler.generate(params, ids.astype(np.int32), np.ones_like(ids, np.int32),
+                     max_new_tokens=4, num_samples=group)
+    (decode,) = sampler._decode.executables.values()
+    moved = hlo.loop_collective_bytes(decode.as_text())
+    rows, itemsize, t = prompts * group, 4, cfg.text
+    activations = t.num_hidden_layers * 8 * rows * t.hidden_size * itemsize
+    logits = 2 * rows * t.vocab_size * itemsize
+    assert 0 < sum(moved.values()) <= activations + logits, moved
+    mlp_sums = t.num_hidden_layers * rows * 2 * t.intermediate_size * itemsize
+    assert sum(moved.values()) < mlp_sums / 2, moved

@@ -48,10 +48,11 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def abstract_params(model, mesh):
-    """The parameter tree as ShapeDtypeStructs placed with the model's shardings."""
+def abstract_params(model, mesh, rules=None):
+    """The parameter tree as ShapeDtypeStructs placed with the model's shardings (`rules`:
+    sharding's LOGICAL_RULES by default)."""
     shapes = nn.unbox(qwen2_5_vl.abstract_params(model))
-    return _with_shardings(shapes, qwen2_5_vl.param_shardings(model, mesh))
+    return _with_shardings(shapes, qwen2_5_vl.param_shardings(model, mesh, rules))
 
 
 def abstract_train_state(model, optimizer, mesh) -> train_state_lib.TrainState:
@@ -149,6 +150,7 @@ class Program:
     extra_live: int = 0              # bytes live beside it that belong to no resident tree
     extra_what: str = ""
     min_step_bytes: float = 0.0      # decode: per device, what one step must read
+    collective_bytes: dict | None = None  # decode: per device, what one step's collectives move
 
     @property
     def total(self) -> int:
@@ -307,6 +309,7 @@ def _sampler_programs(ctx: BuildContext, sampler: Sampler, params, *, what: str,
         if compiled is not None and window is not None:
             dec.min_step_bytes = decode_step_bytes(params, *_abstract_outputs(traced, compiled),
                                                    start + max(0, trips) / 2)
+            dec.collective_bytes = hlo.loop_collective_bytes(compiled.as_text())
         start = window or start
     return programs
 
@@ -370,7 +373,7 @@ def judge_model(ctx: BuildContext):
     cfg = Qwen2_5_VLConfig.from_json_file(os.path.join(judge_dir, "config.json"),
                                           **policy_lib.runtime_fields(ctx.config.model))
     model = qwen2_5_vl.build_model(cfg)
-    return model, abstract_params(model, ctx.sample_mesh)
+    return model, abstract_params(model, ctx.sample_mesh, sharding.SAMPLING_RULES)
 
 
 def _score_continuations(ctx: BuildContext) -> tuple[int, int]:

@@ -297,10 +297,12 @@ def init_params(model: Qwen2_5_VLForConditionalGeneration, rng, mesh=None) -> An
     return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def param_shardings(model: Qwen2_5_VLForConditionalGeneration, mesh):
-    """NamedShardings of the parameter tree (logical names mapped by emor3_jax.sharding)."""
+def param_shardings(model: Qwen2_5_VLForConditionalGeneration, mesh, rules=None):
+    """NamedShardings of the parameter tree (logical names mapped by emor3_jax.sharding's
+    `rules`, by default its LOGICAL_RULES)."""
     from emor3_jax import sharding
-    return sharding.param_shardings(abstract_params(model), mesh)
+    return sharding.param_shardings(abstract_params(model), mesh,
+                                    rules=rules or sharding.LOGICAL_RULES)
 
 
 def count_params(params) -> int:

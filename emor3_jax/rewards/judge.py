@@ -51,7 +51,7 @@ import jax
 import numpy as np
 
 from emor3_jax import patches as patch_lib
-from emor3_jax import recipe
+from emor3_jax import recipe, sharding
 from emor3_jax.processing import chat
 from emor3_jax.processing import image as image_lib
 from emor3_jax.processing import tokenizer as tokenizer_lib
@@ -172,9 +172,9 @@ class Judge:
             from emor3_jax import model_source
             judge_dir = model_source.resolve(checkpoint_dir(reward_config),
                                              "config.reward.judge_dir")
-            model, params = qwen2_5_vl.load_hf(
+            model, params = qwen2_5_vl.load_hf(           # laid out as the sampler reads it
                 judge_dir, dtype=dtype or policy_model.config.compute_dtype,
-                mesh=mesh)
+                mesh=mesh, rules=sharding.SAMPLING_RULES)
         return cls(model, tokenizer, mode=reward_config.judge_mode,
                    source=reward_config.judge_source, params=params,
                    temperature=reward_config.judge_temperature,

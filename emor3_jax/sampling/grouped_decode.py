@@ -104,19 +104,39 @@ def with_empty_gen(prompt_k, prompt_v, prompt_mask, group_size: int,
 
 def split_layers(layer_params: Any, num_layers: int) -> list[Any]:
     """Stacked (nn.scan) layer parameters -> one tree per layer (slice once, outside the loop),
-    with the q/k/v kernels and biases concatenated into one `qkv` projection and the MLP's
-    gate/up kernels into one `gate_up`: a decode step runs 4 matmuls per layer instead of 7,
-    wider ones, which XLA:CPU runs faster for the few rows of a decode step."""
+    with the k/v kernels and biases interleaved into one `kv` projection and the MLP's gate/up
+    kernels into one `gate_up`: a decode step runs 5 matmuls per layer instead of 7, wider ones,
+    which XLA:CPU runs faster for the few rows of a decode step. Interleaving (not
+    concatenating) keeps a device's slice of the columns (`sharding.SAMPLING_RULES`) the same
+    slice of both halves, so nothing is gathered; q stays apart, as a GQA model has more q
+    columns than k/v ones."""
     a, mlp = layer_params["self_attn"], layer_params["mlp"]
-    cat = lambda *xs: jnp.concatenate(xs, axis=-1)
+    pair = lambda x, y: interleave(x, y)
     fused = {"input_layernorm": layer_params["input_layernorm"],
              "post_attention_layernorm": layer_params["post_attention_layernorm"],
-             "qkv": {name: cat(*(a[f"{x}_proj"][name] for x in "qkv"))
-                     for name in ("kernel", "bias")},
+             "q": a["q_proj"],
+             "kv": {name: pair(a["k_proj"][name], a["v_proj"][name])
+                    for name in ("kernel", "bias")},
              "o_proj": a["o_proj"],
-             "gate_up": cat(mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]),
+             "gate_up": pair(mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]),
              "down_proj": mlp["down_proj"]["kernel"]}
     return [jax.tree.map(lambda x, i=i: x[i], fused) for i in range(num_layers)]
+
+
+def interleave(x, y):
+    """[..., n] and [..., n] -> [..., 2n] with column j of each at 2j and 2j + 1: a device's
+    slice of the columns holds the same columns of both (`uninterleave` splits them)."""
+    return jnp.stack([x, y], axis=-1).reshape(*x.shape[:-1], 2 * x.shape[-1])
+
+
+def uninterleave(xy):
+    """The inverse of `interleave` on a projection's output [..., 2n] -> ([..., n], [..., n])."""
+    x, y = jnp.moveaxis(xy.reshape(*xy.shape[:-1], -1, 2), -1, 0)
+    return x, y
+
+
+def _no_constraint(x, names):
+    return x
 
 
 def attend(q, levels):
@@ -220,34 +240,49 @@ def grouped_attention(q, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, gen_vali
 
 
 def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv, slot,
-                gen_valid, sk=None, sv=None, smask=None, gen_mask=None):
+                gen_valid, sk=None, sv=None, smask=None, gen_mask=None,
+                constrain=_no_constraint):
     """One decoder layer for S new tokens per row (x [B*G, S, D]); writes their k/v at gen
     slots [slot, slot + S) and attends to the first gen_valid.shape[1] slots only (a decode
     window: the slots after it are unwritten, and reading them would cost as much as the
-    written ones)."""
+    written ones).
+
+    constrain(x, logical names): the activations' layout on a mesh (the sampler's). Rows live
+    with their cache (`batch`); each projection's input is every row on every device, its
+    output a slice of heads or MLP columns, and o_proj / down_proj sum their partial outputs
+    back onto the rows' devices. So the weights never move: each step moves activations of
+    [rows, D] a few times per layer, where the weights' FSDP split (over D) summed [rows, 2F]
+    MLP activations across devices at every layer and token."""
     c, t = config, config.text
     kw = dict(dtype=c.compute_dtype, param_dtype=c.params_dtype)
     n, s, _ = x.shape
-    nq, nkv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    h = L.RMSNorm(t.rms_norm_eps, **kw).apply({"params": p["input_layernorm"]}, x)
-    q, k, v = jnp.split(_dense(c, h, p["qkv"]["kernel"], p["qkv"]["bias"]), [nq, nq + nkv], -1)
-    q = L.apply_rotary(q.reshape(n, s, t.num_attention_heads, t.head_dim), cos, sin)
+    nq = t.num_attention_heads * t.head_dim
+    every_row = lambda h: constrain(h, (None, None, None))
+    h = every_row(L.RMSNorm(t.rms_norm_eps, **kw).apply({"params": p["input_layernorm"]}, x))
+    q = constrain(_dense(c, h, p["q"]["kernel"], p["q"]["bias"]), (None, None, "heads"))
+    k, v = uninterleave(_dense(c, h, p["kv"]["kernel"], p["kv"]["bias"]))
+    rows = lambda y: constrain(y, ("batch",) + (None,) * (y.ndim - 1))
+    q = rows(L.apply_rotary(q.reshape(n, s, t.num_attention_heads, t.head_dim), cos, sin))
     k = L.apply_rotary(k.reshape(n, s, t.num_key_value_heads, t.head_dim), cos, sin)
     v = v.reshape(n, s, t.num_key_value_heads, t.head_dim)
-    k = jnp.transpose(k, (0, 2, 3, 1)).astype(gk.dtype)                 # [B*G, K, D, S]
-    v = jnp.swapaxes(v, 1, 2).astype(gv.dtype)                          # [B*G, K, S, D]
+    k = rows(jnp.transpose(k, (0, 2, 3, 1)).astype(gk.dtype))          # [B*G, K, D, S]
+    v = rows(jnp.swapaxes(v, 1, 2).astype(gv.dtype))                   # [B*G, K, S, D]
     gk = jax.lax.dynamic_update_slice(gk, k, (0, 0, 0, slot))
     gv = jax.lax.dynamic_update_slice(gv, v, (0, 0, slot, 0))
     cast = lambda x: None if x is None else x.astype(q.dtype)
     w = gen_valid.shape[1]
-    out = grouped_attention(q, cast(pk), cast(pv), pmask, cast(gk[..., :w]),
-                            cast(gv[:, :, :w]), gen_valid, suffix_k=cast(sk),
-                            suffix_v=cast(sv), suffix_mask=smask,
-                            gen_mask=None if gen_mask is None else gen_mask[:, :w])
-    x = x + _dense(c, out.reshape(n, s, nq), p["o_proj"]["kernel"])
-    h = L.RMSNorm(t.rms_norm_eps, **kw).apply({"params": p["post_attention_layernorm"]}, x)
-    gate, up = jnp.split(_dense(c, h, p["gate_up"]), 2, -1)
-    return x + _dense(c, L.activation(t.hidden_act)(gate) * up, p["down_proj"]), gk, gv
+    out = rows(grouped_attention(q, cast(pk), cast(pv), pmask, cast(gk[..., :w]),
+                                 cast(gv[:, :, :w]), gen_valid, suffix_k=cast(sk),
+                                 suffix_v=cast(sv), suffix_mask=smask,
+                                 gen_mask=None if gen_mask is None else gen_mask[:, :w]))
+    out = constrain(out.reshape(n, s, nq), (None, None, "heads"))   # attention by rows, then
+                                                                    # heads to their devices
+    x = x + rows(_dense(c, out, p["o_proj"]["kernel"]))
+    h = every_row(L.RMSNorm(t.rms_norm_eps, **kw).apply(
+        {"params": p["post_attention_layernorm"]}, x))
+    gate, up = uninterleave(constrain(_dense(c, h, p["gate_up"]), (None, None, "mlp")))
+    mid = constrain(L.activation(t.hidden_act)(gate) * up, (None, None, "mlp"))
+    return x + rows(_dense(c, mid, p["down_proj"])), gk, gv
 
 
 def _dense(config: Qwen2_5_VLConfig, x, kernel, bias=None):
@@ -262,18 +297,20 @@ def _dense(config: Qwen2_5_VLConfig, x, kernel, bias=None):
 
 def decode_hidden(model, params, per_layer_params: list[Any], tokens, positions,
                   cache: GroupedCache, slot, gen_mask=None, gen_valid=None,
-                  window: int | None = None):
+                  window: int | None = None, constrain=_no_constraint):
     """Feed S tokens per row (tokens [B*G, S]; positions [B*G, S] = mRoPE positions, equal on
     all three rows) at gen slots [slot, slot + S), causal among themselves; return
     (final-norm hidden [B*G, S, D], updated cache). gen_mask [B*G, T] bool: per-row validity
     of the gen slots (None: all; a suffix prefill's left padding is False). gen_valid [S, T]
     bool: which gen slots new token s sees, instead of the causal default (slots up to its
     own), e.g. the ancestors in a token tree. window: attention reads gen slots [0, window)
-    only (static; slot + S <= window; None = all T)."""
+    only (static; slot + S <= window; None = all T). constrain: the activations' layout on a
+    mesh (`_layer_step`)."""
     c, t = model.config, model.config.text
     n, s = tokens.shape
-    x = model.apply({"params": params}, tokens,
-                    method=lambda m, ids: m.model.language_model.embed(ids))
+    x = constrain(model.apply({"params": params}, tokens,
+                              method=lambda m, ids: m.model.language_model.embed(ids)),
+                  ("batch", None, None))
     pos3 = jnp.broadcast_to(positions[None], (3, n, s))
     cos, sin = L.mrope(pos3, t.head_dim, t.rope_theta, t.mrope_section)     # [B*G, S, D]
     slots = jnp.arange(cache.max_new_tokens if window is None else window)
@@ -285,18 +322,8 @@ def decode_hidden(model, params, per_layer_params: list[Any], tokens, positions,
                   else (None, None, None))
         x, gk, gv = _layer_step(c, p, x, cos, sin, cache.prompt_k[i], cache.prompt_v[i],
                                 cache.prompt_mask, cache.gen_k[i], cache.gen_v[i], slot,
-                                gen_valid, *suffix, gen_mask)
+                                gen_valid, *suffix, gen_mask, constrain)
         gen_k.append(gk)
         gen_v.append(gv)
     h = model.apply({"params": params}, x, method=lambda m, h: m.model.language_model.norm(h))
     return h, cache.replace(gen_k=tuple(gen_k), gen_v=tuple(gen_v))
-
-
-def decode_step(model, params, per_layer_params: list[Any], tokens, positions,
-                cache: GroupedCache, slot, window: int | None = None):
-    """One sampling step: tokens [B*G] at positions [B*G] into gen slot `slot` (< window,
-    the gen slots attention reads; None = all); returns (fp32 logits [B*G, V], updated
-    cache)."""
-    h, cache = decode_hidden(model, params, per_layer_params, tokens[:, None],
-                             positions[:, None], cache, slot, window=window)
-    return model.apply({"params": params}, h[:, 0], method=lambda m, h: m.logits(h)), cache

@@ -85,7 +85,7 @@ class DecodeCarry:
 
 def spec(names, shape, mesh) -> P:
     """The PartitionSpec of logical axis `names` for an array of `shape` on `mesh`."""
-    return shd._fit_spec(shd.logical_to_spec(names), shape, mesh)
+    return shd._fit_spec(shd.logical_to_spec(names, shd.SAMPLING_RULES), shape, mesh)
 
 
 class SamplerPrograms:
@@ -102,6 +102,14 @@ class SamplerPrograms:
             return x
         return jax.lax.with_sharding_constraint(
             x, NamedSharding(self.mesh, spec(names, x.shape, self.mesh)))
+
+    def _logits(self, params, hidden):
+        """fp32 logits [rows, V] of final-norm hidden states [rows, D]: every row on every
+        device (a few MB), each device's vocabulary slice of the sampling copy's LM head
+        (`sharding.SAMPLING_RULES`), then `_choose` moves rows to their devices."""
+        hidden = self._constrain(hidden, (None, None))
+        logits = self.model.apply({"params": params}, hidden, method=lambda m, h: m.logits(h))
+        return self._constrain(logits, (None, "vocab"))
 
     def prefill(self, params, input_ids, attention_mask, position_ids, next_pos, row_valid,
                 pixel_values, vision_inputs, image_slot):
@@ -163,7 +171,8 @@ class SamplerPrograms:
         key_mask = attention_mask != 0
         hidden, cache = grouped_decode.decode_hidden(model, params, self._per_layer(params),
                                                      input_ids, positions, cache, 0,
-                                                     gen_mask=key_mask)
+                                                     gen_mask=key_mask,
+                                                     constrain=self._constrain)
         logits = model.apply({"params": params}, hidden[:, -1], method=lambda m, h: m.logits(h))
         return PromptState(prompt_k=state.prompt_k, prompt_v=state.prompt_v,
                            prompt_mask=state.prompt_mask, logits=logits.astype(jnp.float32),
@@ -244,9 +253,10 @@ class SamplerPrograms:
                 prompt_k=state.prompt_k, prompt_v=state.prompt_v, prompt_mask=state.prompt_mask,
                 gen_k=c.gen_k, gen_v=c.gen_v, suffix_k=state.suffix_k, suffix_v=state.suffix_v,
                 suffix_mask=state.suffix_mask)
-            logits, cache = grouped_decode.decode_step(model, params, per_layer, c.tok,
-                                                       positions + c.step - 1, cache,
-                                                       c.step - 1, window=window)
+            hidden, cache = grouped_decode.decode_hidden(
+                model, params, per_layer, c.tok[:, None], (positions + c.step - 1)[:, None],
+                cache, c.step - 1, window=window, constrain=self._constrain)
+            logits = self._logits(params, hidden[:, 0])
             tok, lp = self._choose(rng, row_ids, c.step, logits, allowed, temperature, top_p,
                                    settings.top_k)
             return self._record(c.replace(gen_k=cache.gen_k, gen_v=cache.gen_v), tok, lp,
@@ -273,7 +283,8 @@ class SamplerPrograms:
         positions = state.next_pos[:, None] + trie.depth[None, :]
         hidden, _ = grouped_decode.decode_hidden(model, params, self._per_layer(params),
                                                  tokens, positions, cache, 0,
-                                                 gen_valid=trie.visible)
+                                                 gen_valid=trie.visible,
+                                                 constrain=self._constrain)
         logits = model.apply({"params": params}, hidden, method=lambda m, h: m.logits(h))
         logits = logits.astype(jnp.float32) * inv_t                                  # [R, S, V]
         lse = jax.nn.logsumexp(logits, -1)                                           # [R, S]
