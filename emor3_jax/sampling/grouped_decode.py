@@ -111,14 +111,13 @@ def split_layers(layer_params: Any, num_layers: int) -> list[Any]:
     slice of both halves, so nothing is gathered; q stays apart, as a GQA model has more q
     columns than k/v ones."""
     a, mlp = layer_params["self_attn"], layer_params["mlp"]
-    pair = lambda x, y: interleave(x, y)
     fused = {"input_layernorm": layer_params["input_layernorm"],
              "post_attention_layernorm": layer_params["post_attention_layernorm"],
              "q": a["q_proj"],
-             "kv": {name: pair(a["k_proj"][name], a["v_proj"][name])
+             "kv": {name: interleave(a["k_proj"][name], a["v_proj"][name])
                     for name in ("kernel", "bias")},
              "o_proj": a["o_proj"],
-             "gate_up": pair(mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]),
+             "gate_up": interleave(mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]),
              "down_proj": mlp["down_proj"]["kernel"]}
     return [jax.tree.map(lambda x, i=i: x[i], fused) for i in range(num_layers)]
 
@@ -258,10 +257,10 @@ def _layer_step(config: Qwen2_5_VLConfig, p, x, cos, sin, pk, pv, pmask, gk, gv,
     n, s, _ = x.shape
     nq = t.num_attention_heads * t.head_dim
     every_row = lambda h: constrain(h, (None, None, None))
+    rows = lambda y: constrain(y, ("batch",) + (None,) * (y.ndim - 1))
     h = every_row(L.RMSNorm(t.rms_norm_eps, **kw).apply({"params": p["input_layernorm"]}, x))
     q = constrain(_dense(c, h, p["q"]["kernel"], p["q"]["bias"]), (None, None, "heads"))
     k, v = uninterleave(_dense(c, h, p["kv"]["kernel"], p["kv"]["bias"]))
-    rows = lambda y: constrain(y, ("batch",) + (None,) * (y.ndim - 1))
     q = rows(L.apply_rotary(q.reshape(n, s, t.num_attention_heads, t.head_dim), cos, sin))
     k = L.apply_rotary(k.reshape(n, s, t.num_key_value_heads, t.head_dim), cos, sin)
     v = v.reshape(n, s, t.num_key_value_heads, t.head_dim)
