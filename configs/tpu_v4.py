@@ -30,7 +30,7 @@ config):
   of short responses do not fit (token slots undercount each row's logit chunk).
 - rl.logprob_micro_batch_size = 32: the old log-prob pass needs 15.6 GiB + 8.75 resident.
 - rollout.chunk_size = 64 prompts (x G = 512 rows) per sampler call: prefill 10.4 GiB, decode
-  14.2 (+ 12.25 resident).
+  13.8 (+ 12.25 resident).
 - reward.judge_chunk_size = 96 judge prompts per call (the released "all at once" = 8192
   prompts of up to 4096 tokens needs terabytes): a 4096-token judge prefill of 96 prompts needs
   16.4 GiB + 12.25 resident = 28.7 live; 86 judge calls per step at most (342 at 24, the chunk
