@@ -35,9 +35,11 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                 "collective-permute", "collective-broadcast", "ragged-all-to-all")
 
 
-def _array_bytes(shapes: str) -> list[int]:
+def _array_bytes(shapes: str, scalars: bool = True) -> list[int]:
     out = []
     for dtype, dims in _ARRAY.findall(shapes):
+        if not (dims or scalars):
+            continue
         n = _ITEMSIZE[dtype]
         for d in filter(None, dims.split(",")):
             n *= int(d)
@@ -62,8 +64,9 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
 def loop_collective_bytes(hlo_text: str) -> dict[str, int]:
     """Per device, the bytes each kind of collective produces in one iteration of the
     program's longest while loop (compiled HLO text, `Compiled.as_text()`): what one decode
-    step moves between chips, which XLA's bytes accessed (HBM) do not show. An async
-    collective counts at its start, once (its result; an all-gather's, not its operand's)."""
+    step moves between chips, which its memory roofline does not show. An async collective
+    counts at its start, once: its result (an all-gather's or a collective-permute's, not the
+    operand or the scalar contexts its start also returns)."""
     comps = _computations(hlo_text)
     loops = [line for lines in comps.values() for line in lines if " while(" in line]
     if not loops:
@@ -76,8 +79,9 @@ def loop_collective_bytes(hlo_text: str) -> dict[str, int]:
         m = _INSTRUCTION.match(line)
         if not m or m.group(2).removesuffix("-start") not in _COLLECTIVES:
             continue
-        kind, sizes = m.group(2).removesuffix("-start"), _array_bytes(m.group(1))
-        if m.group(2).endswith("-start") and kind != "all-reduce" and len(sizes) > 1:
+        kind, start = m.group(2).removesuffix("-start"), m.group(2).endswith("-start")
+        sizes = _array_bytes(m.group(1), scalars=not start)
+        if start and kind != "all-reduce" and len(sizes) > 1:
             sizes = sizes[len(sizes) // 2:]        # (operands, results): the results
         moved[kind] = moved.get(kind, 0) + sum(sizes)
     return moved
