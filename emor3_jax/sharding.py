@@ -39,11 +39,12 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("cache_heads", "tensor"),  # KV-cache key/value heads (unflattened)
     ("act_embed", None),        # the residual stream between layers (activations)
 )
-# The sampling copy of the weights (policy.sampling_params) and the sampler's activations: the
-# vocabulary over fsdp x tensor, so a decode step's LM head gives each device a vocabulary slice
-# of every row's logits. With the embedding split over `embed` (FSDP), XLA contracts over the
-# split and all-reduces fp32 partial logits of every row ([rows, V]) at every token: 4x the
-# bytes on a v4-8, in HBM and on the interconnect.
+# The sampling copy of the weights (policy.sampling_params, a checkpoint judge) and the
+# sampler's activations: heads, k/v and MLP columns and the vocabulary over fsdp x tensor, the
+# devices that also split the rows, so a decode step moves activations, never weights. With the
+# weights split over `embed` (FSDP), XLA contracts over the split and sums [rows, 2F] MLP
+# activations and [rows, V] fp32 logits across devices at every layer and token
+# (docs/architecture.md).
 SAMPLING_RULES: tuple[tuple[str, Any], ...] = tuple(
     (name, ("fsdp", "tensor")) for name in ("vocab", "mlp", "heads", "kv_heads")) + LOGICAL_RULES
 
@@ -116,8 +117,11 @@ def _warn_once(what: str, mesh: Mesh, message: str) -> None:
         log.warning("sharding: %s", message)
 
 
-def param_shardings(boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
-    """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` parameters."""
+def param_shardings(boxed_params, mesh: Mesh, rules=None):
+    """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` parameters
+    (`rules`: LOGICAL_RULES unless given)."""
+    rules = rules or LOGICAL_RULES
+
     def one(path, x):
         if isinstance(x, nn.LogicallyPartitioned):
             spec = logical_to_spec(x.names, rules)

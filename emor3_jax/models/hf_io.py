@@ -220,7 +220,8 @@ def load_hf(hf_dir: str, dtype=jnp.float32, mesh=None, *, param_dtype=None, rule
     hub repo id `org/name[@revision]` (model_source.resolve). dtype: compute dtype (and
     parameter dtype unless param_dtype is given). mesh: when given,
     every tensor is placed onto its NamedSharding from emor3_jax.sharding.param_shardings (under
-    `rules`, default its LOGICAL_RULES), read shard by shard. runtime: further Qwen2_5_VLConfig runtime fields (remat, attention_impl).
+    `rules`, default its LOGICAL_RULES), read shard by shard. runtime: further Qwen2_5_VLConfig
+    runtime fields (remat, attention_impl).
     """
     from emor3_jax.models import qwen2_5_vl
     param_dtype = dtype if param_dtype is None else param_dtype
@@ -235,8 +236,7 @@ def load_hf(hf_dir: str, dtype=jnp.float32, mesh=None, *, param_dtype=None, rule
     _check_names(ckpt, specs, cfg)
     np_dtype = jnp.dtype(param_dtype)
     if mesh is not None:
-        shardings = sharding.param_shardings(boxed, mesh,
-                                             rules=rules or sharding.LOGICAL_RULES)
+        shardings = sharding.param_shardings(boxed, mesh, rules)
         flat_shardings = {tuple(k.key for k in p): s for p, s in
                           jax.tree_util.tree_flatten_with_path(shardings)[0]}
     leaves = {}

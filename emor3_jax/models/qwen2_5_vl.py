@@ -301,8 +301,7 @@ def param_shardings(model: Qwen2_5_VLForConditionalGeneration, mesh, rules=None)
     """NamedShardings of the parameter tree (logical names mapped by emor3_jax.sharding's
     `rules`, by default its LOGICAL_RULES)."""
     from emor3_jax import sharding
-    return sharding.param_shardings(abstract_params(model), mesh,
-                                    rules=rules or sharding.LOGICAL_RULES)
+    return sharding.param_shardings(abstract_params(model), mesh, rules)
 
 
 def count_params(params) -> int:
