@@ -508,17 +508,16 @@ def compile_cache_dir(config, workdir: str) -> str | None:
 
 
 def use_compile_cache(config, workdir: str) -> None:
-    """Turn on the persistent compilation cache, except for several CPU processes: jax's CPU
-    cache key does not record which process owns a device, and executables loaded from it
-    hang in their first cross-process collective (seen with jax 0.10)."""
+    """Turn on the persistent compilation cache. Several CPU processes get their own folder in
+    it, named by the process count: jax's CPU cache key names devices by id only, so a
+    one-process run's program over devices 0-3 and a two-process one's share a key, and the
+    one-process executable (no cross-process collectives) loaded by two processes hangs in its
+    first collective."""
     path = compile_cache_dir(config, workdir)
     if path is None:
         return
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        log.info("compilation cache off: %d CPU processes (loaded executables hang in "
-                 "cross-process collectives)", jax.process_count())
-        jax.config.update("jax_compilation_cache_dir", None)
-        return
+        path = fileio.join(path, f"cpu-{jax.process_count()}-processes")
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -2,8 +2,10 @@
 localhost) that train to the same parameters as one process with the same global batch.
 
 Runtime on 2 CPU cores: the two-process comparison ~190 s beside the other pytest worker in a
-clean-clone CI run (mostly XLA compiles in five processes, which share no compilation cache);
-each launch may take 480 s before it counts as a hang (a slow host's run must not).
+clean-clone CI run (mostly tracing and XLA compiles in five processes; the resumed two-process
+run loads its programs from the session's compilation cache, in the folder the trainer keeps
+for two CPU processes); each launch may take 480 s before it counts as a hang (a slow host's
+run must not).
 """
 import json
 import os
@@ -112,12 +114,6 @@ def _launch(workdir, flags_, *, processes: int, devices: int, timeout: int = 480
         f"--config.{k}={v}" for k, v in flags_.items()]
     env = {k: v for k, v in os.environ.items()     # nothing that would join another job
            if not k.startswith(("EMOR3_", "SLURM_", "TPU_WORKER", "MEGASCALE_"))}
-    if processes > 1:
-        # No persistent compilation cache across processes: a multi-process CPU run that loads
-        # its executables from the cache hangs in the first cross-process collective of the
-        # update step (both processes waiting; seen with jax 0.10.2, each time). One-process
-        # runs share the session's cache: their second seed compiles nothing.
-        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     # CPU compile time dominates these runs; both sides use the same XLA flags
     env.update(JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}",
