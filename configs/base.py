@@ -183,7 +183,7 @@ def get_config():
     c.sft.lr = 1e-5
     c.sft.batch_size = 32
     c.sft.random_labels = False
-    c.sft.target = "boxed"         # boxed | set_template | set_caption (emor3_jax/sft.py)
+    c.sft.target = "boxed"         # boxed | set_template | set_caption (emor3_jax/learners/sft.py)
     c.sft.max_len = 128            # target tokens
     c.sft.data = ""                # data set for SFT ("" = data.train)
 

@@ -13,7 +13,7 @@ Why a cold start first: a random policy over 151k ids essentially never writes
 `\\boxed{<label>}`, so every accuracy and format reward would be 0, every advantage 0, and GRPO
 would have nothing to learn from. As the recipe's Cold-Start-Emo (and the CPU demo) do, a few
 SFT steps first teach the answer *format* `\\boxed{label}`, with labels that ignore the image
-(`emor3_jax.sft`'s random-label idea): both photos are paired with the same 4 labels
+(`emor3_jax.learners.sft`'s random-label idea): both photos are paired with the same 4 labels
 (COLD_START_LABELS, which include both true labels), each equally often. After the cold start the
 boxed label is therefore at chance (~1/4 correct, so most groups of G = 8 have mixed rewards)
 and says nothing about which photo it is shown: any rise of the reward afterwards can only come
@@ -33,7 +33,8 @@ import optax
 import pytest
 import skimage.data
 
-from emor3_jax import sft, sharding
+from emor3_jax import sharding
+from emor3_jax.learners import sft
 from emor3_jax.configs import base
 from emor3_jax.data import pipeline
 from emor3_jax.models import qwen2_5_vl

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import emor3_jax.data as data
-from emor3_jax import policy, sft
+from emor3_jax import policy
+from emor3_jax.learners import sft
 from emor3_jax.configs import base
 from emor3_jax.data import pipeline, synth
 from emor3_jax.processing.tokenizer import build_demo_tokenizer, token_ids
