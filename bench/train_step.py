@@ -109,6 +109,13 @@ def long_tail_lengths(n: int, response_len: int, long_frac: float, short: tuple[
     return lengths
 
 
+def geometric_lengths(n: int, response_len: int, mean_frac: float, seed=0) -> np.ndarray:
+    """Lengths drawn from a geometric distribution with mean mean_frac x response_len, capped
+    at response_len (the long tail of real GRPO responses: most end early, a few hit the cap)."""
+    rng = np.random.default_rng([seed, 2])
+    return np.minimum(rng.geometric(1.0 / (mean_frac * response_len), n), response_len)
+
+
 def make_rollout(cfg, prompts: int, group: int, text_len: int, response_len: int,
                  image_pixels: int, seed=0, lengths=None):
     """B prompts (text, one photo resized to ~image_pixels, text) and G responses each
@@ -286,7 +293,14 @@ def main_length(args, cfg):
     params = qwen2_5_vl.init_params(model, jax.random.key(0))
     n = args.prompts * args.group
     short = tuple(float(x) for x in args.short.split(","))
-    lengths = long_tail_lengths(n, args.response_len, args.long_frac, short)
+    if args.mix == "geometric":
+        lengths = geometric_lengths(n, args.response_len, args.mean_frac)
+        mix = (f"geometric with mean {args.mean_frac:g} x the max {args.response_len}, capped "
+               "there")
+    else:
+        lengths = long_tail_lengths(n, args.response_len, args.long_frac, short)
+        mix = (f"long-tailed: {args.long_frac:g} of the responses at the max "
+               f"{args.response_len}, the rest uniform in [{short[0]:g}, {short[1]:g}] x max")
     rollout = make_rollout(cfg, args.prompts, args.group, args.text_len, args.response_len,
                            args.image_pixels, lengths=lengths)
     lp = int(rollout["prompts"].attention_mask.sum(1).mean())
@@ -300,10 +314,9 @@ def main_length(args, cfg):
           f"{args.logprob_micro_rows}); length buckets "
           f"{batching.bucket_lengths(args.response_len, buckets)}; chunk {args.chunk}, attention "
           f"{args.attention}", flush=True)
-    print(f"response lengths (long-tailed: {args.long_frac:g} of the responses at the max "
-          f"{args.response_len}, the rest uniform in [{short[0]:g}, {short[1]:g}] x max): "
-          f"by prompt {[sorted(x.tolist(), reverse=True) for x in lengths.reshape(-1, args.group)]}"
-          f"; {resp_tokens} response tokens, mean {resp_tokens / n:.0f}", flush=True)
+    by_prompt = [sorted(x.tolist(), reverse=True) for x in lengths.reshape(-1, args.group)]
+    print(f"response lengths ({mix}): by prompt {by_prompt}; {resp_tokens} response tokens, "
+          f"mean {resp_tokens / n:.0f}", flush=True)
     # the token budget: by default what the fixed rows compute at the longest lengths (the
     # same peak memory), so short responses go more to a micro-batch
     width = rollout["prompts"].input_ids.shape[1]
@@ -444,6 +457,11 @@ def main():
     ap.add_argument("--compare", default="torch", choices=("torch", "length"),
                     help="torch: ours vs PyTorch; length: micro-batches padded to the "
                     "mini-batch's longest response vs length-aware (long-tailed lengths)")
+    ap.add_argument("--mix", default="fixed", choices=("fixed", "geometric"),
+                    help="--compare length: response lengths; fixed: --long-frac at the max, "
+                    "the rest in --short; geometric: mean --mean-frac x the max, capped")
+    ap.add_argument("--mean-frac", type=float, default=0.125,
+                    help="--compare length --mix geometric: mean length / --response-len")
     ap.add_argument("--long-frac", type=float, default=0.125,
                     help="--compare length: share of the responses at --response-len")
     ap.add_argument("--short", default="0.0625,0.25",
