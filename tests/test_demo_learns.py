@@ -14,6 +14,12 @@ learns it learns from the reward. Learning starts after a flat phase whose lengt
 the seed and the host's floating-point trajectory (a run on one host is not a property), so the
 bounds below come from 5 seeds, each on this variant with these 50 steps, and sit well inside
 the weakest seed (the table above REWARD_GAIN). One process on 1 CPU device, as on a laptop.
+
+Marked slow (not in the README's test command): 4-5 minutes on an idle 2-core host and 8-10
+beside the other pytest worker, a third of the suite's CPU time, which put `.ci/run` over the
+project's 15-minute budget. Run it with `python -m pytest -m slow tests/test_demo_learns.py`
+when a change can touch what the demo learns (rewards, advantages, the update, sampling, the
+demo config or data).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import conftest
 
@@ -55,6 +62,7 @@ VARIANT = {
 REWARD_GAIN, ACC_GAIN, EVAL_GAIN = 0.05, 0.06, 0.2
 
 
+@pytest.mark.slow
 def test_demo_reward_and_accuracy_rise(tmp_path):
     env = dict(os.environ)
     flags = [f for f in env.get("XLA_FLAGS", "").split()       # runtime-bound: full optimization
