@@ -56,6 +56,18 @@ Same loss. 1.1-1.2x, short of 1.5x: a prompt's G responses stay in the micro-bat
 prompt (its prefill is shared), so each prompt's one long response pads its micro-batch to 256,
 and the prompt (~505 tokens with the image) runs in every micro-batch whatever its length.
 
+`--mix geometric --prompts 4` (lengths geometric with mean 1/8 of the 256 cap, mean 26;
+longest per prompt 78, 47, 177, 37), idle host, --repeats 2, 2026-12-07:
+
+    step             s best  median  x padded  x rows (median) | padded %  lengths
+    update length     44.47   45.80   1.27     1.00     1.00   |     72.6  256,128,64
+    update budget     30.76   32.36   1.84     1.45     1.42   |     74.7  4x256,8x128,8x64,4x64
+    logprob length    12.51   13.40   1.44     1.00     1.00   |     72.6  256,128,64
+    logprob budget     8.86    9.69   2.03     1.41     1.38   |     74.7  4x256,8x128,8x64,4x64
+
+Same loss: a prompt's short responses share a micro-batch (4 micro-batches instead of 8), so
+the ~505-token prompts run half as often.
+
 Unrolling the layer scans (nn.scan unroll = depth, models/text.py and vision.py) measured
 ~14.8 s instead of ~16.3-17.3 s per step (an option worth adding for CPU; on TPU the scan keeps
 compile time flat in depth).
