@@ -510,9 +510,10 @@ def compile_cache_dir(config, workdir: str) -> str | None:
 def use_compile_cache(config, workdir: str) -> None:
     """Turn on the persistent compilation cache. Several CPU processes get their own folder in
     it, named by the process count: jax's CPU cache key names devices by id only, so a
-    one-process run's program over devices 0-3 and a two-process one's share a key, and the
-    one-process executable (no cross-process collectives) loaded by two processes hangs in its
-    first collective."""
+    one-process run's program over devices 0-3 and a two-process one's share a key. Two
+    processes reading the shared folder hung in their first cross-process collective (jax
+    0.10); in their own folder a resumed two-process run loads its programs and runs
+    (tests/test_multihost.py)."""
     path = compile_cache_dir(config, workdir)
     if path is None:
         return
