@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from test_demo_learns import VARIANT  # noqa: E402  (one definition of the CI variant)
+from test_demo_learns import VARIANT  # noqa: E402  (one definition of the test's variant)
 
 
 def run_seed(seed: int, variant: str, steps: int, eval_every: int, root: Path) -> dict:
