@@ -490,6 +490,10 @@ def main():
                     "for --logprob-micro-rows)")
     ap.add_argument("--skip-logprob", action="store_true")
     args = ap.parse_args()
+    if args.mix == "geometric" and not 1 <= args.mean_frac * args.response_len <= args.response_len:
+        ap.error(f"--mean-frac={args.mean_frac:g} gives a mean length of "
+                 f"{args.mean_frac * args.response_len:g} tokens; it must be 1 to --response-len "
+                 f"({args.response_len}), e.g. --mean-frac=0.125")
     torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config](attention_impl=args.attention, remat=args.remat)
     if args.compare == "length":
