@@ -34,7 +34,7 @@ import numpy as np
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import get_tiny_config, qwen2_5_vl_3b_config
 from emor3_jax.rl.logprobs import chunked_token_logprobs
-from emor3_jax.sampling import Sampler
+from emor3_jax.sampling import Prompts, Sampler, SamplingSettings
 
 # bf16 dense peak per chip (TFLOP/s), by jax device_kind prefix; --peak_tflops overrides.
 PEAKS = {"NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0,
@@ -108,8 +108,9 @@ def bench_sample(model, params, prompts: int, group: int, prompt_len: int, new_t
 
     def run():
         calls[0] += 1
-        res = sampler.generate(params, ids, mask, max_new_tokens=new_tokens, num_samples=group,
-                               temperature=1.0, eos_token_ids=(), rng=jax.random.key(calls[0]))
+        res = sampler.generate(params, Prompts(ids, mask),
+                               SamplingSettings(new_tokens, num_samples=group, temperature=1.0,
+                                                eos_token_ids=()), jax.random.key(calls[0]))
         assert res.tokens.shape == (prompts * group, new_tokens)
     return median_time(run, repeats)
 

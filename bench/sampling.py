@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward import CONFIGS  # noqa: E402  (small ~5M and medium ~58M, shared with bench/forward.py)
 
 from emor3_jax.models import qwen2_5_vl  # noqa: E402
-from emor3_jax.sampling import Sampler  # noqa: E402
+from emor3_jax.sampling import Prompts, Sampler, SamplingSettings  # noqa: E402
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -139,14 +139,14 @@ def bench_one(name: str, prompts: int, group: int, new_tokens: int, repeats: int
 
     # --- ours ---
     sampler = Sampler(model)
-    kw = dict(max_new_tokens=new_tokens, num_samples=group, temperature=1.0, top_p=1.0,
-              eos_token_ids=())
+    settings = lambda n=new_tokens: SamplingSettings(n, num_samples=group, temperature=1.0,
+                                                     eos_token_ids=())
     calls = [0]
 
     def ours(n=new_tokens):
         calls[0] += 1
-        res = sampler.generate(params, ids, mask, pv, grid, rng=jax.random.key(calls[0]),
-                               **{**kw, "max_new_tokens": n})
+        res = sampler.generate(params, Prompts(ids, mask, pv, grid), settings(n),
+                               jax.random.key(calls[0]))
         assert res.tokens.shape == (prompts * group, n)
         assert (res.lengths == n).all()
 
@@ -189,7 +189,7 @@ def bench_one(name: str, prompts: int, group: int, new_tokens: int, repeats: int
         crops = [CROPS[j] for j in rng.permutation(len(CROPS))]
         b = make_prompts(cfg, prompts, seed=10 + batch, text_lens=text_lens, crops=crops)
         lengths_seen.append(int(b[1].sum(1).max()))
-        sampler.generate(params, *b, rng=jax.random.key(100 + batch), **kw)
+        sampler.generate(params, Prompts(*b), settings(), jax.random.key(100 + batch))
     varied_programs = sampler.num_programs - before
     return dict(name=name, params=qwen2_5_vl.count_params(params), prompt_len=ids.shape[1],
                 patches=pv.shape[0], tokens=n_tokens, ours_s=ours_s, hf_s=hf_s,

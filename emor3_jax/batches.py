@@ -128,13 +128,6 @@ class PromptBatch:
         return (patch_lib.concatenate([p for p, _ in images]),
                 np.asarray([g for _, g in images], np.int64))
 
-    def sampler_inputs(self) -> dict:
-        """The prompts as `Sampler.generate` / `score` take them (HF's argument names)."""
-        pixel_values, image_grid_thw = self.flat_images()
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask,
-                    pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                    position_ids=self.mrope_positions, rope_deltas=self.rope_deltas)
-
     # -- tree operations -----------------------------------------------------------------------
     def take(self, index: Sequence[int]) -> "PromptBatch":
         """The rows `index` (every row-aligned field follows)."""

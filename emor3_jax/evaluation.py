@@ -15,25 +15,28 @@ import numpy as np
 
 from emor3_jax.processing import chat
 from emor3_jax.rewards import emotion
+from emor3_jax.sampling.types import SamplingSettings
 
 log = logging.getLogger(__name__)
 
 
-def sampling_kwargs(eval_config) -> dict:
-    if eval_config.greedy:
-        return dict(temperature=0.0, top_p=1.0)
-    return dict(temperature=float(eval_config.temperature), top_p=float(eval_config.top_p))
+def sampling_settings(eval_config, ids) -> SamplingSettings:
+    """One sample per prompt, greedy or at config.eval's temperature / top-p, ended, forbidden
+    and padded as the tokenizer's `ids` say."""
+    temperature, top_p = ((0.0, 1.0) if eval_config.greedy else
+                          (float(eval_config.temperature), float(eval_config.top_p)))
+    return SamplingSettings.for_ids(ids, max_new_tokens=int(eval_config.max_new_tokens),
+                                    temperature=temperature, top_p=top_p)
 
 
 def evaluate_dataset(generate: Callable, batches: Iterable[Mapping], tokenizer, *, preset,
-                     max_new_tokens: int, rng, eval_config, max_examples: int = 0,
-                     samples: list | None = None) -> dict:
-    """generate(batch, rng, max_new_tokens, **sampling) -> SampleOutput. Returns counts+rates."""
+                     rng, max_examples: int = 0, samples: list | None = None) -> dict:
+    """generate(batch, rng) -> sampling.Samples (one per prompt). Returns counts+rates."""
     preset = emotion.get_preset(preset)
     correct = formatted = total = length = 0
     for i, batch in enumerate(batches):
         rng, key = jax.random.split(rng)
-        out = generate(batch, key, max_new_tokens, **sampling_kwargs(eval_config))
+        out = generate(batch, key)
         valid = batch.row_valid
         for row in np.nonzero(valid)[0]:
             if max_examples and total >= max_examples:

@@ -121,6 +121,27 @@ _LAST_TRACE_STOP: dict[str, int] = {}   # profile dir -> second its last trace s
 
 
 @contextlib.contextmanager
+def profiled(steps, workdir: str, step: int):
+    """A jax.profiler trace of this step into <workdir>/profile if it is one of `steps`
+    (config.profile.steps), stopped even when the step fails."""
+    if step not in tuple(steps):
+        yield
+        return
+    path = fileio.join(workdir, "profile")
+    jax.profiler.start_trace(path)
+    try:
+        yield
+    finally:
+        # A trace lands in plugins/profile/<the second stop_trace ran>: a second trace
+        # stopped within the same second would overwrite the previous one.
+        while int(time.time()) <= _LAST_TRACE_STOP.get(path, -1):
+            time.sleep(0.05)
+        jax.profiler.stop_trace()
+        _LAST_TRACE_STOP[path] = int(time.time())
+        log.info("profile: step %d traced into %s", step, path)
+
+
+@contextlib.contextmanager
 def sigterm_saves():
     """Turn SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
     def handler(signum, frame):
@@ -219,22 +240,15 @@ class Trainer:
         """Accuracy on each `data.eval` set (validation: no judge)."""
         params = policy_lib.sampling_params(self.model, params, self.sample_mesh)
         c = self.config
+        settings = evaluation.sampling_settings(c.eval, self.policy.ids)
         results, samples = {}, []
         for name in c.data.eval:
             pipe = self._pipeline(name, EVAL_SPLIT, eval_mode=True)
 
-            def generate(batch, key, max_new, **kw):
-                return self.sampler.generate(
-                    params, **batch.sampler_inputs(), max_new_tokens=max_new, num_samples=1,
-                    eos_token_ids=self.policy.ids.eos,
-                    forbidden_token_ids=self.policy.ids.forbidden,
-                    pad_token_id=self.policy.ids.pad, valid_vocab_size=self.policy.ids.vocab_size,
-                    rng=key, **kw)
-
             key = jax.random.fold_in(jax.random.fold_in(self.base_key, 7), step + 1)  # final: -1
             results[name] = evaluation.evaluate_dataset(
-                generate, pipe.global_iter(), self.policy.tokenizer, preset=c.reward.preset,
-                max_new_tokens=c.eval.max_new_tokens, rng=key, eval_config=c.eval,
+                lambda batch, rng: self.sampler.generate(params, batch, settings, rng),
+                pipe.global_iter(), self.policy.tokenizer, preset=c.reward.preset, rng=key,
                 max_examples=c.eval.max_examples, samples=samples if not samples else None)
             log.info("eval step %d %s: accuracy %.4f format %.3f (%d examples)", step, name,
                      results[name]["accuracy"], results[name]["format"],
@@ -359,7 +373,8 @@ class Trainer:
         bad_in_a_row = 0
         for step in range(start, total):
             t0, sent = time.time(), distributed.bytes_sent()
-            with self._profile(step) if rl else contextlib.nullcontext():
+            with profiled(self.config.profile.steps, self.workdir, step) if rl else \
+                    contextlib.nullcontext():
                 batch = next(it)
                 state, m = learner.step(state, batch, step, it)
             done = step + 1 == total
@@ -388,24 +403,6 @@ class Trainer:
                         phase.upper(), step + 1)
                 return state, True
         return state, False
-
-    @contextlib.contextmanager
-    def _profile(self, step: int):
-        if step not in tuple(self.config.profile.steps):
-            yield
-            return
-        path = fileio.join(self.workdir, "profile")
-        jax.profiler.start_trace(path)
-        try:
-            yield
-        finally:
-            # A trace lands in plugins/profile/<the second stop_trace ran>: a second trace
-            # stopped within the same second would overwrite the previous one.
-            while int(time.time()) <= _LAST_TRACE_STOP.get(path, -1):
-                time.sleep(0.05)
-            jax.profiler.stop_trace()
-            _LAST_TRACE_STOP[path] = int(time.time())
-            log.info("profile: step %d traced into %s", step, path)
 
     def total_rl_steps(self) -> int:
         """`train.max_steps`, else `rl_steps_from_epochs` of the training split's size and

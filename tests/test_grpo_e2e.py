@@ -45,7 +45,7 @@ from emor3_jax.rl import batching
 from emor3_jax.rl import rollout as rollout_lib
 from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update
-from emor3_jax.sampling import Sampler, SamplerBuckets
+from emor3_jax.sampling import Sampler, SamplerBuckets, SamplingSettings
 
 LABELS = base.LABELS["emoset2k"]
 G = 8                                    # responses per prompt
@@ -171,13 +171,13 @@ def test_grpo_steps_on_a_mesh_raise_the_mean_reward(world):
     ref_params = jax.tree.map(jnp.copy, state.params)          # the frozen reference
     answer_before = _answer_logprob(w, state.params)
 
+    settings = SamplingSettings.for_ids(ids, max_new_tokens=MAX_NEW_TOKENS, num_samples=G,
+                                        temperature=1.0)
     key = jax.random.key(1)
     history = []
     for it in range(RL_STEPS):
         key, k_sample, k_judge = jax.random.split(key, 3)
-        ro = rollout_lib.sample(sampler, state.params, batch, k_sample, group_size=G,
-                                max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0,
-                                top_k=0, ids=ids, tokenizer=tok)
+        ro = rollout_lib.sample(sampler, state.params, batch, k_sample, settings, tok)
         ro = rollout_lib.score(ro, "emor3", judge, judge_params=state.params, rng=k_judge)
         rmetrics = rollout_lib.metrics(ro)
         mask = ro.response_mask()

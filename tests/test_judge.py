@@ -19,7 +19,7 @@ from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import tokenizer as tokenizer_lib
 from emor3_jax.rewards import emotion
 from emor3_jax.rewards.judge import Judge, ProcessedImage
-from emor3_jax.sampling import packing
+from emor3_jax.sampling import Prompts, Sampler, SamplingSettings, packing
 from qwen_testutil import hf_logits, hf_model, images
 
 LABELS = base.LABELS["emoset2k"]
@@ -61,18 +61,25 @@ def setup(tmp_path_factory):
     return tok, ids, cfg, ref, d, model, params, rollout_images
 
 
-def test_score_log_likelihood_equals_full_forward(setup):
+@pytest.fixture(scope="module")
+def sampler(setup):
+    """One sampler (the judge's default chunk of 64 prompts) handed to the single-device
+    judges, so they share its compiled programs."""
+    return Sampler(setup[5], chunk_size=64)
+
+
+def test_score_log_likelihood_equals_full_forward(setup, sampler):
     """Sampler.score (prefill once, continuations as a group, one multi-token call) ==
     log-softmax sums of transformers' full forward over prompt + continuation."""
     tok, ids, cfg, ref, _, model, params, imgs = setup
-    judge = Judge(model, tok, mode="score", source="checkpoint", params=params)
+    judge = Judge(model, tok, mode="score", source="checkpoint", params=params, sampler=sampler)
     prompts = [emotion.coherence_prompt(RESPONSES[0], LABELS),
                emotion.consistency_prompt(RESPONSES[1]), base.JUDGE_NONE_TEXT_PROMPT]
     p_ids, p_mask, pv, grid, row_images = judge.encode(prompts, [None, imgs[0], None])
     assert row_images == [[], [0], []]
     conts = [[383, ids.im_end], [ids.im_end], [77, 502, ids.im_end]]
-    ours = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts,
-                               row_images=row_images)
+    encoded = Prompts(p_ids, p_mask, pv, grid, row_images=row_images)
+    ours = judge.sampler.score(params, encoded, conts)
     assert ours.shape == (3, 3)
     for b in range(3):
         row = p_ids[b][p_mask[b] == 1]
@@ -84,8 +91,7 @@ def test_score_log_likelihood_equals_full_forward(setup):
             expected = sum(logp[len(row) - 1 + j, t] for j, t in enumerate(cont))
             np.testing.assert_allclose(ours[b, c], expected, atol=1e-4)
     # at the judge temperature: the log-softmax of logits / T
-    hot = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts[:1],
-                              row_images=row_images, temperature=0.6)
+    hot = judge.sampler.score(params, encoded, conts[:1], temperature=0.6)
     row = p_ids[0][p_mask[0] == 1]
     full = np.concatenate([row, conts[0]])[None].astype(np.int32)
     logits = torch.tensor(hf_logits(ref, cfg, full, np.ones_like(full))[0]) / 0.6
@@ -94,18 +100,18 @@ def test_score_log_likelihood_equals_full_forward(setup):
                                               for j, t in enumerate(conts[0])), atol=1e-4)
 
 
-def test_score_mode_reward_is_the_expected_released_reward(setup):
+def test_score_mode_reward_is_the_expected_released_reward(setup, sampler):
     """R_coh = P(label) + 0.5 P(None) and R_cons = P(yes) under the judge's distribution over
     the candidates at T = 0.6 (spellings pooled, renormalized): the released rules' expectation."""
     tok, ids, _, _, _, model, params, imgs = setup
     judge = Judge(model, tok, mode="score", source="checkpoint", params=params, temperature=0.6,
-                  share_prefix=False)
+                  share_prefix=False, sampler=sampler)
     out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs)
     coh_cands = LABELS + ("None",)
     conts, owner = judge.candidate_tokens(coh_cands)
     p_ids, p_mask, pv, grid, rows = judge.encode(out.coherence_prompts, None)
-    logp = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts,
-                               row_images=rows, temperature=0.6)
+    logp = judge.sampler.score(params, Prompts(p_ids, p_mask, pv, grid, row_images=rows), conts,
+                               temperature=0.6)
     mass = np.zeros((len(RESPONSES), len(coh_cands)))
     for k, j in enumerate(owner):
         mass[:, j] += np.exp(logp[:, k].astype(np.float64))
@@ -147,12 +153,13 @@ def _steer(model, params, judge, prompts, imgs, answer_token, eos_token, gain=40
     return {**params, "lm_head": {"kernel": kernel}}
 
 
-def test_score_and_generate_modes_agree(setup):
+def test_score_and_generate_modes_agree(setup, sampler):
     """Greedy generate (T = 0) and score give the same answers and rewards when the greedy
     answer is a candidate: 'excitement' (coherence) and 'Yes' (consistency)."""
     tok, ids, cfg, _, _, model, params, imgs = setup
-    kw = dict(source="checkpoint", temperature=0.0, max_new_tokens=6, share_prefix=False)
-    probe = Judge(model, tok, mode="score", source="checkpoint", params=params)
+    kw = dict(source="checkpoint", temperature=0.0, max_new_tokens=6, share_prefix=False,
+              sampler=sampler)
+    probe = Judge(model, tok, mode="score", source="checkpoint", params=params, sampler=sampler)
     coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
     (excitement,) = tok.encode("excitement", add_special_tokens=False)
     (yes,) = tok.encode("Yes", add_special_tokens=False)
@@ -176,9 +183,9 @@ def test_score_and_generate_modes_agree(setup):
     assert total.components["consistency"].tolist() == [1.0] * 4
 
 
-def test_unsteered_score_mode_picks_a_candidate_and_scores(setup):
+def test_unsteered_score_mode_picks_a_candidate_and_scores(setup, sampler):
     tok, _, _, _, _, model, params, imgs = setup
-    judge = Judge(model, tok, mode="score", source="policy", share_prefix=False)
+    judge = Judge(model, tok, mode="score", source="policy", share_prefix=False, sampler=sampler)
     out = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs, policy_params=params)
     assert set(out.coherence_answers) <= set(LABELS) | {"None"}
     assert set(out.consistency_answers) <= {"yes", "no", "None"}
@@ -189,10 +196,10 @@ def test_unsteered_score_mode_picks_a_candidate_and_scores(setup):
     assert none.coherence is None and none.consistency is None
 
 
-def test_special_strings_in_responses_are_removed_and_counted(setup):
+def test_special_strings_in_responses_are_removed_and_counted(setup, sampler):
     tok, ids, _, _, _, model, params, imgs = setup
     judge = Judge(model, tok, mode="generate", source="checkpoint", params=params,
-                  temperature=0.6, max_new_tokens=4, share_prefix=False)
+                  temperature=0.6, max_new_tokens=4, share_prefix=False, sampler=sampler)
     coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
     p_ids, p_mask, pv, grid, row_images = judge.encode(coh + cons, [None] * 4 + imgs)
     assert judge.stats["sanitized_prompts"] == 2              # response 3, both prompts
@@ -208,7 +215,7 @@ def test_special_strings_in_responses_are_removed_and_counted(setup):
     assert judge.stats["generated_tokens"] > 0
 
 
-def test_judge_argument_errors(setup):
+def test_judge_argument_errors(setup, sampler):
     tok, _, cfg, _, _, model, params, imgs = setup
     with pytest.raises(ValueError, match="judge mode"):
         Judge(model, tok, mode="vote")
@@ -222,16 +229,19 @@ def test_judge_argument_errors(setup):
     # from the recipe config: the released judge (policy, generate, T 0.6, top-p 0.95, 2048)
     reward = base.get_config().reward
     judge = Judge.from_config(reward, model, tok)
-    assert (judge.source, judge.mode, judge.temperature, judge.top_p, judge.max_new_tokens,
-            judge.share_prefix) == ("policy", "generate", 0.6, 0.95, 2048, True)
+    s = judge.sampling
+    assert (judge.source, judge.mode, s.temperature, s.top_p, s.max_new_tokens,
+            s.share_prefix) == ("policy", "generate", 0.6, 0.95, 2048, True)
     reward.judge_share_prefix = False
     assert not Judge.from_config(reward, model, tok).share_prefix
     reward.judge_source = "checkpoint"
     with pytest.raises(ValueError, match="judge_dir"):
         Judge.from_config(reward, model, tok)
+    with pytest.raises(ValueError, match="another model config"):    # a sampler not of its model
+        Judge(model, tok, source="checkpoint", params=params, sampler=Sampler(other))
 
 
-def test_shared_prefix_equals_unshared(setup, caplog):
+def test_shared_prefix_equals_unshared(setup, sampler, caplog):
     """share_prefix (the judge's default: each image group's and the coherence prompts' common
     token prefix prefilled once, then the suffixes against its cache) == every prompt whole:
     token-identical greedy generations, the same sampled answers with the same key, score-mode
@@ -240,9 +250,11 @@ def test_shared_prefix_equals_unshared(setup, caplog):
     (an 'Answer None' prompt beside a response; responses of different lengths)."""
     tok, ids, _, _, _, model, params, imgs = setup
     coh, cons = emotion.judge_prompts(RESPONSES, LABELS, "emor3")
-    judge = Judge(model, tok, mode="generate", source="checkpoint", params=params,
-                  temperature=0.6, max_new_tokens=6)
+    kw = dict(mode="generate", source="checkpoint", params=params, temperature=0.6,
+              max_new_tokens=6, sampler=sampler)
+    judge = Judge(model, tok, **kw)
     p_ids, p_mask, pv, grid, rows = judge.encode(coh + cons, [None] * 4 + imgs)
+    encoded = Prompts(p_ids, p_mask, pv, grid, row_images=rows)
     tokens = [p_ids[r][p_mask[r] == 1] for r in range(8)]
     units = packing.shared_units(tokens, rows, cap=8, image_token_id=ids.image_pad)
     by_rows = {tuple(sorted(u.tolist())): p for u, p in units}
@@ -252,19 +264,17 @@ def test_shared_prefix_equals_unshared(setup, caplog):
         assert min(suffix) >= 1 and len(set(suffix)) == len(unit)  # different suffix lengths
         assert all((tokens[r][p:] != ids.image_pad).all() for r in unit)
         assert (tokens[unit[0]][:p] == ids.image_pad).any() == (unit[0] >= 4)
-    kw = dict(eos_token_ids=ids.eos, pad_token_id=ids.pad, forbidden_token_ids=ids.forbidden,
-              valid_vocab_size=ids.vocab_size, row_images=rows)
-    out = {share: judge.sampler.generate(params, p_ids, p_mask, pv, grid, max_new_tokens=6,
-                                         share_prefix=share, **kw) for share in (False, True)}
+    greedy = lambda **kw: SamplingSettings.for_ids(ids, max_new_tokens=6, **kw)
+    out = {share: sampler.generate(params, encoded, greedy(share_prefix=share))
+           for share in (False, True)}
     # shared_suffix_max: the units whose suffixes need more run whole, beside the shared ones
     need = {unit: max(len(tokens[r]) - p for r in unit) for unit, p in by_rows.items()}
     limit = min(need.values())
     assert 0 < sum(n <= limit for n in need.values()) < len(need)
     whole = sum(len(unit) for unit, n in need.items() if n > limit)
     with caplog.at_level(logging.INFO, logger="emor3_jax.sampling.sampler"):
-        out["mixed"] = judge.sampler.generate(params, p_ids, p_mask, pv, grid,
-                                              max_new_tokens=6, share_prefix=True,
-                                              shared_suffix_max=limit, **kw)
+        out["mixed"] = sampler.generate(params, encoded,
+                                        greedy(share_prefix=True, shared_suffix_max=limit))
     assert f"{whole} of 8 prompts have suffixes of more than {limit} tokens" in caplog.text
     for share in (True, "mixed"):
         np.testing.assert_array_equal(out[share].tokens, out[False].tokens)
@@ -274,9 +284,8 @@ def test_shared_prefix_equals_unshared(setup, caplog):
     # the prompts run in (the unshared judge sorts them by length, the shared one by group)
     sampled = {}
     for share in (False, True):
-        judge.share_prefix = share
-        sampled[share] = judge.rewards(RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs,
-                                       rng=jax.random.key(4), policy_params=None)
+        sampled[share] = Judge(model, tok, share_prefix=share, **kw).rewards(
+            RESPONSES, TRUE_LABELS, LABELS, "emor3", imgs, rng=jax.random.key(4))
     assert sampled[True].coherence_answers == sampled[False].coherence_answers
     assert sampled[True].consistency_answers == sampled[False].consistency_answers
     # score: the shared path's log-likelihood of each prompt's own greedy answer (up to 3
@@ -284,11 +293,10 @@ def test_shared_prefix_equals_unshared(setup, caplog):
     # == the sum of the unshared generation's log-probs of those tokens
     n = np.minimum(out[False].lengths, 3)
     conts = [out[False].tokens[r, :n[r]].tolist() for r in range(8)]
-    logp = judge.sampler.score(params, p_ids, p_mask, pv, grid, continuations=conts,
-                               row_images=rows, share_prefix=True)
+    logp = sampler.score(params, encoded, conts, share_prefix=True)
     want = [out[False].logprobs[r, :n[r]].sum() for r in range(8)]
     np.testing.assert_allclose(np.diag(logp), want, atol=1e-5)
-    assert judge.sampler.compiled["prefill_shared"] >= 1
+    assert sampler.compiled["prefill_shared"] >= 1
 
 
 def test_checkpoint_judge_on_mesh_equals_single_device(setup, devices8):

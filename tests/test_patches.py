@@ -12,7 +12,7 @@ from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.rl import batching
 from emor3_jax.rl import update
-from emor3_jax.sampling import Sampler
+from emor3_jax.sampling import Sampler, SamplingSettings
 from qwen_testutil import chat_row, hf_model, images, left_pad
 
 G = 2
@@ -82,8 +82,8 @@ def test_sampler_and_update_take_device_rows_like_host_rows(setup, devices8):
     model, params = qwen2_5_vl.load_hf(d, mesh=mesh)
     dev = _on_device(batch)
     sampler = Sampler(model, mesh=mesh)
-    kw = dict(max_new_tokens=6, num_samples=G, temperature=1.0, rng=jax.random.key(3))
-    want, got = (sampler.generate(params, **b.sampler_inputs(), **kw) for b in (batch, dev))
+    settings = SamplingSettings(6, num_samples=G, temperature=1.0)
+    want, got = (sampler.generate(params, b, settings, jax.random.key(3)) for b in (batch, dev))
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-6)
 

@@ -26,7 +26,7 @@ from emor3_jax.rl import batching as batching_lib
 from emor3_jax.rl import rollout as rollout_lib
 from emor3_jax.rl import train_state as train_state_lib
 from emor3_jax.rl import update as update_lib
-from emor3_jax.sampling import SamplerBuckets
+from emor3_jax.sampling import SamplerBuckets, SamplingSettings
 
 
 def logprob_micro_rows(rows_per_call: int, mini_batch_rows: int) -> int:
@@ -194,6 +194,10 @@ class GRPOLearner(Learner):
         self.ref_params = (saved or {}).get("ref")
         if self.ref_params is None and rl.kl_coef:
             self.ref_params = policy_lib.reference_params(start_params, c.model.dtype)
+        r = c.rollout
+        self.sampling = SamplingSettings.for_ids(
+            self.ctx.policy.ids, max_new_tokens=r.max_new_tokens, num_samples=r.group_size,
+            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         self.judge = self._build_judge()
 
     def _build_judge(self):
@@ -225,11 +229,8 @@ class GRPOLearner(Learner):
 
     def sample(self, params, batch, key) -> rollout_lib.Rollout:
         """G responses per prompt of `batch` under `params` (rollout.* sampling settings)."""
-        r, policy = self.config.rollout, self.ctx.policy
-        return rollout_lib.sample(self.ctx.sampler, params, batch, key, group_size=r.group_size,
-                                  max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                  top_p=r.top_p, top_k=r.top_k, ids=policy.ids,
-                                  tokenizer=policy.tokenizer)
+        return rollout_lib.sample(self.ctx.sampler, params, batch, key, self.sampling,
+                                  self.ctx.policy.tokenizer)
 
     def score(self, ro, params, key) -> rollout_lib.Rollout:
         """Rewards (rules + the judge the preset needs) and group advantages of `ro`."""

@@ -56,7 +56,7 @@ from emor3_jax.processing import chat
 from emor3_jax.processing import image as image_lib
 from emor3_jax.processing import tokenizer as tokenizer_lib
 from emor3_jax.rewards import emotion
-from emor3_jax.sampling import SamplerBuckets, get_sampler
+from emor3_jax.sampling import Prompts, Sampler, SamplerBuckets, SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,11 @@ class Judge:
 
     model: the judge's Linen model (the policy's own for source="policy"); params: the frozen
     checkpoint's parameters (source="checkpoint" only). temperature/top_p/max_new_tokens: the
-    generate mode's sampling (released 0.6 / 0.95 / 2048). mesh, chunk_size, buckets,
-    memory_limit_bytes: as for `sampling.Sampler` (prompts are sorted by length before
-    chunking, so a chunk pads only to its own length bucket). min_pixels/max_pixels: processing of raw
+    generate mode's sampling (released 0.6 / 0.95 / 2048). sampler: the `sampling.Sampler`
+    of `model` it runs on (judges of one model may share one, and its compiled programs); None
+    builds its own from mesh, chunk_size, buckets, memory_limit_bytes (as for the Sampler;
+    prompts are sorted by length before chunking, so a chunk pads only to its own length
+    bucket). min_pixels/max_pixels: processing of raw
     images (release pre-resize + smart_resize, `image.process_image`; ProcessedImage inputs are
     used as they are). share_prefix: prefill the prompts' shared prefixes once (module
     docstring); False runs every prompt whole. shared_suffix_max: prompts whose suffix (the
@@ -130,8 +132,9 @@ class Judge:
 
     def __init__(self, model, tokenizer, *, mode: str = "generate", source: str = "policy",
                  params=None, temperature: float = 0.6, top_p: float = 0.95,
-                 max_new_tokens: int = 2048, mesh=None, chunk_size: int | None = 64,
-                 buckets: SamplerBuckets | None = None, memory_limit_bytes: int | None = None,
+                 max_new_tokens: int = 2048, sampler: Sampler | None = None, mesh=None,
+                 chunk_size: int | None = 64, buckets: SamplerBuckets | None = None,
+                 memory_limit_bytes: int | None = None,
                  min_pixels: int = recipe.MIN_PIXELS, max_pixels: int = recipe.MAX_PIXELS,
                  share_prefix: bool = True, shared_suffix_max: int = 0):
         if mode not in MODES:
@@ -150,17 +153,34 @@ class Judge:
             raise ValueError(f"judge max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model, self.tokenizer = model, tokenizer
         self.mode, self.source, self.params = mode, source, params
-        self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.share_prefix, self.shared_suffix_max = share_prefix, int(shared_suffix_max)
         self.ids = tokenizer_lib.token_ids(tokenizer)
         _check_same_ids(model.config, self.ids)
         self._special_strings = _special_strings(tokenizer)
-        opts = {} if buckets is None else {"buckets": buckets}
-        # judges (and generate calls) of the same model share compiled programs
-        self.sampler = get_sampler(model, mesh, chunk_size=chunk_size,
-                                   memory_limit_bytes=memory_limit_bytes, **opts)
+        self.sampling = SamplingSettings.for_ids(
+            self.ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            share_prefix=share_prefix, shared_suffix_max=int(shared_suffix_max))
+        if sampler is None:     # else handed one (judges of one model can share its programs)
+            opts = {} if buckets is None else {"buckets": buckets}
+            sampler = Sampler(model, mesh=mesh, chunk_size=chunk_size,
+                              memory_limit_bytes=memory_limit_bytes, **opts)
+        elif sampler.config != model.config:
+            raise ValueError("judge: the sampler handed to it runs another model config than "
+                             "the judge's model; build the sampler from the judge's model")
+        self.sampler = sampler
         self.stats = collections.Counter()
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
+
+    @property
+    def share_prefix(self) -> bool:
+        return self.sampling.share_prefix
+
+    @property
+    def shared_suffix_max(self) -> int:
+        return self.sampling.shared_suffix_max
 
     @classmethod
     def from_config(cls, reward_config, policy_model, tokenizer, *, mesh=None, dtype=None,
@@ -276,14 +296,9 @@ class Judge:
         if self.temperature > 0 and rng is None:
             raise ValueError("judge mode 'generate' with temperature > 0 needs rng")
         params = self._judge_params(policy_params)
-        order, ids, mask, pv, grid, row_images = self._encode_sorted(prompts, images)
-        res = self.sampler.generate(
-            params, ids, mask, pv, grid, max_new_tokens=self.max_new_tokens,
-            num_samples=1, temperature=self.temperature, top_p=self.top_p,
-            eos_token_ids=self.ids.eos, forbidden_token_ids=self.ids.forbidden,
-            pad_token_id=self.ids.pad, valid_vocab_size=self.ids.vocab_size, rng=rng,
-            row_images=row_images, share_prefix=self.share_prefix,
-            shared_suffix_max=self.shared_suffix_max, row_ids=order)
+        order, encoded = self._encode_sorted(prompts, images)
+        res = self.sampler.generate(params, dataclasses.replace(encoded, row_ids=order),
+                                    self.sampling, rng)
         self.stats["generated_tokens"] += int(res.lengths.sum())
         texts = [chat.decode_response(self.tokenizer, res.tokens[i], res.lengths[i])
                  for i in range(len(prompts))]
@@ -303,10 +318,9 @@ class Judge:
         if not prompts:
             return np.zeros((0, len(candidates)))
         params = self._judge_params(policy_params)
-        order, ids, mask, pv, grid, row_images = self._encode_sorted(prompts, images)
+        order, encoded = self._encode_sorted(prompts, images)
         conts, owner = self.candidate_tokens(candidates)
-        logp = self.sampler.score(params, ids, mask, pv, grid, continuations=conts,
-                                  pad_token_id=self.ids.pad, row_images=row_images,
+        logp = self.sampler.score(params, encoded, conts, pad_token_id=self.ids.pad,
                                   temperature=self.temperature or 1.0,
                                   share_prefix=self.share_prefix,
                                   shared_suffix_max=self.shared_suffix_max)
@@ -323,13 +337,15 @@ class Judge:
         return out
 
     def _encode_sorted(self, prompts, images):
-        """Encoded prompts sorted by length (similar lengths share a chunk) and their order
-        (with share_prefix the sampler orders them itself: prefix groups)."""
+        """Their order and the encoded prompts in it: sorted by length (similar lengths share
+        a chunk), or as given with share_prefix (the sampler orders them itself: prefix
+        groups)."""
         ids, mask, pv, grid, row_images = self.encode(prompts, images)
         order = (np.arange(len(prompts)) if self.share_prefix
                  else np.argsort(mask.sum(1), kind="stable"))
         self.stats["prompts"] += len(prompts)
-        return (order, ids[order], mask[order], pv, grid, [row_images[i] for i in order])
+        return order, Prompts(ids[order], mask[order], pv, grid,
+                              row_images=[row_images[i] for i in order])
 
     def rewards(self, responses: Sequence[str], labels: Sequence[str],
                 dataset_labels: Sequence[str], preset, images: Sequence[Any], rng=None,

@@ -84,19 +84,16 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
         parts[-1], prompts=concat_prompt_batches([p.prompts for p in parts]), **fields)
 
 
-def sample(sampler, params, batch: PromptBatch, rng, *, group_size: int,
-           max_new_tokens: int, temperature: float, top_p: float, top_k: int, ids, tokenizer
-           ) -> Rollout:
-    out = sampler.generate(
-        params, **batch.sampler_inputs(), max_new_tokens=max_new_tokens,
-        num_samples=group_size, temperature=temperature, top_p=top_p, top_k=top_k,
-        eos_token_ids=ids.eos, forbidden_token_ids=ids.forbidden, pad_token_id=ids.pad,
-        valid_vocab_size=ids.vocab_size, rng=rng)
+def sample(sampler, params, batch: PromptBatch, rng, settings, tokenizer) -> Rollout:
+    """settings.num_samples (G) responses to every prompt of `batch` (sampling.SamplingSettings),
+    decoded with `tokenizer`."""
+    out = sampler.generate(params, batch, settings, rng)
     texts = [chat.decode_response(tokenizer, out.tokens[r], int(out.lengths[r]))
              for r in range(out.tokens.shape[0])]
     return Rollout(prompts=batch, tokens=np.asarray(out.tokens),
                    logprobs=np.asarray(out.logprobs, np.float32),
-                   lengths=np.asarray(out.lengths), texts=texts, group_size=group_size)
+                   lengths=np.asarray(out.lengths), texts=texts,
+                   group_size=settings.num_samples)
 
 
 def score(rollout: Rollout, preset, judge=None, *, judge_params=None, rng=None,

@@ -1,8 +1,9 @@
 """Grouped sampling for GRPO: prefill each prompt once, draw G continuations inside jit.
 
     sampler = Sampler(model, mesh=mesh)                       # keeps its compiled programs
-    res = sampler.generate(params, input_ids, attention_mask, pixel_values, image_grid_thw,
-                           max_new_tokens=256, num_samples=8, temperature=1.0, rng=key)
+    settings = SamplingSettings.for_ids(ids, max_new_tokens=256, num_samples=8,
+                                        temperature=1.0)              # types.py
+    res = sampler.generate(params, batch, settings, rng=key)  # a PromptBatch or Prompts
     res.tokens [B*G, T] int32 (pad after the end), res.logprobs [B*G, T] fp32 (0 after the end),
     res.lengths [B*G] int32 (EOS included); rows are prompt-major: row b*G + g.
 
@@ -26,7 +27,7 @@ Per chunk of prompts (host numpy, then compiled programs):
  token trie of C fixed continuations per prompt (tree attention mask) and returns
  log p(continuation | prompt).
 
-Shared prefixes (`share_prefix=True`, the judge): prompts showing the same images (text-only
+Shared prefixes (`settings.share_prefix`, the judge): prompts showing the same images (text-only
 prompts: all of them) form groups; a group's longest common token prefix (of the encoded rows,
 chat template included; it must hold all of the group's image tokens and leave every prompt
 at least one token) is prefilled once, vision tower included, and the prompts' suffixes then
@@ -55,8 +56,9 @@ and checked against the device (`memory_limit_bytes`, else the device's
 `memory_stats()["bytes_limit"]`, else the host's RAM) by XLA's memory analysis (memory.py); a
 program that cannot fit fails with the number it needs, and one that fits runs as compiled.
 
-Modules: packing.py (host numpy: chunks, buckets, shared prefixes, the continuation trie),
-programs.py (the jitted program bodies), memory.py (the fit check), this file (the API).
+Modules: types.py (what goes in and out), packing.py (host numpy: chunks, buckets, shared
+prefixes, the continuation trie), programs.py (the jitted program bodies), memory.py (the fit
+check), tracing.py (the programs traced from shapes, for the AOT tool), this file (the API).
 """
 from __future__ import annotations
 
@@ -71,27 +73,21 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from emor3_jax import sharding as shd
+from emor3_jax.batches import PromptBatch
 from emor3_jax.patches import DevicePatches
 from emor3_jax.processing import vision as vision_lib
 from emor3_jax.sampling import memory, packing, rules
 from emor3_jax.sampling.memory import SamplerMemoryError  # noqa: F401 (public here)
 from emor3_jax.sampling.packing import (Buckets, ContinuationTrie,  # noqa: F401 (public here)
                                         continuation_trie)
-from emor3_jax.sampling.programs import (CompiledProgram, DecodeSettings,  # noqa: F401
-                                         PromptState, SamplerPrograms, decode_windows, spec)
+from emor3_jax.sampling.programs import (PREFILL_AXES, CompiledProgram,  # noqa: F401
+                                         DecodeSettings, PromptState, SamplerPrograms,
+                                         decode_windows, spec)
+from emor3_jax.sampling.tracing import SamplerTracing
+from emor3_jax.sampling.types import Prompts, Samples, SamplingSettings
 
 log = logging.getLogger(__name__)
 
-
-@dataclasses.dataclass(frozen=True)
-class SampleOutput:
-    """Host (numpy) results, rows prompt-major (b*G + g)."""
-    tokens: np.ndarray      # [B*G, T] int32, pad id after the end
-    logprobs: np.ndarray    # [B*G, T] float32 policy log-probs of the sampled tokens, 0 after
-    lengths: np.ndarray     # [B*G] int32 generated tokens incl. the EOS that ended the row
-
-    def response(self, row: int) -> np.ndarray:
-        return self.tokens[row, :self.lengths[row]]
 
 
 def geometric_buckets(minimum: int = 16, maximum: int = 1 << 24) -> tuple[int, ...]:
@@ -122,14 +118,7 @@ class SamplerBuckets:
         num_frames=geometric_buckets(1), frame_len=geometric_buckets(16))
 
 
-# Logical axes of the prefill program's host inputs (how `prefill_chunks` places them).
-_PREFILL_AXES = {"input_ids": ("batch", None), "attention_mask": ("batch", None),
-                 "position_ids": (None, "batch", None), "next_pos": ("batch",),
-                 "row_valid": ("batch",), "pixel_values": (None, None),
-                 "image_slot": ("batch", None)}
-
-
-class Sampler:
+class Sampler(SamplerTracing):
     """Compiled grouped sampling for one model (and mesh); reuse it across calls.
 
     chunk_size: prompts per program call (a rollout of 512 prompts x 8 runs in pieces);
@@ -192,13 +181,13 @@ class Sampler:
         """A chunk's prefill arguments, placed on the mesh."""
         vin = None if ch.vision_inputs is None else jax.tree.map(
             lambda x: self._put(x, (None,) * np.ndim(x)), ch.vision_inputs)
-        return (self._put(ch.input_ids, _PREFILL_AXES["input_ids"]),
-                self._put(ch.attention_mask, _PREFILL_AXES["attention_mask"]),
-                self._put(ch.position_ids, _PREFILL_AXES["position_ids"]),
-                self._put(ch.next_pos, _PREFILL_AXES["next_pos"]),
-                self._put(ch.row_valid, _PREFILL_AXES["row_valid"]),
-                self._put(ch.pixel_values, _PREFILL_AXES["pixel_values"]), vin,
-                self._put(ch.image_slot, _PREFILL_AXES["image_slot"]))
+        return (self._put(ch.input_ids, PREFILL_AXES["input_ids"]),
+                self._put(ch.attention_mask, PREFILL_AXES["attention_mask"]),
+                self._put(ch.position_ids, PREFILL_AXES["position_ids"]),
+                self._put(ch.next_pos, PREFILL_AXES["next_pos"]),
+                self._put(ch.row_valid, PREFILL_AXES["row_valid"]),
+                self._put(ch.pixel_values, PREFILL_AXES["pixel_values"]), vin,
+                self._put(ch.image_slot, PREFILL_AXES["image_slot"]))
 
     def _chunk_rows(self, chunk: int) -> int:
         return packing.chunk_rows(chunk, self.buckets, self.data_parallel)
@@ -211,14 +200,15 @@ class Sampler:
         memory.check_fits(compiled, _describe(name, args, kwargs), limit, source)
 
     # -- prefill of a batch, chunk by chunk ---------------------------------------------------
-    def prefill_chunks(self, params, input_ids, attention_mask=None, pixel_values=None,
-                       image_grid_thw=None, *, position_ids=None, rope_deltas=None,
-                       row_images=None, share_prefix: bool = False,
+    def prefill_chunks(self, params, prompts: Prompts, *, share_prefix: bool = False,
                        shared_suffix_max: int = 0):
-        """Yield (rows, PromptState) per chunk (inputs as in `generate`); rows [R]: the caller's
-        row of each of the state's prompt rows, -1 on filler rows."""
+        """Yield (rows, PromptState) per chunk; rows [R]: the caller's row of each of the
+        state's prompt rows, -1 on filler rows."""
         c = self.config
-        input_ids = np.asarray(input_ids)
+        p = prompts
+        input_ids, attention_mask = np.asarray(p.input_ids), p.attention_mask
+        pixel_values, image_grid_thw = p.pixel_values, p.image_grid_thw
+        position_ids, rope_deltas = p.position_ids, p.rope_deltas
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         attention_mask = (np.ones_like(input_ids) if attention_mask is None
@@ -236,7 +226,8 @@ class Sampler:
                              f"{np.shape(position_ids)}")
         if pixel_values is not None and not isinstance(pixel_values, DevicePatches):
             pixel_values = np.asarray(pixel_values)
-        images = packing.images_per_row(c, input_ids, attention_mask, image_grid_thw, row_images)
+        images = packing.images_per_row(c, input_ids, attention_mask, image_grid_thw,
+                                        p.row_images)
         whole = np.arange(input_ids.shape[0])
         if share_prefix:
             chunks, whole = packing.shared_chunks(
@@ -270,186 +261,66 @@ class Sampler:
             state = self._prefill(params, *self._prefill_args(ch))
             yield np.concatenate([rows, np.full(n_chunk_rows - len(rows), -1)]), state
 
-    # -- ahead-of-time tracing (emor3_jax/aot/) --------------------------------------------------
-    # The programs `generate` / `score` run, traced from shapes alone: arguments are
-    # ShapeDtypeStructs laid out as the real calls place their host arrays (params as given,
-    # e.g. abstract with shardings on a TPU topology mesh). `.lower().compile()` the result.
-    def _abstract(self, shape, dtype, names):
-        sh = None if self.mesh is None else NamedSharding(self.mesh,
-                                                          spec(names, shape, self.mesh))
-        return jax.ShapeDtypeStruct(tuple(int(d) for d in shape), dtype, sharding=sh)
-
-    def _abstract_prefill_args(self, b: int, length: int, image_grid_thw) -> tuple:
-        """`_prefill_args` of a chunk of b rows of `length` tokens, shapes only."""
-        c = self.config
-        a = lambda name, shape, dtype: self._abstract(shape, dtype, _PREFILL_AXES[name])
-        pv = vin = slot = None
-        if image_grid_thw is not None and len(image_grid_thw):
-            grid = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-            host = vision_lib.build_vision_inputs_for(c, grid, self.buckets.vision)
-            vin = jax.tree.map(lambda x: self._abstract(x.shape, x.dtype, (None,) * x.ndim), host)
-            pv = a("pixel_values", (host.num_patches, c.vision.patch_dim), np.float32)
-            slot = a("image_slot", (b, length), np.int32)
-        return (a("input_ids", (b, length), np.int32), a("attention_mask", (b, length), np.int32),
-                a("position_ids", (3, b, length), np.int32), a("next_pos", (b,), np.int32),
-                a("row_valid", (b,), np.bool_), pv, vin, slot)
-
-    def trace_prefill(self, params, *, num_prompts: int, prompt_len: int, image_grid_thw=None):
-        """The prefill program of a chunk of `num_prompts` prompts (before bucketing, i.e.
-        min(chunk_size, batch)) of `prompt_len` tokens holding the distinct images
-        `image_grid_thw` [n, 3] (None: text only), bucketed as `prefill_chunks` buckets."""
-        b = self._chunk_rows(num_prompts)
-        length = packing.round_to(prompt_len, self.buckets.prompt_len, "prompt_len")
-        return self._prefill.trace(params, *self._abstract_prefill_args(b, length, image_grid_thw))
-
-    def shared_chunk_rows(self, num_prompts: int, unit: int) -> tuple[int, int]:
-        """share_prefix: (prefixes, suffix rows per prefix M) of a chunk of `num_prompts`
-        prompts in units of `unit` prompts sharing a prefix (as `packing.shared_chunks` cuts it)."""
-        m = packing.round_to(unit, self.buckets.num_prompts, "num_prompts")
-        return self._chunk_rows(max(1, num_prompts // m)), m
-
-    def trace_prefill_shared(self, params, *, num_prompts: int, unit: int, prefix_len: int,
-                             suffix_len: int, image_grid_thw=None):
-        """The share_prefix prefill of a chunk of `num_prompts` prompts in units of `unit`
-        sharing a `prefix_len`-token prefix (one image each: `image_grid_thw` per prefix, None
-        for text), each with its own `suffix_len`-token suffix, bucketed as the sampler does."""
-        b, m = self.shared_chunk_rows(num_prompts, unit)
-        lp = packing.round_to(prefix_len, self.buckets.prompt_len, "prompt_len")
-        ls = packing.round_to(suffix_len, self.buckets.suffix_len, "suffix_len")
-        grid = None if image_grid_thw is None else list(image_grid_thw)[:b]
-        a = lambda shape, dtype: self._abstract(shape, dtype, ("batch",) + (None,) * (
-            len(shape) - 1))
-        return self._prefill_shared.trace(
-            params, self._abstract_prefill_args(b, lp, grid), a((b * m, ls), np.int32),
-            a((b * m, ls), np.int32), a((b * m, ls), np.int32), a((b * m,), np.int32),
-            a((b * m,), np.bool_))
-
-    def trace_decode(self, params, state, carry=None, *, group: int, new_tokens: int,
-                     window: int | None = None, top_k: int = 0):
-        """The decode programs of `group` continuations of `new_tokens` (bucketed) per prompt of
-        a prefilled chunk: window None, `decode_start` (`carry` unused); else the window's
-        (`decode_windows`), from `carry` (the program before's). `state` is the prefill's
-        output (abstract, with their shardings, as `carry`)."""
-        new_bucket = packing.round_to(new_tokens, self.buckets.new_tokens, "new_tokens")
-        rep = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
-        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)     # uncommitted, as in generate
-        eos = packing.padded_ids(packing.config_eos(self.config))
-        n_rows = state.logits.shape[0] * group
-        kw = dict(temperature=scalar(jnp.float32), top_p=scalar(jnp.float32),
-                  eos_ids=rep(eos.shape, np.int32), pad_id=scalar(jnp.int32),
-                  allowed=rep((self.config.text.vocab_size,), np.bool_),
-                  row_ids=self._abstract((n_rows,), np.int32, ("batch",)),
-                  settings=DecodeSettings(group, new_bucket, top_k, window or 0))
-        key = scalar(jax.random.key(0).dtype)
-        if window is None:
-            return self._decode_start.trace(state, key, **kw)
-        return self._decode.trace(params, state, carry, key,
-                                  max_new_tokens=scalar(jnp.int32), **kw)
-
-    def trace_score(self, params, state, *, num_continuations: int, width: int):
-        """The score program of `num_continuations` continuations of up to `width` tokens per
-        prompt of a prefilled chunk (`state` as for trace_decode), at the largest trie they can
-        make (no shared prefixes: num_continuations * (width - 1) nodes, bucketed)."""
-        n = num_continuations * (width - 1)
-        n = packing.round_to(n, self.buckets.new_tokens_score, "new_tokens_score") if n else 0
-        c, w = num_continuations, max(1, width - 1)
-        a = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
-        trie = ContinuationTrie(a((c,), np.int32), a((n,), np.int32), a((n,), np.int32),
-                                a((n, n), np.bool_), a((c, w), np.int32), a((c, w), np.int32),
-                                a((c, w), np.bool_))
-        return self._score.trace(params, state, trie, jax.ShapeDtypeStruct((), jnp.float32))
-
     # -- public --------------------------------------------------------------------------------
-    def generate(self, params, input_ids, attention_mask=None, pixel_values=None,
-                 image_grid_thw=None, *, max_new_tokens: int, num_samples: int = 1,
-                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 eos_token_ids: Sequence[int] | None = None,
-                 forbidden_token_ids: Sequence[int] | None = None,
-                 pad_token_id: int | None = None, valid_vocab_size: int | None = None,
-                 rng=None, position_ids=None, rope_deltas=None,
-                 row_images: Sequence[Sequence[int]] | None = None,
-                 share_prefix: bool = False, shared_suffix_max: int = 0,
-                 row_ids: Sequence[int] | None = None) -> SampleOutput:
-        """Sample `num_samples` continuations of every prompt; see the module docstring.
-
-        input_ids/attention_mask [B, L] left-padded (numpy); pixel_values [P, patch_dim]
-        (every prompt's patches in row order, extra zero rows allowed) with image_grid_thw
-        [n_images, 3]; position_ids [3, B, L] / rope_deltas [B] from the data pipeline, else
-        computed here. row_images: prompts sharing images (see `packing.images_per_row`).
-        eos_token_ids: any of them ends a row (default: the config's eos);
-        forbidden_token_ids: never sampled (the vision special tokens are always added);
-        valid_vocab_size: ids >= it are never sampled (a tokenizer smaller than the head).
-        share_prefix: prefill each group's common prefix once (module docstring), except for
-        groups whose suffix needs more than shared_suffix_max tokens (0: no limit), which run
-        whole (a shared program whose suffix pass does not fit, where whole prompts do).
-        row_ids: the random stream of each prompt (default: its row; sample g of prompt b
-        draws from stream row_ids[b] * num_samples + g), so a prompt's samples do not depend
-        on the chunk or the order it is run in.
-        """
-        c = self.config
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                             f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
-        eos = (packing.config_eos(c) if eos_token_ids is None
-               else tuple(int(i) for i in eos_token_ids))
-        pad = packing.pad_of(c) if pad_token_id is None else int(pad_token_id)
-        forbidden = set(forbidden_token_ids or ()) | {
+    def generate(self, params, prompts: Prompts | PromptBatch, settings: SamplingSettings,
+                 rng=None) -> Samples:
+        """`settings.num_samples` continuations of every prompt (module docstring); rng: a jax
+        PRNG key (greedy decoding, temperature 0, needs none)."""
+        c, s = self.config, settings
+        prompts = as_prompts(prompts)
+        eos = packing.config_eos(c) if s.eos_token_ids is None else s.eos_token_ids
+        pad = packing.pad_of(c) if s.pad_token_id is None else int(s.pad_token_id)
+        forbidden = set(s.forbidden_token_ids) | {
             c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id}
-        allowed = rules.allowed_mask(c.text.vocab_size, sorted(forbidden), valid_vocab_size)
-        if temperature == 0.0 and rng is None:
+        allowed = rules.allowed_mask(c.text.vocab_size, sorted(forbidden), s.valid_vocab_size)
+        if s.temperature == 0.0 and rng is None:
             rng = jax.random.key(0)          # unused by greedy decoding
         if rng is None:
             raise ValueError("sampling with temperature > 0 needs rng (a jax PRNG key)")
-        n = np.shape(input_ids)[0]
-        stream = np.arange(n) if row_ids is None else np.asarray(row_ids, np.int64).reshape(-1)
+        n = prompts.num_rows
+        stream = (np.arange(n) if prompts.row_ids is None
+                  else np.asarray(prompts.row_ids, np.int64).reshape(-1))
         if len(stream) != n:
             raise ValueError(f"row_ids has {len(stream)} entries for {n} prompts")
-        new_bucket = packing.round_to(max_new_tokens, self.buckets.new_tokens, "new_tokens")
+        new_bucket = packing.round_to(s.max_new_tokens, self.buckets.new_tokens, "new_tokens")
         shared = dict(eos_ids=self._put(packing.padded_ids(eos), (None,)),
                       pad_id=jnp.int32(pad), allowed=self._put(allowed, (None,)),
-                      temperature=jnp.float32(temperature), top_p=jnp.float32(top_p),
-                      max_new_tokens=jnp.int32(max_new_tokens))  # trace_decode mirrors these
+                      temperature=jnp.float32(s.temperature), top_p=jnp.float32(s.top_p),
+                      max_new_tokens=jnp.int32(s.max_new_tokens))  # trace_decode mirrors these
         start_args = {k: v for k, v in shared.items() if k != "max_new_tokens"}
-        g = num_samples
+        g = s.num_samples
         outs = []
-        for rows, state in self.prefill_chunks(
-                params, input_ids, attention_mask, pixel_values, image_grid_thw,
-                position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
-                share_prefix=share_prefix, shared_suffix_max=shared_suffix_max):
+        for rows, state in self.prefill_chunks(params, prompts, share_prefix=s.share_prefix,
+                                               shared_suffix_max=s.shared_suffix_max):
             ids = np.where(rows >= 0, stream[np.maximum(rows, 0)], 0)[:, None] * g + np.arange(g)
             ids = self._put(ids.reshape(-1).astype(np.int32), ("batch",))
-            settings = DecodeSettings(g, new_bucket, top_k)
-            state, carry = self._decode_start(state, rng, row_ids=ids, settings=settings,
+            decode = DecodeSettings(g, new_bucket, s.top_k)
+            state, carry = self._decode_start(state, rng, row_ids=ids, settings=decode,
                                               **start_args)
             for window in decode_windows(new_bucket, self.buckets.decode_window):
                 state, carry = self._decode(
                     params, state, carry, rng, row_ids=ids,
-                    settings=dataclasses.replace(settings, window=window), **shared)
+                    settings=dataclasses.replace(decode, window=window), **shared)
             outs.append((rows, carry.tokens, carry.logprobs, carry.lengths))
             del state, carry                  # the cache, before the next chunk's prefill
         # fetch after dispatching every chunk, so the host never waits between chunks
         # (shd.to_host: with a mesh over several processes, a gather every process joins)
-        tokens = np.full((n * g, max_new_tokens), pad, np.int32)
-        logprobs = np.zeros((n * g, max_new_tokens), np.float32)
+        t_out = s.max_new_tokens
+        tokens = np.full((n * g, t_out), pad, np.int32)
+        logprobs = np.zeros((n * g, t_out), np.float32)
         lengths = np.zeros((n * g,), np.int32)
         for rows, t, p, n_ in outs:
             real = np.flatnonzero(rows >= 0)
             src = (real[:, None] * g + np.arange(g)).reshape(-1)
             dst = (rows[real][:, None] * g + np.arange(g)).reshape(-1)
-            tokens[dst] = shd.to_host(t)[src, :max_new_tokens]
-            logprobs[dst] = shd.to_host(p)[src, :max_new_tokens]
+            tokens[dst] = shd.to_host(t)[src, :t_out]
+            logprobs[dst] = shd.to_host(p)[src, :t_out]
             lengths[dst] = shd.to_host(n_)[src]
-        return SampleOutput(tokens=tokens, logprobs=logprobs, lengths=lengths)
+        return Samples(tokens=tokens, logprobs=logprobs, lengths=lengths)
 
-    def score(self, params, input_ids, attention_mask=None, pixel_values=None,
-              image_grid_thw=None, *, continuations: Sequence[Sequence[int]],
-              position_ids=None, rope_deltas=None, pad_token_id: int | None = None,
-              row_images: Sequence[Sequence[int]] | None = None,
-              temperature: float = 1.0, share_prefix: bool = False,
+    def score(self, params, prompts: Prompts | PromptBatch,
+              continuations: Sequence[Sequence[int]], *, temperature: float = 1.0,
+              pad_token_id: int | None = None, share_prefix: bool = False,
               shared_suffix_max: int = 0) -> np.ndarray:
         """log p(continuation | prompt) for every prompt x continuation -> [B, C] float32.
 
@@ -459,8 +330,9 @@ class Sampler:
         continuations' distinct proper prefixes (a token trie: "n", "n one" and "no" feed 2
         tokens, not 3) run through the decoder in ONE multi-token call with a tree mask, so
         scoring costs one prefill plus one short forward.
-        share_prefix, shared_suffix_max: as for `generate`.
+        share_prefix, shared_suffix_max: as in `SamplingSettings`.
         """
+        prompts = as_prompts(prompts)
         conts = [list(map(int, cont)) for cont in continuations]
         if not conts or min(map(len, conts)) < 1:
             raise ValueError("score: give at least one continuation, each with >= 1 token")
@@ -471,13 +343,11 @@ class Sampler:
         trie_d = jax.tree.map(lambda x: self._put(x, (None,) * x.ndim), trie)
         temp_d = jnp.float32(temperature)
         outs = []
-        for rows, state in self.prefill_chunks(
-                params, input_ids, attention_mask, pixel_values, image_grid_thw,
-                position_ids=position_ids, rope_deltas=rope_deltas, row_images=row_images,
-                share_prefix=share_prefix, shared_suffix_max=shared_suffix_max):
+        for rows, state in self.prefill_chunks(params, prompts, share_prefix=share_prefix,
+                                               shared_suffix_max=shared_suffix_max):
             _, logp = self._score(params, state, trie_d, temp_d)
             outs.append((rows, logp))
-        out = np.zeros((np.shape(input_ids)[0], len(conts)), np.float32)
+        out = np.zeros((prompts.num_rows, len(conts)), np.float32)
         for rows, lp in outs:
             real = rows >= 0
             out[rows[real]] = shd.to_host(lp)[real]
@@ -486,41 +356,25 @@ class Sampler:
 
 
 
-# ----------------------------------------------------------------------------------------------
-# A few recent Samplers, so repeated `generate` calls reuse their compiled programs.
-_SAMPLERS: collections.OrderedDict[tuple, Sampler] = collections.OrderedDict()
-_MAX_SAMPLERS = 8
+def generate(model, params, prompts: Prompts | PromptBatch, settings: SamplingSettings,
+             rng=None, *, mesh=None, buckets: SamplerBuckets | None = None,
+             chunk_size: int | None = None, memory_limit_bytes: int | None = None) -> Samples:
+    """Functional entry point for one call (docs/architecture.md): a `Sampler` that compiles its
+    programs and is dropped after. Keep a Sampler for repeated calls."""
+    opts = {} if buckets is None else {"buckets": buckets}
+    sampler = Sampler(model, mesh=mesh, chunk_size=chunk_size,
+                      memory_limit_bytes=memory_limit_bytes, **opts)
+    return sampler.generate(params, prompts, settings, rng)
 
 
-def get_sampler(model, mesh=None, **kw) -> Sampler:
-    """A Sampler shared by `generate` calls with the same model config, mesh and settings."""
-    key = (model.config, mesh, tuple(sorted((k, repr(v)) for k, v in kw.items())))
-    if key not in _SAMPLERS:
-        _SAMPLERS[key] = Sampler(model, mesh=mesh, **kw)
-        while len(_SAMPLERS) > _MAX_SAMPLERS:
-            _SAMPLERS.popitem(last=False)
-    _SAMPLERS.move_to_end(key)
-    return _SAMPLERS[key]
-
-
-def generate(model, params, input_ids, attention_mask=None, pixel_values=None,
-             image_grid_thw=None, *, max_new_tokens: int, num_samples: int = 1,
-             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-             eos_token_ids: Sequence[int] | None = None, rng=None, mesh=None,
-             buckets: SamplerBuckets | None = None, chunk_size: int | None = None,
-             memory_limit_bytes: int | None = None, **kwargs) -> SampleOutput:
-    """Functional entry point (docs/architecture.md): `get_sampler(model, mesh, ...).generate(...)`.
-
-    kwargs: forbidden_token_ids, pad_token_id, valid_vocab_size, position_ids, rope_deltas.
-    """
-    opts = dict(chunk_size=chunk_size, memory_limit_bytes=memory_limit_bytes)
-    if buckets is not None:
-        opts["buckets"] = buckets
-    sampler = get_sampler(model, mesh, **opts)
-    return sampler.generate(params, input_ids, attention_mask, pixel_values, image_grid_thw,
-                            max_new_tokens=max_new_tokens, num_samples=num_samples,
-                            temperature=temperature, top_p=top_p, top_k=top_k,
-                            eos_token_ids=eos_token_ids, rng=rng, **kwargs)
+def as_prompts(prompts: Prompts | PromptBatch) -> Prompts:
+    """The sampler's view of a data pipeline batch (a `Prompts` passes through)."""
+    if not isinstance(prompts, PromptBatch):
+        return prompts
+    pixel_values, image_grid_thw = prompts.flat_images()
+    return Prompts(input_ids=prompts.input_ids, attention_mask=prompts.attention_mask,
+                   pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                   position_ids=prompts.mrope_positions, rope_deltas=prompts.rope_deltas)
 
 
 def _describe(name: str, args, kwargs) -> str:
