@@ -141,6 +141,11 @@ def get_config():
     # rl.micro_batch_size responses per device, so it depends on that split; 4 as released)
     c.rl.loss_agg = "token_mean"
     c.rl.mini_batch_size = 256     # prompts per update
+    # Which responses form a mini-batch: 0 = whole prompts in rollout order; k = EasyR1's
+    # balanced order (released, k = its 8 GPUs): the responses split into k equal parts of
+    # near-equal tokens, mini-batch j = the j-th slice of each part, so it mixes lengths and may
+    # hold some of a prompt's responses (emor3_jax/rl/balance.py). token_mean only.
+    c.rl.balance_batch = 8
     c.rl.micro_batch_size = 4      # responses per device per accumulation step
     c.rl.logprob_micro_batch_size = 16
     c.rl.ppo_epochs = 1

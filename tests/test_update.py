@@ -16,7 +16,7 @@ from emor3_jax.configs import base
 from emor3_jax.models import qwen2_5_vl
 from emor3_jax.models.config import tiny_config
 from emor3_jax.processing import rope_index, vision
-from emor3_jax.rl import batching
+from emor3_jax.rl import balance, batching
 from emor3_jax.rl import logprobs, losses, update
 from emor3_jax.rl import rollout as rollout_lib
 from emor3_jax.rl import train_state as train_state_lib
@@ -460,7 +460,7 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, bud
     c.rollout.group_size, c.rollout.response_buckets = G, (T,)
     c.data.prompt_buckets = (s["prompts"].width,)
     c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
-                ppo_epochs=2, logprob_chunk=4,
+                ppo_epochs=2, logprob_chunk=4, balance_batch=0,      # whole prompts in order
                 micro_batch_tokens=budget)       # a budget: each prompt's 4 rows in one call
     mesh, opt = _mesh1(), train_state_lib.make_optimizer(_optim(1e-2))
     state = train_state_lib.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt,
@@ -494,6 +494,93 @@ def test_grpo_learner_takes_every_old_logprob_before_the_first_update(setup, bud
     assert n_logp >= 4 and set(events[:n_logp]) == {"logp"}, events     # old + ref, 2 each
     assert events[n_logp:] == ["update"] * 4, events
     assert int(state.step) == 4 and out["update/skipped"] == 0
+
+
+def test_karmarkar_karp_parts_as_easyr1_builds_them():
+    """Four items into two parts by hand (EasyR1's largest differencing method): (1, 2) and
+    (3, 4) pair up as one-item parts; the partial solution with the larger top part, {4 | 3},
+    takes the other's opposite parts: {4, 1} and {3, 2}, sums 5 and 5; on a tie of sums the
+    part whose items list is larger comes first. Larger inputs: equal sizes, each index once,
+    sums ten times closer than rollout order's."""
+    parts = balance.karmarkar_karp([1, 2, 3, 4], 2)
+    assert [p.tolist() for p in parts] == [[0, 3], [1, 2]]
+    rng = np.random.default_rng(0)
+    tokens = rng.geometric(1 / 300, 512) + 700          # a long-tailed rollout of 512 responses
+    parts = balance.karmarkar_karp(tokens, 8)
+    assert all(len(p) == 64 and (np.diff(p) > 0).all() for p in parts)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(512))
+    sums = [int(tokens[p].sum()) for p in parts]
+    in_order = [int(x.sum()) for x in np.split(tokens, 8)]
+    assert max(sums) - min(sums) < (max(in_order) - min(in_order)) / 10, (sums, in_order)
+    with pytest.raises(ValueError, match="do not split into 3 equal parts"):
+        balance.karmarkar_karp(tokens, 3)
+    # mini-batch j: the j-th slice of every part (rows ascending); rollout order: whole prompts
+    rows = balance.mini_batch_rows(64, 8, 32, tokens, partitions=8)
+    assert [len(r) for r in rows] == [256, 256]
+    np.testing.assert_array_equal(rows[0], np.sort(np.concatenate([p[:32] for p in parts])))
+    assert [r.tolist() for r in balance.mini_batch_rows(3, 2, 2)] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_balanced_mini_batches_update_on_exactly_their_responses(setup):
+    """rl.balance_batch (EasyR1's order): the learner updates on the balance module's
+    mini-batches, which here split both prompts' groups, and each update has the loss and
+    gradients of exactly its responses, each after its own prompt copy (the plain forward);
+    the rows of a group outside the mini-batch only ride along, masked."""
+    from emor3_jax.learners import GRPOLearner
+    s = setup
+    c = base.get_config()
+    c.rollout.group_size, c.rollout.batch_size, c.rollout.response_buckets = G, 2, (T,)
+    c.data.prompt_buckets = (s["prompts"].width,)
+    c.rl.update(mini_batch_size=1, micro_batch_size=2, logprob_micro_batch_size=4,
+                logprob_chunk=4, balance_batch=2, recompute_old_logp=False)
+    GRPOLearner._check_balance(c)
+    seq = np.repeat(s["prompts"].attention_mask.sum(1), G) + s["rmask"].sum(1)
+    want = balance.mini_batch_rows(2, G, 1, seq, partitions=2)
+    assert all(len(set(w // G)) == 2 for w in want)             # both groups split
+    mesh, opt = _mesh1(), train_state_lib.make_optimizer(_optim(1e-2))
+    state = train_state_lib.init_train_state(s["model"], jax.tree.map(jnp.copy, s["params"]), opt,
+                                             mesh)
+    update_fn = update.make_micro_batch_update(s["model"], opt, mesh, c.rl, chunk=4)
+    seen = []
+
+    def record_update(state, mbs):
+        # the mini-batch's rows are its prompts' G responses each (GRPOLearner._mini_batch)
+        _, rollout_rows, _ = GRPOLearner._mini_batch(s["prompts"], want[len(seen)], s["rmask"],
+                                                     G, 2)
+        local = np.concatenate([r[np.asarray(item.response_mask[0]).any(1)]
+                                for r, item in zip(mbs.rows, mbs.items)])
+        seen.append((np.sort(rollout_rows[local]), jax.tree.map(np.asarray, state.params),
+                     update_fn.gradients(state.params, mbs)))
+        return update_fn(state, mbs)
+
+    t = object.__new__(GRPOLearner)     # the learner's update alone (no sampler or judge)
+    t.config, t.model, t.mesh = c, s["model"], mesh
+    t.logprob_fn, t.update_fn = update.make_logprob_fn(s["model"], mesh, chunk=4), record_update
+    t.ref_params = jax.tree.map(jnp.copy, s["params"])
+    ro = rollout_lib.Rollout(prompts=s["prompts"], tokens=s["resp"], logprobs=s["old"],
+                             lengths=s["rmask"].sum(1), texts=[""] * 2 * G, group_size=G,
+                             advantages=s["adv"])
+    t.update(state, ro, {})
+    assert [r.tolist() for r, _, _ in seen] == [w.tolist() for w in want]
+    ids, mask, pos, _, _ = _full_sequences(s)
+
+    def plain_logp(p, rows):                    # each response after its own prompt copy
+        pv, grid = s["prompts"].flat_images(rows // G)
+        logits = s["model"].apply({"params": p}, ids[rows], mask[rows], pv,
+                                  position_ids=pos[:, rows],
+                                  vision_inputs=vision.build_vision_inputs_for(s["cfg"], grid)
+                                  ).logits
+        lp = jax.nn.log_softmax(logits[:, -T - 1:-1], axis=-1)
+        return jnp.take_along_axis(lp, ids[rows, -T:, None], -1)[..., 0]
+
+    for rows, params, (loss, _, grads) in seen:
+        ref = plain_logp(t.ref_params, rows)
+        want_loss, want_grads = jax.value_and_grad(lambda p: losses.policy_loss(
+            plain_logp(p, rows), s["old"][rows], ref, s["adv"][rows], s["rmask"][rows],
+            kl_coef=0.01)[0])(params)
+        np.testing.assert_allclose(loss, want_loss, atol=1e-6, rtol=0)
+        _assert_grads_close(grads, want_grads)
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(seen[1][2][2])) > 1e-3
 
 
 def test_check_config_names_bad_length_buckets():

@@ -22,6 +22,7 @@ from emor3_jax import model_source, policy as policy_lib, sharding
 from emor3_jax import checkpoint as ckpt_lib
 from emor3_jax.learners.base import Context, Learner
 from emor3_jax.rewards import emotion
+from emor3_jax.rl import balance as balance_lib
 from emor3_jax.rl import batching as batching_lib
 from emor3_jax.rl import rollout as rollout_lib
 from emor3_jax.rl import train_state as train_state_lib
@@ -123,6 +124,7 @@ class GRPOLearner(Learner):
             raise ValueError(f"config.rl.ppo_epochs={rl.ppo_epochs!r}: passes over a rollout's "
                              "mini-batches must be a positive integer (released: 1)")
         cls._check_token_budgets(config, data_parallel)
+        cls._check_balance(config)
         buckets = rl.length_buckets
         if not all(isinstance(b, int) and b > 0 for b in buckets):
             raise ValueError(f"config.rl.length_buckets={tuple(buckets)}: response lengths to "
@@ -142,6 +144,28 @@ class GRPOLearner(Learner):
         if r.max_new_tokens > max(r.response_buckets):
             raise ValueError(f"config.rollout.max_new_tokens={r.max_new_tokens} exceeds the "
                              f"largest response bucket {max(r.response_buckets)}")
+
+    @staticmethod
+    def _check_balance(config) -> None:
+        """rl.balance_batch parts must split the rollout's responses evenly and each part into
+        the mini-batches; the per-micro-batch mean needs whole prompts in rollout order."""
+        rl, r = config.rl, config.rollout
+        k = rl.balance_batch
+        if not (isinstance(k, int) and k >= 0):
+            raise ValueError(f"config.rl.balance_batch={k!r}: parts (EasyR1's data-parallel "
+                             "ranks, 8 as released), a non-negative integer (0 = rollout order)")
+        if not k:
+            return
+        if rl.loss_agg != "token_mean":
+            raise ValueError(f"config.rl.balance_batch={k} needs rl.loss_agg='token_mean' (the "
+                             "released per-micro-batch mean depends on which responses share a "
+                             "micro-batch, which the balanced order changes); set it to 0")
+        n, mini = r.batch_size * r.group_size, r.batch_size // rl.mini_batch_size
+        if n % (k * mini):
+            fits = [d for d in range(1, 9) if n % (d * mini) == 0]
+            raise ValueError(
+                f"config.rl.balance_batch={k}: the {n} responses of a rollout do not split into "
+                f"{k} equal parts of {mini} mini-batch slices each; use one of {fits} or 0")
 
     @staticmethod
     def _check_token_budgets(config, dp: int) -> None:
@@ -258,8 +282,10 @@ class GRPOLearner(Learner):
         """The rollout's updates, as the release (EasyR1's `compute_log_prob` /
         `compute_ref_log_prob`, then `update_actor`): first the old (and reference) log-probs of
         every response, all from the params that sampled the rollout, then rl.ppo_epochs passes
-        over its mini-batches, one optimizer step each. (Old log-probs recomputed just before
-        each mini-batch would come from params the earlier mini-batches had already moved.)"""
+        over its mini-batches (whole prompts in rollout order, or EasyR1's balanced order:
+        rl.balance_batch, rl/balance.py), one optimizer step each. (Old log-probs recomputed
+        just before each mini-batch would come from params the earlier mini-batches had
+        already moved.)"""
         c = self.config
         rl, g = c.rl, c.rollout.group_size
         t0 = time.time()
@@ -272,11 +298,14 @@ class GRPOLearner(Learner):
         lp_micro = logprob_micro_rows(
             batching_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
         n_prompts = ro.prompts.num_rows
-        mini_batches = []
-        for start in range(0, n_prompts, per_update):
-            idx = np.arange(start, min(start + per_update, n_prompts))
-            rows = (idx[:, None] * g + np.arange(g)[None]).reshape(-1)
-            mini_batches.append((ro.prompts.take(idx), rows))
+        # log-probs do not depend on how rows are grouped: whole prompts in rollout order
+        mini_batches = [self._mini_batch(ro.prompts, rows, mask, g, lp_micro)[:2] for rows in
+                        balance_lib.mini_batch_rows(n_prompts, g, per_update)]
+        seq_tokens = (np.repeat(ro.prompts.attention_mask.sum(1), g) + mask.sum(1)
+                      if rl.balance_batch else None)
+        updates = [self._mini_batch(ro.prompts, rows, mask, g, micro) for rows in
+                   balance_lib.mini_batch_rows(n_prompts, g, per_update, seq_tokens,
+                                               rl.balance_batch)]
         ref = np.zeros_like(old) if rl.kl_coef else None
         if rl.recompute_old_logp:
             old = np.zeros_like(old)
@@ -289,13 +318,13 @@ class GRPOLearner(Learner):
                 old[rows] = logprobs(state.params)
         agg: dict[str, float] = {}
         for _ in range(rl.ppo_epochs):
-            for prompts, rows in mini_batches:
+            for prompts, rows, in_mini_batch in updates:
                 state, m = self._update_mini_batch(
-                    state, prompts, tokens[rows], mask[rows], ro.advantages[rows], old[rows],
-                    None if ref is None else ref[rows], micro)
+                    state, prompts, tokens[rows], mask[rows] * in_mini_batch[:, None],
+                    ro.advantages[rows], old[rows], None if ref is None else ref[rows], micro)
                 for k, v in m.items():
                     agg[k] = agg.get(k, 0.0) + float(v)
-        n_updates = rl.ppo_epochs * len(mini_batches)
+        n_updates = rl.ppo_epochs * len(updates)
         for k, v in agg.items():
             out[f"loss/{k}" if k in ("loss", "pg_loss", "kl", "ppo_kl", "entropy") else
                 f"update/{k}"] = v / n_updates if k not in ("tokens", "skipped") else v
@@ -303,6 +332,22 @@ class GRPOLearner(Learner):
         out["time_update"] = dt
         out["update_tokens_per_s"] = agg.get("tokens", 0.0) / max(dt, 1e-9)
         return state, out
+
+    @staticmethod
+    def _mini_batch(prompts, rows: np.ndarray, mask: np.ndarray, g: int, micro: int):
+        """A mini-batch of the response `rows` as whole prompts: (their prompts, the rows of
+        all G responses of each, which of those rows are in the mini-batch). Prompts are
+        repeated as fillers (rows out of the mini-batch) until the rows split into
+        micro-batches of `micro`; rows out of it are masked in the update (no loss, no token
+        of the mean)."""
+        index = np.unique(rows // g)
+        while (len(index) * g) % micro:
+            index = np.append(index, index[-1])
+        all_rows = (index[:, None] * g + np.arange(g)[None]).reshape(-1)
+        in_mini_batch = np.zeros(len(all_rows), mask.dtype)
+        first = np.concatenate([[True], index[1:] != index[:-1]])      # fillers stay out
+        in_mini_batch[np.isin(all_rows, rows) & np.repeat(first, g)] = 1
+        return prompts.take(index), all_rows, in_mini_batch
 
     def _logprobs(self, params, prompts, tokens, mask, lp_micro: int):
         """[rows, T] fp32 log-probs of one mini-batch's responses under `params`, in
