@@ -6,7 +6,7 @@ faster-learning variant that fits CI: the reward is SET-only (0.9 acc + 0.1 form
 calls, and the accuracy signal is not diluted by the judge terms), 50 GRPO steps with the
 learning-rate decay the measurements below were taken with (200 updates). Everything else is
 the demo's: the question-only prompt, model, SFT, optimizer, KL, G = 8, rollout 32 prompts,
-greedy held-out evaluation on 128 images. The shipped demo itself (EMO-R3 judge, 150 steps) is
+greedy held-out evaluation on 128 images. The shipped demo itself (EMO-R3 judge, 100 steps) is
 measured across seeds by bench/demo_seeds.py; it does not fit a CI budget on every host.
 
 After the random-label SFT the policy writes the format but answers at chance (0.125); what GRPO
