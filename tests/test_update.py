@@ -545,8 +545,7 @@ def test_balanced_mini_batches_update_on_exactly_their_responses(setup):
 
     def record_update(state, mbs):
         # the mini-batch's rows are its prompts' G responses each (GRPOLearner._mini_batch)
-        _, rollout_rows, _ = GRPOLearner._mini_batch(s["prompts"], want[len(seen)], s["rmask"],
-                                                     G, 2)
+        _, rollout_rows, _ = GRPOLearner._mini_batch(s["prompts"], want[len(seen)], G, 2)
         local = np.concatenate([r[np.asarray(item.response_mask[0]).any(1)]
                                 for r, item in zip(mbs.rows, mbs.items)])
         seen.append((np.sort(rollout_rows[local]), jax.tree.map(np.asarray, state.params),

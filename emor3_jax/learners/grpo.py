@@ -299,11 +299,11 @@ class GRPOLearner(Learner):
             batching_lib.micro_batch_rows(rl.logprob_micro_batch_size, self.mesh), per_update * g)
         n_prompts = ro.prompts.num_rows
         # log-probs do not depend on how rows are grouped: whole prompts in rollout order
-        mini_batches = [self._mini_batch(ro.prompts, rows, mask, g, lp_micro)[:2] for rows in
+        mini_batches = [self._mini_batch(ro.prompts, rows, g, lp_micro)[:2] for rows in
                         balance_lib.mini_batch_rows(n_prompts, g, per_update)]
         seq_tokens = (np.repeat(ro.prompts.attention_mask.sum(1), g) + mask.sum(1)
                       if rl.balance_batch else None)
-        updates = [self._mini_batch(ro.prompts, rows, mask, g, micro) for rows in
+        updates = [self._mini_batch(ro.prompts, rows, g, micro) for rows in
                    balance_lib.mini_batch_rows(n_prompts, g, per_update, seq_tokens,
                                                rl.balance_batch)]
         ref = np.zeros_like(old) if rl.kl_coef else None
@@ -334,7 +334,7 @@ class GRPOLearner(Learner):
         return state, out
 
     @staticmethod
-    def _mini_batch(prompts, rows: np.ndarray, mask: np.ndarray, g: int, micro: int):
+    def _mini_batch(prompts, rows: np.ndarray, g: int, micro: int):
         """A mini-batch of the response `rows` as whole prompts: (their prompts, the rows of
         all G responses of each, which of those rows are in the mini-batch). Prompts are
         repeated as fillers (rows out of the mini-batch) until the rows split into
@@ -344,7 +344,7 @@ class GRPOLearner(Learner):
         while (len(index) * g) % micro:
             index = np.append(index, index[-1])
         all_rows = (index[:, None] * g + np.arange(g)[None]).reshape(-1)
-        in_mini_batch = np.zeros(len(all_rows), mask.dtype)
+        in_mini_batch = np.zeros(len(all_rows), np.int32)
         first = np.concatenate([[True], index[1:] != index[:-1]])      # fillers stay out
         in_mini_batch[np.isin(all_rows, rows) & np.repeat(first, g)] = 1
         return prompts.take(index), all_rows, in_mini_batch

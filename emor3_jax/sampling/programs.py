@@ -25,10 +25,9 @@ from emor3_jax.sampling.packing import ContinuationTrie
 
 # Logical axes of the prefill program's host inputs (how `prefill_chunks` places them).
 PREFILL_AXES = {"input_ids": ("batch", None), "attention_mask": ("batch", None),
-                 "position_ids": (None, "batch", None), "next_pos": ("batch",),
-                 "row_valid": ("batch",), "pixel_values": (None, None),
-                 "image_slot": ("batch", None)}
-
+                "position_ids": (None, "batch", None), "next_pos": ("batch",),
+                "row_valid": ("batch",), "pixel_values": (None, None),
+                "image_slot": ("batch", None)}
 
 
 @flax.struct.dataclass
