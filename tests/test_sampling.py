@@ -183,6 +183,25 @@ def test_rules_match_transformers_warpers():
     np.testing.assert_array_equal(np.isinf(ours), np.isinf(theirs))
 
 
+def test_no_top_p_program_draws_the_same_tokens_without_a_sort():
+    """top_p = 1 is static in the rollout's programs: the same tokens and log-probs as the
+    traced top-p rule at 1, and no vocabulary sort in the program (XLA's TPU cost analysis
+    counts a sort inside a branch never taken)."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(16, 300)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(7), 16)
+    allowed = jnp.asarray(rules.allowed_mask(300, forbidden_ids=(5, 17)))
+    draw = lambda nucleus: jax.jit(lambda k, x, t, p: rules.next_tokens(
+        k, x, allowed, t, p, 0, nucleus))
+    for temperature in (1.0, 0.6, 0.0):
+        ours, theirs = draw(False)(keys, logits, temperature, 1.0), draw(True)(
+            keys, logits, temperature, 1.0)
+        np.testing.assert_array_equal(ours[0], theirs[0])
+        np.testing.assert_array_equal(ours[1], theirs[1])
+    text = lambda nucleus: str(jax.make_jaxpr(draw(nucleus))(keys, logits, 1.0, 1.0))
+    assert " sort[" in text(True) and " sort[" not in text(False)
+
+
 def test_grouped_attention_equals_repeated_cache_attention():
     """The shared-prompt attention == plain attention over the G-fold repeated cache (also with
     a shared prefix: prefix, per-prompt suffix and generated levels)."""
@@ -302,7 +321,8 @@ def test_decode_windows_sample_what_one_window_samples(setup, devices8):
         np.testing.assert_array_equal(got.tokens, want.tokens)
         np.testing.assert_array_equal(got.lengths, want.lengths)
         np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
-    assert one.compiled["decode"] == 1 and windowed.compiled["decode"] == 3
+    # per settings (top-p on or off: static), one program over the buffer or three windows
+    assert one.compiled["decode"] == 2 and windowed.compiled["decode"] == 6
 
 
 def test_few_programs_traced_knobs_and_memory_check(setup):
@@ -310,18 +330,21 @@ def test_few_programs_traced_knobs_and_memory_check(setup):
     sampler = Sampler(model)
     text_ids, text_mask = ids[2:3], mask[2:3]                       # the text-only prompt
     key = jax.random.key(1)
-    for temperature, top_p, new in [(1.0, 1.0, 6), (0.6, 0.95, 5), (0.0, 1.0, 3)]:
+    # temperature, top-p and max_new_tokens (within a bucket) are traced; whether top-p can
+    # truncate at all is static (top_p = 1: no vocabulary sort in the program)
+    for temperature, top_p, new in [(1.0, 1.0, 6), (0.6, 0.95, 5), (0.7, 0.9, 4),
+                                    (0.0, 1.0, 3)]:
         settings = SamplingSettings(new, num_samples=2, temperature=temperature, top_p=top_p)
         sampler.generate(params, Prompts(text_ids, text_mask), settings, key)
-    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}  # traced knobs
+    assert sampler.compiled == {"prefill": 1, "decode_start": 2, "decode": 2}
     # prompt lengths 17..24 share the bucket of the 17-token prompt above; 40 opens a new one.
     rng = np.random.default_rng(5)
     for n in (19, 22, 24):
         sampler.generate(params, Prompts(*left_pad([chat_row(cfg, rng, [n], [])], 0)), settings,
                          key)
-    assert sampler.compiled == {"prefill": 1, "decode_start": 1, "decode": 1}
+    assert sampler.compiled == {"prefill": 1, "decode_start": 2, "decode": 2}
     sampler.generate(params, Prompts(*left_pad([chat_row(cfg, rng, [40], [])], 0)), settings, key)
-    assert sampler.num_programs == 6                 # each of the three for the new bucket
+    assert sampler.num_programs == 8                 # each of the three for the new bucket
 
     small = Sampler(model, memory_limit_bytes=1 << 20)
     with pytest.raises(SamplerMemoryError, match=r"prefill of \d+ prompts \(prompt bucket \d+, "

@@ -245,8 +245,10 @@ def _sampler_programs(ctx: BuildContext, sampler: Sampler, params, *, what: str,
                       prompt_len: int, images: int, group: int, new_tokens: int,
                       calls: int, uses: tuple[str, ...], knob: str,
                       score: tuple[int, int] | None = None, steps: int = 0,
-                      shared: tuple[int, int, int] | None = None) -> list[Program]:
-    """steps: decode loop iterations to count (default new_tokens). shared: (unit, prefix
+                      shared: tuple[int, int, int] | None = None,
+                      top_p: float = 1.0) -> list[Program]:
+    """steps: decode loop iterations to count (default new_tokens). top_p: the sampler's (its
+    decode traces a vocabulary sort only below 1). shared: (unit, prefix
     tokens, suffix tokens): the share_prefix prefill (units of `unit` prompts sharing a prefix;
     `images`: one per prefix) instead of whole prompts of `prompt_len`."""
     grid = [ctx.image.grid_thw] * images if images else None
@@ -304,7 +306,7 @@ def _sampler_programs(ctx: BuildContext, sampler: Sampler, params, *, what: str,
         outputs = _abstract_outputs(traced, compiled)
         state, carry = (outputs, None) if window is None else outputs
         traced = sampler.trace_decode(params, state, carry, group=group, new_tokens=new_tokens,
-                                      window=window)
+                                      window=window, top_p=top_p)
         compiled = compile_program(dec, traced, while_trips=max(1, trips), log=ctx.log)
         if compiled is not None and window is not None:
             dec.min_step_bytes = decode_step_bytes(params, *_abstract_outputs(traced, compiled),
@@ -343,7 +345,7 @@ def rollout_programs(ctx: BuildContext) -> list[Program]:
                                  images=s.rollout_chunk, group=s.group,
                                  new_tokens=r.max_new_tokens, calls=chunks,
                                  uses=("sampling params",), knob="rollout",
-                                 steps=s.rollout_decode_steps)
+                                 steps=s.rollout_decode_steps, top_p=r.top_p)
     _earlier_chunks(programs[1:], sampler, s.rollout_chunk, s.group, s.response_len, chunks)
     return programs
 
@@ -437,7 +439,7 @@ def _judge_sampler_programs(ctx: BuildContext, sampler: Sampler, params, what: s
         prompt_len=s.judge_prompt_len, images=images, group=1,
         new_tokens=rw.judge_max_new_tokens, calls=calls, uses=uses, knob="judge",
         score=None if rw.judge_mode == "generate" else _score_continuations(ctx),
-        steps=s.judge_decode_steps, shared=shared)
+        steps=s.judge_decode_steps, shared=shared, top_p=rw.judge_top_p)
     if rw.judge_mode == "generate":
         _earlier_chunks(programs[1:], sampler, s.judge_chunk, 1,
                         _round_up(rw.judge_max_new_tokens, sampler.buckets.new_tokens),

@@ -56,6 +56,7 @@ class DecodeSettings:
     top_k: int          # 0 = off
     window: int = 0     # this program decodes steps < window, attending to the first window
     #                     gen slots (0 = new_tokens; `decode_windows`)
+    nucleus: bool = True  # top-p may truncate (False: top_p is 1, no sort traced; rules.py)
 
 
 # Each decode window holds 4x the gen slots of the one before: a step reads at most 4x the
@@ -198,14 +199,16 @@ class SamplerPrograms:
         return grouped_decode.split_layers(params["model"]["language_model"]["layers"],
                                            self.config.text.num_hidden_layers)
 
-    def _choose(self, rng, row_ids, step, logits, allowed, temperature, top_p, top_k: int):
+    def _choose(self, rng, row_ids, step, logits, allowed, temperature, top_p,
+                settings: DecodeSettings):
         step_key = jax.random.fold_in(rng, step)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(step_key, row_ids)
         # Whole vocabulary rows per device: the draw's cumsum over a `tensor`-sharded
         # vocabulary is partitioned pathologically (151k ids on a 2 x 4 CPU mesh: 35 s per
         # step instead of 0.1 s); gathering the [rows, V] logits is cheap.
         logits = self._constrain(logits, ("batch", None))
-        return rules.next_tokens(keys, logits, allowed, temperature, top_p, top_k)
+        return rules.next_tokens(keys, logits, allowed, temperature, top_p, settings.top_k,
+                                 settings.nucleus)
 
     @staticmethod
     def _record(c: DecodeCarry, tok, lp, eos_ids, pad_id) -> DecodeCarry:
@@ -236,7 +239,7 @@ class SamplerPrograms:
                             lengths=jnp.zeros((n_rows,), jnp.int32),
                             done=~jnp.repeat(state.row_valid, group))
         tok, lp = self._choose(rng, row_ids, 0, jnp.repeat(state.logits, group, axis=0),
-                               allowed, temperature, top_p, settings.top_k)
+                               allowed, temperature, top_p, settings)
         return state, self._record(carry, tok, lp, eos_ids, pad_id)
 
     def decode(self, params, state: PromptState, carry: DecodeCarry, rng, temperature, top_p,
@@ -265,7 +268,7 @@ class SamplerPrograms:
                 cache, c.step - 1, window=window, constrain=self._constrain)
             logits = self._logits(params, hidden[:, 0])
             tok, lp = self._choose(rng, row_ids, c.step, logits, allowed, temperature, top_p,
-                                   settings.top_k)
+                                   settings)
             return self._record(c.replace(gen_k=cache.gen_k, gen_v=cache.gen_v), tok, lp,
                                 eos_ids, pad_id)
 

@@ -294,7 +294,7 @@ class Sampler(SamplerTracing):
                                                shared_suffix_max=s.shared_suffix_max):
             ids = np.where(rows >= 0, stream[np.maximum(rows, 0)], 0)[:, None] * g + np.arange(g)
             ids = self._put(ids.reshape(-1).astype(np.int32), ("batch",))
-            decode = DecodeSettings(g, new_bucket, s.top_k)
+            decode = DecodeSettings(g, new_bucket, s.top_k, nucleus=s.top_p < 1.0)
             state, carry = self._decode_start(state, rng, row_ids=ids, settings=decode,
                                               **start_args)
             for window in decode_windows(new_bucket, self.buckets.decode_window):

@@ -71,11 +71,12 @@ class SamplerTracing:
             a((b * m,), np.bool_))
 
     def trace_decode(self, params, state, carry=None, *, group: int, new_tokens: int,
-                     window: int | None = None, top_k: int = 0):
+                     window: int | None = None, top_k: int = 0, top_p: float = 1.0):
         """The decode programs of `group` continuations of `new_tokens` (bucketed) per prompt of
         a prefilled chunk: window None, `decode_start` (`carry` unused); else the window's
         (`decode_windows`), from `carry` (the program before's). `state` is the prefill's
-        output (abstract, with their shardings, as `carry`)."""
+        output (abstract, with their shardings, as `carry`). top_p: only whether it is < 1 (a
+        static choice, as in `generate`); the value is traced."""
         new_bucket = packing.round_to(new_tokens, self.buckets.new_tokens, "new_tokens")
         rep = lambda shape, dtype: self._abstract(shape, dtype, (None,) * len(shape))
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)     # uncommitted, as in generate
@@ -85,7 +86,8 @@ class SamplerTracing:
                   eos_ids=rep(eos.shape, np.int32), pad_id=scalar(jnp.int32),
                   allowed=rep((self.config.text.vocab_size,), np.bool_),
                   row_ids=self._abstract((n_rows,), np.int32, ("batch",)),
-                  settings=DecodeSettings(group, new_bucket, top_k, window or 0))
+                  settings=DecodeSettings(group, new_bucket, top_k, window or 0,
+                                          nucleus=top_p < 1.0))
         key = scalar(jax.random.key(0).dtype)
         if window is None:
             return self._decode_start.trace(state, key, **kw)
