@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from emor3_jax import fileio
+from emor3_jax import fileio, metric_names as names
 
 
 def _scalar(v):
@@ -164,9 +164,9 @@ def _wandb_run(workdir: str, settings: dict):
 def _kind(row: dict) -> str:
     """"sft", "eval" or "rl": what a row logs (from its metric names' prefix)."""
     for key in row:
-        if key.startswith("sft/"):
+        if key.startswith(names.SFT_PREFIX):
             return "sft"
-        if key.startswith("eval/"):
+        if key.startswith(names.EVAL_PREFIX):
             return "eval"
     return "rl"
 

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from emor3_jax import fileio
+from emor3_jax import fileio, metric_names as names
 
 # docs/method.md's results table: (setting, data set, column header).
 PAPER_COLUMNS = (("A", "emoset2k", "EmoSet^I"), ("A", "emotion6", "Emo6"), ("A", "webemo", "WebEmo"),
@@ -229,11 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-CURVES = (("reward", ("reward/mean", "reward/format", "reward/accuracy", "reward/coherence",
+CURVES = (("reward", (names.REWARD_MEAN, "reward/format", names.ACCURACY, "reward/coherence",
                       "reward/consistency")),
-          ("accuracy", ("reward/accuracy", "eval/accuracy")),
-          ("kl", ("loss/kl",)),
-          ("response length", ("response/length_mean",)))
+          ("accuracy", (names.ACCURACY, names.EVAL_PREFIX + names.EVAL_ACCURACY)),
+          ("kl", (names.KL,)),
+          ("response length", (names.RESPONSE_LENGTH_MEAN,)))
 
 
 def plot_curves(rows: Sequence[Mapping], path: str) -> None:

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from emor3_jax import checkpoint as ckpt_lib
-from emor3_jax import distributed, fileio, learners
+from emor3_jax import distributed, fileio, learners, metric_names as names
 from emor3_jax import evaluation, metrics as metrics_lib, policy as policy_lib, report
 from emor3_jax import provenance, sharding
 from emor3_jax import recipe
@@ -61,7 +61,8 @@ def _count_nonfinite(bad_in_a_row: int, skipped: float, step: int, config, lr_fi
     if limit and bad_in_a_row >= limit:
         raise NonFiniteError(
             f"{bad_in_a_row} consecutive updates had a non-finite loss or gradient (last at "
-            f"step {step}); each was skipped (metric 'skipped'). Lower config.{lr_field}, check "
+            f"step {step}); each was skipped (metric '{names.SKIPPED}'). Lower "
+            f"config.{lr_field}, check "
             "the data or use float32 params (config.model.param_dtype); "
             "config.train.max_nonfinite_in_a_row sets how many in a row halt the run")
     return bad_in_a_row
@@ -254,9 +255,7 @@ class Trainer:
                      results[name]["accuracy"], results[name]["format"],
                      results[name]["examples"])
         if writer is not None:
-            flat = {f"{n}/{k}": v for n, r in results.items() for k, v in r.items()}
-            flat["accuracy"] = float(np.mean([r["accuracy"] for r in results.values()]))
-            writer.write(step, flat, prefix="eval/")
+            writer.write(step, names.evaluation(results), prefix=names.EVAL_PREFIX)
         if samples and self.is_main:
             log.info("eval sample (label %s): %s", samples[0]["label"], samples[0]["response"])
         return results
@@ -379,17 +378,17 @@ class Trainer:
                 state, m = learner.step(state, batch, step, it)
             done = step + 1 == total
             if rl:
-                m["time_step"] = time.time() - t0
-                m["data/skipped"] = float(sum(it.skip_counts().values()))
+                m[names.TIME_STEP] = time.time() - t0
+                m[names.DATA_SKIPPED] = float(sum(it.skip_counts().values()))
                 # host-level traffic of the step, and the pixel bytes that stayed on this host
-                m["host/bytes_sent"] = float(distributed.bytes_sent() - sent)
-                m["host/pixel_bytes_kept"] = float(getattr(it, "pixel_bytes_kept", 0))
+                m[names.HOST_BYTES_SENT] = float(distributed.bytes_sent() - sent)
+                m[names.HOST_PIXEL_BYTES_KEPT] = float(getattr(it, "pixel_bytes_kept", 0))
             # SFT rows at the 0-based step, RL rows at the step they complete (MetricWriter.resume)
             writer.write(step if phase == "sft" else step + 1, m, prefix=learner.metric_prefix)
             writer.progress(self._ckpt_index(phase, step + 1), learner.progress(m))
             if step % max(1, c.train.log_every) == 0:
                 log.debug("%s step %d: %s", phase, step, m)
-            bad_in_a_row = _count_nonfinite(bad_in_a_row, m.get(learner.skipped_metric, 0),
+            bad_in_a_row = _count_nonfinite(bad_in_a_row, m.get(names.SKIPPED, 0),
                                             step + 1, c, learner.lr_field)
             if rl and c.train.eval_every and ((step + 1) % c.train.eval_every == 0 or done):
                 results = self.evaluate(state.params, step + 1, writer)

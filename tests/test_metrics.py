@@ -105,3 +105,23 @@ def test_wandb_gets_the_rows_and_config_and_a_resume_continues_its_run(tmp_path,
 def test_unknown_backend_names_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"config.metrics.backends: \['mlflow'\] unknown"):
         metrics.MetricWriter(str(tmp_path), backends=("mlflow",))
+
+
+def test_update_metric_names_every_learner_shares():
+    """Every raw update metric (rl/update.py) gets one row name, the same in GRPO and SFT rows
+    (SFT's under "sft/"): skipped updates are metric_names.SKIPPED in both, and the trainer's
+    non-finite guard reads that name; counts are summed over a step's updates, the rest
+    averaged."""
+    from emor3_jax import metric_names as names
+    from emor3_jax.rl import update
+    raw = {k: 2.0 for k in update.METRIC_NAMES}
+    rows = names.update(raw, updates=2)
+    assert len(rows) == len(update.METRIC_NAMES)
+    assert rows[names.SKIPPED] == 2.0 and rows["update/tokens"] == 2.0   # counted
+    assert rows[names.LOSS] == 1.0 and rows[names.KL] == 1.0             # averaged
+    assert rows["update/grad_norm"] == 1.0
+    assert set(names.LOSS_TERMS) | set(names.COUNTED) <= set(update.METRIC_NAMES)
+    assert names.evaluation({"a": {"accuracy": 0.5, "format": 1.0},
+                             "b": {"accuracy": 1.0, "format": 1.0}}) == {
+        "a/accuracy": 0.5, "a/format": 1.0, "b/accuracy": 1.0, "b/format": 1.0,
+        names.EVAL_ACCURACY: 0.75}

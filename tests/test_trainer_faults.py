@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from emor3_jax import fileio, trainer
+from emor3_jax import fileio, metric_names as names, trainer
 from emor3_jax.configs import demo_cpu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -288,7 +288,7 @@ def test_uninterrupted_run_keeps_last_checkpoints(uninterrupted):
     assert _checkpoint_steps(uninterrupted) == list(range(total - KEEP + 1, total + 1))
     metrics = _final_metrics(uninterrupted)
     assert sorted(s for k, s in metrics if k == "rl") == list(range(1, RL_STEPS + 1))
-    assert all(metrics[("rl", s)]["update/skipped"] == 0 for s in range(1, RL_STEPS + 1))
+    assert all(metrics[("rl", s)][names.SKIPPED] == 0 for s in range(1, RL_STEPS + 1))
     assert (uninterrupted / "export" / "model.safetensors").exists()
     state = _read_state(uninterrupted, total)
     assert int(state["train"]["step"]) == RL_STEPS          # RL optimizer steps
@@ -586,7 +586,7 @@ def test_nonfinite_rl_updates_are_skipped_counted_and_halt(tmp_path, child, nan_
            "step 2)" in log, log[-4000:]
     assert "config.train.max_nonfinite_in_a_row" in log and "config.optim.lr" in log
     rows = _final_metrics(workdir)
-    assert [rows[("rl", s)]["update/skipped"] for s in (1, 2)] == [1, 1]
+    assert [rows[("rl", s)][names.SKIPPED] for s in (1, 2)] == [1, 1]
     assert ("rl", 3) not in rows
     # checkpoint of step 1: the skipped update applied nothing (no step, zero Adam moments)
     state = _read_state(workdir, 1)["train"]
@@ -605,5 +605,5 @@ def test_nonfinite_sft_steps_are_skipped_counted_and_halt(tmp_path, child, nan_h
            "step 2)" in log, log[-4000:]
     assert "config.sft.lr" in log
     rows = _final_metrics(workdir)
-    assert [rows[("sft", s)]["sft/skipped"] for s in (0, 1)] == [1, 1]
+    assert [rows[("sft", s)][names.SFT_PREFIX + names.SKIPPED] for s in (0, 1)] == [1, 1]
     assert ("sft", 2) not in rows

@@ -58,11 +58,11 @@ class Learner(abc.ABC):
 
     # Checkpoint phase ("sft" steps are indexed before "rl" ones) and metric layout: SFT rows
     # are "sft/"-prefixed at the 0-based step, RL rows at the step they complete
-    # (metrics.MetricWriter.resume relies on both).
+    # (metrics.MetricWriter.resume relies on both). A step's metrics are named by
+    # emor3_jax.metric_names (skipped updates: metric_names.SKIPPED in every learner).
     phase: ClassVar[str] = "rl"
     metric_prefix: ClassVar[str] = ""
-    # the metric counting skipped (non-finite) updates and the config field to lower for them
-    skipped_metric: ClassVar[str] = "update/skipped"
+    # the config field to lower when updates are skipped for non-finite values
     lr_field: ClassVar[str] = "optim.lr"
 
     def __init__(self, ctx: Context, *, start_params=None, saved: dict | None = None):

@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from emor3_jax import metric_names as names
 from emor3_jax.data import pipeline as data_lib
 from emor3_jax.learners.grpo import GRPOLearner
 from emor3_jax.rl import rollout as rollout_lib
@@ -67,6 +68,6 @@ class DAPOLearner(GRPOLearner):
                 batch = next(batches)
         ro = rollout_lib.concat_rollouts(kept)
         out = rollout_lib.metrics(ro)
-        out.update({"dapo/tries": float(tries), "dapo/dropped_groups": float(dropped),
-                    "time_sample": time.time() - t0})
+        out.update(names.grouped("dapo", {"tries": tries, "dropped_groups": dropped}))
+        out[names.TIME_SAMPLE] = time.time() - t0
         return ro, out

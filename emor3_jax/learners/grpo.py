@@ -20,6 +20,7 @@ import numpy as np
 
 from emor3_jax import model_source, policy as policy_lib, sharding
 from emor3_jax import checkpoint as ckpt_lib
+from emor3_jax import metric_names as names
 from emor3_jax.learners.base import Context, Learner
 from emor3_jax.rewards import emotion
 from emor3_jax.rl import balance as balance_lib
@@ -242,8 +243,8 @@ class GRPOLearner(Learner):
         return {}
 
     def progress(self, metrics: dict) -> dict[str, float]:
-        return {"reward": metrics.get("reward/mean", 0.0),
-                "acc": metrics.get("reward/accuracy", 0.0)}
+        return {"reward": metrics.get(names.REWARD_MEAN, 0.0),
+                "acc": metrics.get(names.ACCURACY, 0.0)}
 
     # --------------------------------------------------------------------------- the step --
     def step(self, state, batch, step, batches):
@@ -274,8 +275,8 @@ class GRPOLearner(Learner):
         ro = self.score(ro, params, k_judge)
         t_reward = time.time() - t0 - t_sample
         out = rollout_lib.metrics(ro)
-        out.update(time_sample=t_sample, time_reward=t_reward,
-                   rollout_tokens_per_s=float(ro.lengths.sum()) / max(t_sample, 1e-9))
+        out.update({names.TIME_SAMPLE: t_sample, names.TIME_REWARD: t_reward,
+                    names.ROLLOUT_TOKENS_PER_S: float(ro.lengths.sum()) / max(t_sample, 1e-9)})
         return ro, out
 
     def update(self, state, ro: rollout_lib.Rollout, out: dict):
@@ -324,13 +325,10 @@ class GRPOLearner(Learner):
                     ro.advantages[rows], old[rows], None if ref is None else ref[rows], micro)
                 for k, v in m.items():
                     agg[k] = agg.get(k, 0.0) + float(v)
-        n_updates = rl.ppo_epochs * len(updates)
-        for k, v in agg.items():
-            out[f"loss/{k}" if k in ("loss", "pg_loss", "kl", "ppo_kl", "entropy") else
-                f"update/{k}"] = v / n_updates if k not in ("tokens", "skipped") else v
+        out.update(names.update(agg, rl.ppo_epochs * len(updates)))
         dt = time.time() - t0
-        out["time_update"] = dt
-        out["update_tokens_per_s"] = agg.get("tokens", 0.0) / max(dt, 1e-9)
+        out[names.TIME_UPDATE] = dt
+        out[names.TOKENS_PER_S] = agg.get("tokens", 0.0) / max(dt, 1e-9)
         return state, out
 
     @staticmethod

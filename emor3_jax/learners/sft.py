@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from emor3_jax import recipe
+from emor3_jax import metric_names as names, recipe
 from emor3_jax.learners.base import Context, Learner
 from emor3_jax.rl import batching as batching_lib
 from emor3_jax.rl import train_state as train_state_lib
@@ -136,8 +136,7 @@ def make_sft_optimizer(sft_config, optim_config) -> optax.GradientTransformation
 
 class SFTLearner(Learner):
     phase = "sft"
-    metric_prefix = "sft/"
-    skipped_metric = "skipped"
+    metric_prefix = names.SFT_PREFIX
     lr_field = "sft.lr"
 
     @classmethod
@@ -170,7 +169,7 @@ class SFTLearner(Learner):
                             labels=labels, target=c.sft.target, max_len=c.sft.max_len,
                             micro_batch_rows=self.micro_rows)
         state, m = self.step_fn(state, ub)
-        return state, {k: float(v) for k, v in m.items()}
+        return state, names.update(m)
 
     def progress(self, metrics: dict) -> dict[str, float]:
-        return {"sft_loss": metrics["loss"]}
+        return {"sft_loss": metrics[names.LOSS]}

@@ -12,6 +12,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from emor3_jax import metric_names as names
 from emor3_jax.batches import PromptBatch, concat_prompt_batches
 from emor3_jax.processing import chat
 from emor3_jax.rewards import emotion
@@ -166,16 +167,15 @@ def metrics(rollout: Rollout) -> dict[str, float]:
     valid = rollout.valid
     out = {}
     if valid.any():
-        out["reward/mean"] = float(rollout.rewards[valid].mean())
-        for k, v in rollout.components.items():
-            out[f"reward/{k}"] = float(np.asarray(v)[valid].mean())
+        out[names.REWARD_MEAN] = float(rollout.rewards[valid].mean())
+        out.update(names.grouped("reward", {k: np.asarray(v)[valid].mean()
+                                            for k, v in rollout.components.items()}))
         lengths = rollout.lengths[valid]
-        out["response/length_mean"] = float(lengths.mean())
-        out["response/length_max"] = float(lengths.max())
-        out["response/clipped"] = float((lengths >= rollout.tokens.shape[1]).mean())
         zero = zero_spread_groups(rollout.rewards, rollout.group_size, valid)
-        out["groups/zero_spread"] = float(zero.sum() / max(1, valid.reshape(
-            -1, rollout.group_size)[:, 0].sum()))
-    for k, v in (rollout.judge or {}).items():
-        out[f"judge/{k}"] = float(v)
+        out.update(names.grouped("response", {
+            "length_mean": lengths.mean(), "length_max": lengths.max(),
+            "clipped": (lengths >= rollout.tokens.shape[1]).mean()}))
+        out.update(names.grouped("groups", {"zero_spread": zero.sum() / max(1, valid.reshape(
+            -1, rollout.group_size)[:, 0].sum())}))
+    out.update(names.grouped("judge", rollout.judge or {}))
     return out
