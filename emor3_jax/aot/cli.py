@@ -81,6 +81,10 @@ def analyze(config, topology: Topology, *, image: str = "typical",
         out.append(f"estimated step time at {expected.name} lengths (decode to the expected "
                    f"lengths{f', {failed} failed to compile' if failed else ''}): "
                    f"{secs(step_time(at_lengths, chip))}")
+        if any(p.hbm_step_bytes for p in at_lengths):
+            out.append(f"  the same with decode priced at its compiled loop's HBM bytes "
+                       f"instead of XLA's bytes accessed: "
+                       f"{secs(step_time(at_lengths, chip, hbm=True))}")
     notes = []
     largest = max(config.reward.judge_prompt_buckets)
     if s.judge_prompts and s.judge_prompt_need > largest:

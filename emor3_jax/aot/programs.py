@@ -150,6 +150,7 @@ class Program:
     extra_live: int = 0              # bytes live beside it that belong to no resident tree
     extra_what: str = ""
     min_step_bytes: float = 0.0      # decode: per device, what one step must read
+    hbm_step_bytes: float = 0.0      # decode: per device, what its loop moves in HBM per step
     collective_bytes: dict | None = None  # decode: per device, what one step's collectives move
 
     @property
@@ -160,12 +161,14 @@ class Program:
     def flops(self) -> float:
         return self.xla_flops * self.loop_scale + self.kernel_flops
 
-    def seconds(self, chip: Chip) -> float:
+    def seconds(self, chip: Chip, hbm: bool = False) -> float:
         """Roofline time on `chip`: FLOPs at the MXU's peak or bytes at HBM bandwidth,
         whichever takes longer (a lower bound where overlap or collectives fall short).
         Without XLA's bytes (no cost analysis: deviceless CUDA) a decode step still reads
-        its minimal bytes (`min_step_bytes`), so decode is not priced as if FLOP-bound."""
-        step_bytes = self.xla_bytes or self.min_step_bytes
+        its minimal bytes (`min_step_bytes`), so decode is not priced as if FLOP-bound.
+        hbm: a decode loop priced at the HBM bytes of its compiled step (`hbm_step_bytes`)
+        instead of XLA's bytes accessed, which count on-chip copies too (hlo.py)."""
+        step_bytes = (hbm and self.hbm_step_bytes) or self.xla_bytes or self.min_step_bytes
         return max(self.flops / chip.peak_flops,
                    step_bytes * self.loop_scale / chip.hbm_bandwidth)
 
@@ -311,7 +314,9 @@ def _sampler_programs(ctx: BuildContext, sampler: Sampler, params, *, what: str,
         if compiled is not None and window is not None:
             dec.min_step_bytes = decode_step_bytes(params, *_abstract_outputs(traced, compiled),
                                                    start + max(0, trips) / 2)
-            dec.collective_bytes = hlo.loop_collective_bytes(compiled.as_text())
+            text = compiled.as_text()
+            dec.collective_bytes = hlo.loop_collective_bytes(text)
+            dec.hbm_step_bytes = hlo.loop_hbm_bytes(text)
         start = window or start
     return programs
 

@@ -95,30 +95,40 @@ def time_table(programs: list[Program], chip: Chip) -> list[str]:
 
 def decode_table(programs: list[Program], chip: Chip) -> list[str]:
     """Per decode program, a step's memory roofline: the bytes it cannot avoid reading
-    (`programs.decode_step_bytes`) beside XLA's bytes accessed per step, and their ratio; and
-    what its collectives move between chips per step (`hlo.loop_collective_bytes`), which the
-    memory roofline does not see."""
+    (`programs.decode_step_bytes`) beside the HBM bytes its compiled loop moves per step
+    (`hlo.loop_hbm_bytes`) and XLA's bytes accessed per step, and the ratios; and what its
+    collectives move between chips per step (`hlo.loop_collective_bytes`), which the memory
+    roofline does not see."""
     decodes = [p for p in programs if p.min_step_bytes and not p.error]
     if not decodes:
         return []
-    rows = ["| decode program | minimal bytes/step | XLA bytes/step | minimal / XLA | "
-            "roofline/step | est./step | collectives/step |", "|---|---|---|---|---|---|---|"]
-    for p in decodes:       # no XLA bytes without a cost analysis (deviceless CUDA): n/a
-        xla = (f"{gib(p.xla_bytes)} GiB", f"{100 * p.min_step_bytes / p.xla_bytes:.0f}%",
-               secs(p.xla_bytes / chip.hbm_bandwidth)) if p.xla_bytes else ("n/a",) * 3
+    rows = ["| decode program | minimal bytes/step | HBM bytes/step | minimal / HBM | "
+            "XLA bytes/step | minimal / XLA | roofline/step | est./step | collectives/step |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    ratio = lambda p, n: (f"{gib(n)} GiB", f"{100 * p.min_step_bytes / n:.0f}%") if n else (
+        "n/a", "n/a")                   # no XLA bytes without a cost analysis (deviceless CUDA)
+    for p in decodes:
         moved = ", ".join(f"{kind} {mib(n)}" for kind, n in sorted(
             (p.collective_bytes or {}).items(), key=lambda kv: -kv[1]) if n) or "none"
-        rows.append(f"| {p.name} | {gib(p.min_step_bytes)} GiB | {xla[0]} | {xla[1]} | "
-                    f"{secs(p.min_step_bytes / chip.hbm_bandwidth)} | {xla[2]} | {moved} |")
+        est = secs(p.xla_bytes / chip.hbm_bandwidth) if p.xla_bytes else "n/a"
+        rows.append(f"| {p.name} | {gib(p.min_step_bytes)} GiB | "
+                    f"{' | '.join(ratio(p, p.hbm_step_bytes))} | "
+                    f"{' | '.join(ratio(p, p.xla_bytes))} | "
+                    f"{secs(p.min_step_bytes / chip.hbm_bandwidth)} | {est} | {moved} |")
     return ["", "Decode steps against their memory roofline (per device; minimal = every "
             "decoder weight and the live KV cache read once, at the window's mean length; "
-            "XLA = its bytes accessed in one loop iteration; collectives = the bytes its "
-            "all-reduces, all-gathers and all-to-alls produce in one iteration):", ""] + rows
+            "HBM = what one iteration of the compiled loop reads and writes in HBM, counted "
+            "per instruction (arrays in on-chip memory spaces left out, slices as sliced, "
+            "in-place updates as their update); XLA = its bytes accessed in one iteration, "
+            "on-chip copies included, which the estimated times use; collectives = the bytes "
+            "its all-reduces, all-gathers and all-to-alls produce in one iteration):",
+            ""] + rows
 
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 / 10 else f"{n / 2**10:.1f} KiB"
 
 
-def step_time(programs: list[Program], chip: Chip) -> float:
-    return sum(p.seconds(chip) * p.calls for p in programs if not p.error)
+def step_time(programs: list[Program], chip: Chip, hbm: bool = False) -> float:
+    """hbm: decode priced at its compiled loop's HBM bytes (`Program.seconds`)."""
+    return sum(p.seconds(chip, hbm) * p.calls for p in programs if not p.error)
