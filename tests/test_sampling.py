@@ -202,6 +202,37 @@ def test_no_top_p_program_draws_the_same_tokens_without_a_sort():
     assert " sort[" in text(True) and " sort[" not in text(False)
 
 
+def test_two_level_draw_equals_a_whole_vocabulary_cumsum():
+    """The draw sums the CDF per 128-id block, then inside one block: the same tokens as one
+    cumsum over the whole vocabulary (2,560 draws: vocabularies not a multiple of the block,
+    forbidden ids, rows with 3 allowed ids), never a forbidden id; and the chosen tokens'
+    log-probs are log_softmax's (to fp32 rounding: the sum may be reduced in another order)."""
+    def whole_vocabulary(key_rows, logits):
+        probs = jax.nn.softmax(logits, axis=-1)
+        cdf = jnp.cumsum(probs, axis=-1)
+        u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(key_rows) * cdf[:, -1]
+        last = jnp.where(probs > 0, jnp.arange(logits.shape[-1]), 0).max(-1)
+        return jnp.minimum((cdf <= u[:, None]).sum(-1), last)
+
+    rng = np.random.default_rng(0)
+    ours_fn, theirs_fn = jax.jit(rules.categorical_inverse_cdf), jax.jit(whole_vocabulary)
+    for trial in range(40):
+        v, n = int(rng.choice([300, 1000, 4097, 18992])), 64
+        x = rng.normal(size=(n, v)).astype(np.float32) * rng.choice([0.5, 3.0, 10.0])
+        x[:, rng.random(v) < 0.05] = -np.inf
+        if trial % 5 == 0:                               # three allowed ids
+            x[:] = -np.inf
+            x[:, rng.integers(0, v, 3)] = 1.0
+        keys = jax.random.split(jax.random.key(trial), n)
+        ours = np.asarray(ours_fn(keys, x))
+        np.testing.assert_array_equal(ours, np.asarray(theirs_fn(keys, x)))
+        assert np.isfinite(x[np.arange(n), ours]).all()
+        np.testing.assert_allclose(
+            rules.chosen_logprobs(jnp.asarray(x), jnp.asarray(ours)),
+            jnp.take_along_axis(jax.nn.log_softmax(x, -1), jnp.asarray(ours)[:, None], -1)[:, 0],
+            rtol=1e-6, atol=1e-6)
+
+
 def test_grouped_attention_equals_repeated_cache_attention():
     """The shared-prompt attention == plain attention over the G-fold repeated cache (also with
     a shared prefix: prefix, per-prompt suffix and generated levels)."""
