@@ -94,10 +94,10 @@ def get_config():
     c.rollout.max_new_tokens = 2048
     c.rollout.response_buckets = (256, 512, 1024, 2048)
     c.rollout.chunk_size = 0       # prompts per sampler call (0 = the whole rollout batch)
-    # Decode steps run in windows of gen slots, 4x each (512, 2048 for 2,048 new tokens), one
-    # program each, whose attention reads only the window's slots (rollout, evaluation and the
-    # judge's generate mode); 0 = one program over the whole buffer.
-    c.rollout.decode_window = 512
+    # Decode steps run in windows of gen slots, 4x each (128, 512, 2048 for 2,048 new tokens),
+    # one program each, whose attention reads only the window's slots (rollout, evaluation and
+    # the judge's generate mode); 0 = one program over the whole buffer.
+    c.rollout.decode_window = 128
     # The layout the sampler, evaluation and a policy judge run on: the same devices as
     # config.mesh in another (data, fsdp, tensor) shape; all 0 = config.mesh. Decoding reads
     # every weight once per token, so splitting weights over `tensor` (no per-token gather)

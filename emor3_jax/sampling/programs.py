@@ -60,7 +60,7 @@ class DecodeSettings:
 
 
 # Each decode window holds 4x the gen slots of the one before: a step reads at most 4x the
-# slots written so far, and a 2,048-token buffer compiles 2 decode programs (512, 2048).
+# slots written so far, and a 2,048-token buffer compiles 3 decode programs (128, 512, 2048).
 WINDOW_FACTOR = 4
 
 

@@ -17,8 +17,8 @@ Per chunk of prompts (host numpy, then compiled programs):
     (see grouped_decode.py: logically the repeated cache, physically one prompt copy) plus G
     empty generated-token rows. `decode_start` makes them and draws the first token of every
     row from the prompt's logits; then a `lax.while_loop` feeds one token per row until every
-    row has ended or max_new_tokens is reached, in windows (`decode_windows`: steps < 512,
-    then < 2048, ...: `buckets.decode_window`, then 4x each), one program each, whose
+    row has ended or max_new_tokens is reached, in windows (`decode_windows`: steps < 128,
+    then < 512, < 2048, ...: `buckets.decode_window`, then 4x each), one program each, whose
     attention reads only the window's gen slots; a window whose rows have all ended returns
     at once. The cache and the rows' tokens are the carry (`DecodeCarry`), donated from one
     program to the next and updated in place; the prompt state is donated and handed back.
@@ -112,7 +112,7 @@ class SamplerBuckets:
     new_tokens_score: Buckets = geometric_buckets(1)     # score: nodes of the continuation trie
     suffix_len: Buckets = geometric_buckets(8)           # share_prefix: a chunk's longest suffix
     num_prompts: Buckets = geometric_buckets(1)
-    decode_window: int = 512          # the first decode window's gen slots (decode_windows)
+    decode_window: int = 128          # the first decode window's gen slots (decode_windows)
     vision: vision_lib.VisionPadding = vision_lib.VisionPadding(
         num_patches=geometric_buckets(16), num_windows=geometric_buckets(1),
         num_frames=geometric_buckets(1), frame_len=geometric_buckets(16))
