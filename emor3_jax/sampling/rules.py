@@ -85,12 +85,12 @@ def categorical_inverse_cdf(key_rows, logits, block: int = DRAW_BLOCK):
     the first token whose cumulative probability exceeds it.
 
     In two levels: the probability of each block of `block` ids, their cumulative sums, the
-    block the uniform number falls in, then the cumulative sums inside that block only. A
-    whole-vocabulary cumsum made XLA write and transpose [N, V] fp32 arrays five times per
-    decode step (520 MiB of HBM traffic per step of a v4-8 rollout chunk); this reads the
-    logits twice (the max, then the block sums) and gathers one block per row. The same token
-    as the whole-vocabulary cumsum up to fp32 rounding of the sums (a uniform number within
-    ~1e-7 of a boundary between two tokens)."""
+    block the uniform number falls in, then the cumulative sums inside that block only. On a
+    v4-8 rollout chunk (128 rows per chip) the draw moved 519 MiB of HBM per decode step with
+    one whole-vocabulary cumsum (XLA wrote and re-tiled [N, V] fp32 arrays five times) and
+    371 MiB so (it still writes the probabilities once and re-tiles them for the block sums;
+    `aot.hlo.loop_hbm_bytes`). The same token as the whole-vocabulary cumsum up to fp32
+    rounding of the sums (a uniform number within ~1e-7 of a boundary between two tokens)."""
     n, v = logits.shape
     nb = -(-v // block)
     m = jnp.max(logits, axis=-1, keepdims=True)
