@@ -9,10 +9,10 @@ as measured on the v5e-8).
         --config.model.hf_dir=gs://bucket/Qwen2.5-VL-3B-Instruct
 
 The recipe is tpu_v4.py's, unchanged; only how its batches are split into device programs
-differs. Fit (`python -m emor3_jax.aot --config=configs/tpu_v5e.py --lengths=typical`, README):
-peak 14.8 GiB live of 15.2 usable (the update, one response per chip per accumulation step);
-the judge prefill 14.6 at 64 prompts. Estimated step 5,735 s at the maximum lengths, 767 s at
-typical lengths (v4-8: 8,211 / 790).
+differs. Fit (`python -m emor3_jax.aot --config=configs/tpu_v5e.py --lengths=typical`, README,
+libtpu 0.0.42.1): the judge prefill of whole prompts needs 13.33 GiB live at 48 prompts (15.63
+at 64, over the 15.2 usable); estimated step 344 s at typical lengths with 64-prompt judge
+calls (v4-8: 282).
 """
 from emor3_jax.configs import base, tpu_v4
 
@@ -23,7 +23,7 @@ def get_config(method: str = "emor3"):
     c.aot.topology = "v5e:2x4"
     # memory knobs: how the recipe's batches are split, not the recipe
     c.rollout.chunk_size = 32            # prompts per sampler call (x G = 256 rows)
-    c.reward.judge_chunk_size = 64       # judge prompts per sampler call: 128 calls per step
+    c.reward.judge_chunk_size = 48       # judge prompts per sampler call: 171 calls per step
     c.rl.micro_batch_size = 1            # responses per chip per accumulation step
     c.rl.micro_batch_tokens = 0          # fixed rows: tpu_v4.py's token budget is not compiled here
     c.rl.logprob_micro_batch_size = 16   # responses per chip per log-prob step

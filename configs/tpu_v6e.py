@@ -8,8 +8,8 @@ The recipe is tpu_v4.py's, unchanged; only how its batches are split into device
 differs. Fit (`python -m emor3_jax.aot --config=configs/tpu_v6e.py --lengths=typical`, README):
 the train state and the reference take 6.13 GiB per chip over 8 chips (12.25 on a v4-8), so
 each program can take twice the rows per call: peak 30.1 GiB live of 30.4 usable (the judge
-prefill of 192 prompts x 4,096 tokens); the update 19.8 at 4 responses per chip. Estimated step
-2,223 s at the maximum lengths, 295 s at typical lengths (v4-8: 8,211 / 790).
+prefill of 192 prompts x 4,096 tokens). Estimated step 111 s at typical lengths (v4-8: 282;
+AOT rerun with the trainer's programs, libtpu 0.0.42.1).
 If another image size or library version needs headroom, reward.judge_chunk_size = 128
 should free about 8 GiB (its temporaries grow with its rows) for 64 judge calls instead of 43.
 """
