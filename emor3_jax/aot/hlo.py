@@ -29,21 +29,25 @@ def required_temp_bytes(error: str) -> float | None:
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
              "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\](\{[^}]*\})?")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (.+?) ([a-z][a-z0-9-]*)\(")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                 "collective-permute", "collective-broadcast", "ragged-all-to-all")
 
 
 def _array_bytes(shapes: str, scalars: bool = True) -> list[int]:
+    return [n for n, _, dims in _shaped(shapes) if dims or scalars]
+
+
+def _shaped(shapes: str) -> list[tuple[int, bool, str]]:
+    """(bytes, in HBM: no `S(n)` memory space in its layout, dims) of each array of an HLO
+    shape, in order."""
     out = []
-    for dtype, dims in _ARRAY.findall(shapes):
-        if not (dims or scalars):
-            continue
+    for dtype, dims, layout in _ARRAY.findall(shapes):
         n = _ITEMSIZE[dtype]
         for d in filter(None, dims.split(",")):
             n *= int(d)
-        out.append(n)
+        out.append((n, not re.search(r"S\(\d+\)", layout or ""), dims))
     return out
 
 
@@ -97,7 +101,6 @@ def loop_collective_bytes(hlo_text: str) -> dict[str, int]:
 # memory space (no `S(n)` in the layout), a fusion's parameter only as far as its slices and
 # gathers read it, and an in-place dynamic-update-slice only as its update.
 
-_SHAPED = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\](\{[^}]*\})?")
 _LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
                "partition-id", "replica-id", "iota", "copy-done", "slice-done",
@@ -107,13 +110,7 @@ _READS_PART = {"slice", "dynamic-slice", "gather"}   # read what they return of 
 
 def _arrays(shape: str) -> list[tuple[int, bool]]:
     """(bytes, in HBM) of each array of an HLO shape, in order."""
-    out = []
-    for dtype, dims, layout in _SHAPED.findall(shape):
-        n = _ITEMSIZE[dtype]
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        out.append((n, not re.search(r"S\(\d+\)", layout or "")))
-    return out
+    return [(n, in_hbm) for n, in_hbm, _ in _shaped(shape)]
 
 
 def _instructions(lines: list[str]) -> dict[str, dict]:
